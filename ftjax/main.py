@@ -1,0 +1,113 @@
+"""Command-line entry point: parse flags, run one mode, turn user errors into one clear message.
+
+    python -m ftjax.main --config=configs/minilm_food_reviews.py --workdir=/tmp/run [--config.optim.lr=1e-4]
+    modes: train (default) | eval | export | dry_run
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+MODES = ("train", "eval", "export", "dry_run")
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Recipe file: configs/<recipe>.py[:arg]. Override any field with --config.a.b=value."
+)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, logs, plots, summary.")
+_MODE = flags.DEFINE_enum("mode", "train", MODES, "What to do.")
+_EXPORT_DIR = flags.DEFINE_string("export_dir", None, "--mode=export: output folder (default WORKDIR/export).")
+_STEP = flags.DEFINE_integer("step", None, "--mode=eval/export: checkpoint step (default: the best one).")
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions a user can cause; they end the run with their message, not a traceback."""
+    from ftjax.checkpoint import CheckpointError
+    from ftjax.config import ConfigError
+    from ftjax.data import DataError
+    from ftjax.models import ModelLoadError
+    from ftjax.train import TrainingError
+
+    return (ConfigError, DataError, ModelLoadError, TrainingError, CheckpointError, FileNotFoundError)
+
+
+def _restore_for_inference(run, workdir: str):
+    """The params of the best (or --step) checkpoint in `workdir`, placed on the mesh."""
+    from ftjax import checkpoint as checkpoint_lib
+    from ftjax.train import TrainingError
+
+    ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=1, async_save=False,
+                                       primary_host=run.primary)
+    step = _STEP.value if _STEP.value is not None else (ckpt.best_step() or ckpt.latest_step())
+    if step is None:
+        raise TrainingError(f"no checkpoint in {workdir}/checkpoints: train first (--mode=train)")
+    state, _ = ckpt.restore(step, run.abstract_state())
+    ckpt.close()
+    return step, state["params"]
+
+
+def run_mode(mode: str, cfg, workdir: str) -> dict:
+    from ftjax import train
+
+    if mode == "train":
+        summary = train.fit(cfg, workdir)
+        for split in ("val", "test"):
+            if split in summary:
+                print(f"{split}: " + " ".join(f"{k}={v:.4f}" for k, v in summary[split].items()))
+        timing = summary["timing"]
+        print(f"train examples/s: {timing['train_examples_per_second']:.1f}   wall: {timing['wall_seconds']:.0f}s")
+        return summary
+
+    run = train.Run(cfg, workdir)
+    if mode == "dry_run":
+        from ftjax import dry_run
+
+        report = dry_run.report(run)
+        print(report)
+        return {"report": report}
+
+    step, params = _restore_for_inference(run, workdir)
+    if mode == "eval":
+        result = {"step": step, "val": run.evaluate("validation", params)}
+        if run.data.has_split("test"):
+            result["test"] = run.evaluate("test", params)
+        if run.primary:
+            with open(os.path.join(workdir, "eval.json"), "w") as f:
+                json.dump(result, f, indent=1)
+        print(json.dumps(result, indent=1))
+        return result
+
+    # export
+    from flax import nnx
+
+    from ftjax import models
+
+    out = _EXPORT_DIR.value or os.path.join(workdir, "export")
+    import jax
+
+    nnx.update(run.model, nnx.State(jax.device_get(params)))
+    if run.primary:
+        models.save_pretrained(run.model, out, tokenizer=run.tokenizer)
+    print(f"exported step {step} to {out}")
+    return {"step": step, "export_dir": out}
+
+
+def main(argv) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if _CONFIG.value is None or _WORKDIR.value is None:
+        raise app.UsageError("--config and --workdir are required")
+    try:
+        run_mode(_MODE.value, _CONFIG.value, _WORKDIR.value)
+    except _user_errors() as e:
+        logging.error("%s", e)
+        print(f"ftjax: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    app.run(main)
