@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import jax
 import numpy as np
@@ -48,7 +48,9 @@ def _to_jsonable(meta: dict) -> dict:
     try:
         text = json.dumps(meta)
     except TypeError as e:
-        raise CheckpointError(f"checkpoint meta must be JSON-serialisable ({e}); convert arrays with .tolist()")
+        raise CheckpointError(
+            f"checkpoint meta must be JSON-serialisable ({e}); convert arrays with .tolist()"
+        )
     back = json.loads(text)
     if back != meta:
         raise CheckpointError(
@@ -56,6 +58,10 @@ def _to_jsonable(meta: dict) -> dict:
             "use str keys and lists"
         )
     return back
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).splitlines() or [""])[0][:300]
 
 
 class Checkpointer:
@@ -67,7 +73,8 @@ class Checkpointer:
     Checkpoints saved without metrics (periodic saves between evals) only count for LatestN.
 
     Every process must call save/restore (each writes/reads its own array shards); process
-    `primary_host` writes the JSON items and directories. Saves are atomic: orbax writes into
+    `primary_host` (an index, the same on all processes; a bool means process 0) writes the JSON items
+    and directories. Saves are atomic: orbax writes into
     `<step>.orbax-checkpoint-tmp-*` and renames it when complete; leftovers of a crashed save are
     ignored and removed when the next Checkpointer opens the directory.
     """
@@ -79,14 +86,18 @@ class Checkpointer:
         best_metric: str | None = None,
         best_mode: str = "min",
         async_save: bool = True,
-        primary_host: int = 0,
+        primary_host: int | bool = 0,
     ):
         if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
-            raise ValueError(f"Checkpointer keep={keep!r} is invalid: set train.checkpoint.keep to an int >= 1")
+            raise ValueError(
+                f"Checkpointer keep={keep!r} is invalid: set train.checkpoint.keep to an int >= 1"
+            )
         if best_mode not in ("min", "max"):
             raise ValueError(f"Checkpointer best_mode={best_mode!r} is invalid: use 'min' or 'max'")
-        if isinstance(primary_host, bool) or not isinstance(primary_host, int):
-            raise ValueError(
+        if isinstance(primary_host, bool):
+            primary_host = 0  # "is this process the primary?": the primary is process 0 on every process.
+        if not isinstance(primary_host, int) or primary_host < 0:
+            raise TypeError(
                 f"Checkpointer primary_host={primary_host!r} is invalid: it is the process index (int) that "
                 "writes metadata, normally 0; every process must still call save/restore"
             )
@@ -120,7 +131,7 @@ class Checkpointer:
                 options=options,
                 item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()},
             )
-        except Exception as e:  # noqa: BLE001 - any failure to list/read the existing steps.
+        except Exception as e:  # any failure to list/read the existing steps.
             raise CheckpointError(
                 f"cannot open checkpoint directory {self.directory}: {type(e).__name__}: {e}. Delete the "
                 "unreadable step directory inside it, or choose another workdir"
@@ -182,7 +193,9 @@ class Checkpointer:
         steps = self.all_steps()
         if step is None:
             if not steps:
-                raise CheckpointError(f"no checkpoint in {self.directory}: train first or choose another workdir")
+                raise CheckpointError(
+                    f"no checkpoint in {self.directory}: train first or choose another workdir"
+                )
             step = steps[-1]
         if step not in steps:
             raise CheckpointError(
@@ -194,7 +207,7 @@ class Checkpointer:
         try:
             saved = self._mgr.item_metadata(step)["state"]
             saved_keys = set(saved.tree if hasattr(saved, "tree") else saved)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             raise self._corrupt(step_dir, e) from e
         if saved_keys != set(target):
             missing, extra = sorted(saved_keys - set(target)), sorted(set(target) - saved_keys)
@@ -208,7 +221,7 @@ class Checkpointer:
         try:
             restored = self._mgr.restore(step, args=args)
             flat, meta = restored["state"], restored["meta"]
-        except Exception as e:  # noqa: BLE001 - tensorstore/json errors of a damaged step.
+        except Exception as e:  # tensorstore/json errors of a damaged step.
             raise self._corrupt(step_dir, e) from e
         if meta is None:
             raise self._corrupt(step_dir, FileNotFoundError("meta item missing"))
@@ -233,7 +246,7 @@ class Checkpointer:
 
     def _corrupt(self, step_dir: Path, e: BaseException) -> CheckpointError:
         return CheckpointError(
-            f"checkpoint {step_dir} is unreadable ({type(e).__name__}: {(str(e).splitlines() or [""])[0][:300]}). Delete that step "
+            f"checkpoint {step_dir} is unreadable ({type(e).__name__}: {_first_line(e)}). Delete that step "
             f"directory to resume from an earlier step (saved: {self.all_steps()}), or choose another workdir"
         )
 
@@ -245,8 +258,8 @@ class Checkpointer:
         self._mgr.wait_until_finished()
         self._mgr.close()
 
-    def __enter__(self) -> Checkpointer:
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()

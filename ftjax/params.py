@@ -71,12 +71,12 @@ def combine(a: Params, b: Params) -> Params:
 def split(model: nnx.Module) -> tuple[nnx.GraphDef, Params, nnx.State]:
     """(graphdef, params as a nested dict, every other variable as an nnx.State)."""
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    return graphdef, params.to_pure_dict(), rest
+    return graphdef, nnx.to_pure_dict(params), rest
 
 
 def merge(graphdef: nnx.GraphDef, params: Params, rest: nnx.State) -> nnx.Module:
     """A module from `split`'s parts; works inside jit (params may be tracers)."""
-    return nnx.merge(graphdef, nnx.State(params), rest)
+    return nnx.merge(graphdef, params, rest)
 
 
 def count(tree: Any) -> int:

@@ -138,7 +138,7 @@ def make_train_step(
             )
         denom = jnp.maximum(weight, 1.0)
         grads = jax.tree_util.tree_map(lambda g, p: (g / denom).astype(p.dtype), grads, train_params)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         # The optimizer sees the full tree; frozen leaves get zeros, which set_to_zero / the unfreeze gate
         # never read, so XLA drops them.
         full_grads = params_lib.combine(grads, jax.tree_util.tree_map(jnp.zeros_like, frozen_params))
@@ -154,7 +154,7 @@ def make_train_step(
             "loss": loss_sum / denom,
             "grad_norm": grad_norm,
             # Checked on the host before any later checkpoint: a saved state never holds inf/NaN params.
-            "param_norm": optax.global_norm(new_train),
+            "param_norm": optax.tree.norm(new_train),
             "examples": batch["weights"].sum(),
         }
         return new_state, metrics
@@ -274,7 +274,7 @@ class Run:
         )
         self.param_shardings = sharding_lib.param_shardings(params, self.model.logical_axes(), self.mesh)
         params = jax.device_put(params, self.param_shardings)
-        with self.mesh:
+        with jax.set_mesh(self.mesh):
             opt_state = jax.jit(self.optimizer.tx.init)(params)
         self.state = {"step": jax.device_put(jnp.int32(0), sharding_lib.replicated(self.mesh)),
                       "params": params, "opt_state": opt_state}
@@ -398,12 +398,17 @@ def fit(
     overfit = metrics_lib.OverfitMonitor(t.overfit_patience)
     data_state = {"epoch": 0, "position": 0}
     timing = {"train_seconds": 0.0, "train_examples": 0.0, "eval_seconds": 0.0}
+    window = {"loss": 0.0, "n": 0}  # training losses since the last logged line
+    last_train_loss: float | None = None
 
     start = ckpt.latest_step()
     if start is not None:
         run.state, meta = ckpt.restore(start, run.abstract_state())
         data_state = meta["data"]
         stopper.load_state_dict(meta["early_stop"])
+        overfit.load_state_dict(meta["overfit"])
+        window.update(meta["log_window"])
+        last_train_loss = meta["last_train_loss"]
         timing = meta.get("timing", timing)
         logging.info("resumed from %s at step %d", ckpt.directory, start)
     else:
@@ -417,12 +422,11 @@ def fit(
     batches = run.data.train_iterator(**data_state)
     sigterm = _install_sigterm()
     progress = metrics_lib.Progress(run.total_steps, start, enabled=run.primary and t.progress)
-    last_train_loss: float | None = None
     pending: list[tuple[int, dict]] = []  # metrics of dispatched steps not yet read back (async dispatch)
-    window = {"loss": 0.0, "n": 0}
 
     def save(step: int, metrics: dict | None = None) -> None:
-        meta = {"data": batches.state(), "early_stop": stopper.state_dict(), "timing": timing}
+        meta = {"data": batches.state(), "early_stop": stopper.state_dict(), "overfit": overfit.state_dict(),
+                "timing": timing, "log_window": window, "last_train_loss": last_train_loss}
         ckpt.save(step, run.state, meta, metrics=metrics, force=True)
 
     def drain(upto_all: bool) -> None:
@@ -457,7 +461,7 @@ def fit(
     while step < run.total_steps and not stopper.should_stop:
         batch = sharding_lib.shard_batch(next(batches), run.mesh)
         train_step = run.train_step_for(step)
-        with run.mesh:
+        with jax.set_mesh(run.mesh):
             run.state, m = train_step(run.state, batch, run.key)
         pending.append((step, m))
         step += 1

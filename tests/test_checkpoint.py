@@ -7,10 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 from orbax.checkpoint._src.path import atomicity
 
-from ftjax.checkpoint import CheckpointError, Checkpointer
+from ftjax.checkpoint import Checkpointer, CheckpointError
 
 
 def _state(seed: int = 0):
@@ -18,7 +19,9 @@ def _state(seed: int = 0):
     key_data = jax.random.key_data(jax.random.key(seed))
     params = {
         "bert": {
-            "layer": {i: {"kernel": jnp.asarray(rng.standard_normal((4, 2)), jnp.float32)} for i in (0, 1, 2, 10)}
+            "layer": {
+                i: {"kernel": jnp.asarray(rng.standard_normal((4, 2)), jnp.float32)} for i in (0, 1, 2, 10)
+            }
         },
         "classifier": {"bias": jnp.asarray(rng.standard_normal(2), jnp.float32)},
     }
@@ -49,7 +52,9 @@ def test_round_trip_is_bit_exact_with_int_keys_and_sharded_placement(tmp_path):
     replicated = NamedSharding(mesh, P())
     abstract = _abstract(state, replicated)
     kernel = abstract["params"]["bert"]["layer"][10]["kernel"]
-    abstract["params"]["bert"]["layer"][10]["kernel"] = jax.ShapeDtypeStruct(kernel.shape, kernel.dtype, sharding=sharded)
+    abstract["params"]["bert"]["layer"][10]["kernel"] = jax.ShapeDtypeStruct(
+        kernel.shape, kernel.dtype, sharding=sharded
+    )
     restored, restored_meta = Checkpointer(tmp_path / "ckpt", keep=2).restore(5, abstract)
     _assert_bit_equal(restored, state)
     assert list(restored["params"]["bert"]["layer"]) == [0, 1, 2, 10]  # int keys, not "0".."10".
@@ -62,7 +67,9 @@ def test_round_trip_is_bit_exact_with_int_keys_and_sharded_placement(tmp_path):
 
 def test_optax_state_with_masked_nodes_round_trips(tmp_path):
     params = {"a": jnp.ones((3,)), "b": {0: jnp.zeros((2, 2))}}
-    tx = optax.multi_transform({"train": optax.adam(1e-3), "frozen": optax.set_to_zero()}, {"a": "train", "b": {0: "frozen"}})
+    tx = optax.multi_transform(
+        {"train": optax.adam(1e-3), "frozen": optax.set_to_zero()}, {"a": "train", "b": {0: "frozen"}}
+    )
     state = {"params": params, "opt": tx.init(params)}
     state["opt"] = jax.tree.map(lambda x: x + 1 if x.dtype == jnp.float32 else x, state["opt"])
     with Checkpointer(tmp_path, keep=1, async_save=False) as ckpt:
@@ -75,7 +82,9 @@ def test_keeps_last_k_and_the_best_even_when_old(tmp_path):
     ckpt = Checkpointer(tmp_path, keep=2, best_metric="loss", best_mode="min")
     state = _state()
     for step, loss in [(10, 0.9), (20, 0.2), (30, 0.5), (40, None), (50, 0.7), (60, float("nan"))]:
-        ckpt.save(step, state, {"step": step}, metrics=None if loss is None else {"loss": loss, "accuracy": 0.5})
+        ckpt.save(
+            step, state, {"step": step}, metrics=None if loss is None else {"loss": loss, "accuracy": 0.5}
+        )
     ckpt.wait()
     assert ckpt.all_steps() == [20, 50, 60]
     assert ckpt.best_step() == 20
@@ -89,7 +98,9 @@ def test_keeps_last_k_and_the_best_even_when_old(tmp_path):
 
 
 def test_best_mode_max_and_missing_metric_is_an_error(tmp_path):
-    ckpt = Checkpointer(tmp_path, keep=1, best_metric="accuracy", best_mode="max", async_save=False)
+    ckpt = Checkpointer(
+        tmp_path, keep=1, best_metric="accuracy", best_mode="max", async_save=False, primary_host=True
+    )
     for step, acc in [(1, 0.8), (2, 0.6), (3, 0.7)]:
         ckpt.save(step, _state(), {}, metrics={"accuracy": acc})
     assert ckpt.all_steps() == [1, 3] and ckpt.best_step() == 1

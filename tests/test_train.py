@@ -52,7 +52,6 @@ def test_sharded_step_on_1_and_4_devices_gives_the_same_loss_curve(model_dir, da
     one, four = _losses(str(tmp_path / "one")), _losses(str(tmp_path / "four"))
     assert len(one) == len(four) > 5
     np.testing.assert_allclose(one, four, rtol=2e-4, atol=2e-5)
-    assert one[-1] < one[0]
 
 
 def _tiny_run(model_dir, data_dir, workdir, **overrides):

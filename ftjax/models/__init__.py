@@ -1,0 +1,305 @@
+"""ftjax models: load an HF folder into an NNX task model, and write one back that transformers loads.
+
+`from_pretrained` picks the family from config.json's model_type (see registry.py; one file per family),
+builds the module abstractly, fills it from the checkpoint (HF-style init for new heads) and reports
+what was initialised or left unused. `save_pretrained` writes config.json + model.safetensors (+ tokenizer).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import re
+import zlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from flax import nnx
+
+from ftjax import hf
+from ftjax import params as params_lib
+from ftjax.hf import CheckpointError, HubOfflineError, ModelFolderError, ModelLoadError, UnsupportedModelError
+from ftjax.models import registry
+from ftjax.models.common import Ctx, HFModel
+from ftjax.models.registry import Family
+
+__all__ = [
+    "TASKS",
+    "CheckpointError",
+    "HubOfflineError",
+    "ModelFolderError",
+    "ModelLoadError",
+    "UnsupportedModelError",
+    "from_config",
+    "from_pretrained",
+    "load_tokenizer",
+    "save_pretrained",
+    "supported_model_types",
+]
+
+TASKS = ("base", "classification", "token_classification", "masked_lm", "image_classification")
+DROPOUT_KEYS = ("hidden", "attention", "classifier")
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+_AUTO_MAPPINGS = {
+    "base": "MODEL_MAPPING_NAMES",
+    "classification": "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES",
+    "token_classification": "MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES",
+    "masked_lm": "MODEL_FOR_MASKED_LM_MAPPING_NAMES",
+    "image_classification": "MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES",
+    "causal_lm": "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES",
+}
+_RENAMED_LEAVES = {"kernel": "weight", "embedding": "weight", "scale": "weight"}
+
+supported_model_types = registry.supported_model_types
+
+
+def load_tokenizer(name_or_path: str) -> Any:
+    """The tokenizer saved with a model (AutoTokenizer on the resolved local folder)."""
+    return hf.load_tokenizer(name_or_path)
+
+
+def _dtype(value: Any, field: str) -> Any:
+    if isinstance(value, str):
+        if value not in _DTYPES:
+            raise ValueError(f"{field}={value!r} is invalid: one of {sorted(_DTYPES)}")
+        return _DTYPES[value]
+    return jnp.dtype(value).type
+
+
+def _family_for(cfg: Any, task: str, where: str) -> Family:
+    family = registry.get(cfg.model_type, where)
+    if task not in family.tasks:
+        raise UnsupportedModelError(
+            f"task={task!r} is not supported for model_type {cfg.model_type!r}; "
+            f"{family.name} supports: {', '.join(family.tasks)}"
+        )
+    family.check_config(cfg, task)
+    return family
+
+
+def _apply_overrides(
+    cfg: Any, family: Family, num_labels: int | None, id2label: dict | None, dropout: dict | None
+) -> tuple[Any, float | None]:
+    """A copy of the HF config with label and dropout overrides applied, and the classifier dropout rate."""
+    cfg = copy.deepcopy(cfg)
+    if id2label is not None:
+        id2label = {int(k): str(v) for k, v in dict(id2label).items()}
+        if sorted(id2label) != list(range(len(id2label))):
+            raise ValueError(f"id2label keys must be 0..N-1, got {sorted(id2label)}")
+        if num_labels is not None and num_labels != len(id2label):
+            raise ValueError(f"num_labels={num_labels} but id2label has {len(id2label)} labels; make them agree")
+        cfg.id2label = id2label
+        cfg.label2id = {v: k for k, v in id2label.items()}
+    elif num_labels is not None:
+        if num_labels < 1:
+            raise ValueError(f"num_labels={num_labels} is invalid: >= 1")
+        if num_labels != cfg.num_labels:
+            cfg.num_labels = num_labels
+    classifier_rate = None
+    for key, rate in (dropout or {}).items():
+        if key not in DROPOUT_KEYS:
+            raise ValueError(f"dropout key {key!r} is invalid: one of {DROPOUT_KEYS}")
+        if rate is None:
+            continue
+        if not 0.0 <= float(rate) < 1.0:
+            raise ValueError(f"dropout.{key}={rate!r} is invalid: a rate in [0, 1)")
+        if key == "classifier":
+            classifier_rate = float(rate)
+        if key in family.dropout_fields:
+            setattr(cfg, family.dropout_fields[key], float(rate))
+    return cfg, classifier_rate
+
+
+def _hf_key(path: str) -> str:
+    parts = path.split("/")
+    parts[-1] = _RENAMED_LEAVES.get(parts[-1], parts[-1])
+    return ".".join(parts)
+
+
+def _to_model_layout(path: str, array: np.ndarray) -> np.ndarray:
+    """HF tensor -> ftjax layout: Linear [out, in] -> [in, out]; Conv OIHW -> HWIO."""
+    if path.endswith("/kernel"):
+        if array.ndim == 2:
+            return array.T
+        if array.ndim == 4:
+            return array.transpose(2, 3, 1, 0)
+    return array
+
+
+def _to_hf_layout(path: str, array: np.ndarray) -> np.ndarray:
+    if path.endswith("/kernel"):
+        if array.ndim == 2:
+            return array.T
+        if array.ndim == 4:
+            return array.transpose(3, 2, 0, 1)
+    return array
+
+
+def _hf_shape(path: str, shape: tuple) -> tuple:
+    return tuple(_to_hf_layout(path, np.empty(shape, np.int8)).shape)
+
+
+def _init_value(path: str, shape: tuple, dtype: Any, std: float, seed: int) -> jax.Array:
+    """HF-style init of a param the checkpoint lacks: normal(0, initializer_range), zero bias, unit scale."""
+    leaf = path.rsplit("/", 1)[-1]
+    if leaf == "bias":
+        return jnp.zeros(shape, dtype)
+    if leaf == "scale":
+        return jnp.ones(shape, dtype)
+    key = jax.random.fold_in(jax.random.PRNGKey(seed), zlib.crc32(path.encode()))
+    return (std * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+
+
+def _match_prefix(ckpt: dict[str, Any], paths: list[str], prefix: str) -> dict[str, Any]:
+    """Adds or strips the family prefix ("bert.") so checkpoint keys line up with the model, as HF does."""
+    dot = prefix + "."
+    model_prefixed = any(p.startswith(prefix + "/") for p in paths)
+    ckpt_prefixed = any(k.startswith(dot) for k in ckpt)
+    if model_prefixed and not ckpt_prefixed:
+        return {dot + k: v for k, v in ckpt.items()}
+    if not model_prefixed and ckpt_prefixed:
+        return {k.removeprefix(dot): v for k, v in ckpt.items()}
+    return ckpt
+
+
+def _build(
+    family: Family, cfg: Any, task: str, *, state: dict[str, np.ndarray], files: list[str],
+    classifier_dropout: float | None, dtype: Any, param_dtype: Any, remat: bool, seed: int,
+) -> HFModel:
+    template = Ctx(
+        rngs=None, dtype=dtype, param_dtype=param_dtype, init_range=float(getattr(cfg, "initializer_range", 0.02)),
+        remat=bool(remat), classifier_dropout=classifier_dropout,
+    )
+    abstract = nnx.eval_shape(lambda: family.build(cfg, task, dataclasses.replace(template, rngs=nnx.Rngs(seed))))
+    graphdef, abstract_state = nnx.split(abstract)
+    shapes = params_lib.flatten(abstract_state.to_pure_dict())
+    paths = list(shapes)
+    where = files[0] if len(files) == 1 else (f"{len(files)} shards in {files[0].rsplit('/', 1)[0]}" if files else "")
+
+    ignore = [re.compile(p) for p in family.ignore_keys]
+    ckpt, ignored = {}, []
+    for key, value in state.items():
+        key = family.rename_key(key)
+        if any(p.fullmatch(key) for p in ignore):
+            ignored.append(key)
+        else:
+            ckpt[key] = value
+    ckpt = _match_prefix(ckpt, paths, family.prefix)
+
+    values, initialized, mismatched = {}, [], []
+    for path, abstract_leaf in shapes.items():
+        shape, key = tuple(abstract_leaf.shape), _hf_key(path)
+        if key not in ckpt:
+            initialized.append(path)
+            values[path] = _init_value(path, shape, param_dtype, template.init_range, seed)
+            continue
+        array = np.asarray(ckpt.pop(key))
+        if tuple(array.shape) != _hf_shape(path, shape):
+            mismatched.append(f"tensor {key!r} has shape {tuple(array.shape)} in the checkpoint, but the model "
+                              f"expects {_hf_shape(path, shape)}")
+            continue
+        values[path] = jnp.asarray(_to_model_layout(path, array), dtype=param_dtype)
+    if mismatched:
+        raise CheckpointError(
+            f"{where} does not fit config.json with task={task!r}: {'; '.join(mismatched)}. Check num_labels "
+            "(a head of another size cannot be loaded) and that config.json belongs to these weights"
+        )
+    unused = sorted(ckpt)
+
+    nested: dict = {}
+    for path, value in values.items():
+        node = nested
+        parts = path.split("/")
+        for part in parts[:-1]:
+            node = node.setdefault(int(part) if part.isdigit() else part, {})
+        node[parts[-1]] = value
+    nnx.replace_by_pure_dict(abstract_state, nested)
+    model = nnx.merge(graphdef, abstract_state)
+    model._set_info(family.name, task, family.head_patterns[task], cfg)
+    model.load_report.update(files=list(files), initialized=initialized, unused=unused, ignored=sorted(ignored))
+    if files and initialized:
+        logging.warning("ftjax.models: newly initialised (not in %s): %s", where, ", ".join(initialized))
+    if unused:
+        logging.warning("ftjax.models: checkpoint tensors not used by task %r: %s", task, ", ".join(unused))
+    return model
+
+
+def from_config(
+    hf_config: Any, task: str = "base", num_labels: int | None = None, id2label: dict | None = None,
+    dropout: dict | None = None, dtype: Any = "float32", param_dtype: Any = "float32", remat: bool = False,
+    seed: int = 0,
+) -> HFModel:
+    """A randomly initialised (HF-style) model for a transformers config; for tests and benchmarks."""
+    family = _family_for(hf_config, task, "config")
+    cfg, rate = _apply_overrides(hf_config, family, num_labels, id2label, dropout)
+    return _build(family, cfg, task, state={}, files=[], classifier_dropout=rate, dtype=_dtype(dtype, "dtype"),
+                  param_dtype=_dtype(param_dtype, "param_dtype"), remat=remat, seed=seed)
+
+
+def from_pretrained(
+    name_or_path: str, task: str = "base", num_labels: int | None = None, id2label: dict | None = None,
+    dropout: dict | None = None, dtype: Any = "float32", param_dtype: Any = "float32", remat: bool = False,
+    allow_pickle: bool = False, seed: int = 0,
+) -> HFModel:
+    """Loads an HF folder (or hub id when online) into the ftjax model for `task`.
+
+    task: one of TASKS the family supports; num_labels / id2label set the head size and label names;
+    dropout: {"hidden" | "attention" | "classifier": rate} overrides; dtype: compute dtype; param_dtype:
+    storage dtype; remat: recompute each layer in the backward pass; allow_pickle: read pytorch_model.bin.
+    Params missing from the checkpoint (a new head) get HF's init and are listed in `model.load_report`.
+    """
+    if task not in TASKS:
+        raise UnsupportedModelError(f"task={task!r} is invalid: one of {TASKS}")
+    compute, storage = _dtype(dtype, "dtype"), _dtype(param_dtype, "param_dtype")
+    folder = hf.resolve(name_or_path)
+    raw = hf.read_config_json(folder)
+    registry.get(raw["model_type"], f"{folder}/config.json")
+    hf_config = hf.load_config(folder)
+    family = _family_for(hf_config, task, f"{folder}/config.json")
+    cfg, rate = _apply_overrides(hf_config, family, num_labels, id2label, dropout)
+    state, files = hf.load_weights(folder, allow_pickle=allow_pickle)
+    return _build(family, cfg, task, state=state, files=files, classifier_dropout=rate, dtype=compute,
+                  param_dtype=storage, remat=remat, seed=seed)
+
+
+def hf_architecture(model_type: str, task: str) -> str:
+    """The transformers class name (e.g. BertForSequenceClassification) for a model_type and task."""
+    from transformers.models.auto import modeling_auto
+
+    names = getattr(modeling_auto, _AUTO_MAPPINGS[task])
+    if model_type not in names:
+        raise UnsupportedModelError(f"transformers has no {task} class for model_type {model_type!r}")
+    return names[model_type]
+
+
+def hf_state_dict(model: HFModel, params: dict | None = None) -> dict[str, np.ndarray]:
+    """The model's params as an HF state dict of numpy arrays (tied weights omitted, as HF saves them)."""
+    if params is None:
+        params = nnx.state(model, nnx.Param).to_pure_dict()
+    out = {}
+    for path, value in params_lib.flatten(params).items():
+        out[_hf_key(path)] = _to_hf_layout(path, np.asarray(jax.device_get(value)))
+    return out
+
+
+def save_pretrained(model: HFModel, out_dir: str, tokenizer: Any = None, params: dict | None = None) -> str:
+    """Writes an HF folder (config.json with id2label, model.safetensors, tokenizer files) that
+    transformers loads with the AutoModelFor... class of the model's task. `params` (a nested dict from
+    `ftjax.params.split`) replaces the module's own values, e.g. the trained ones. Returns out_dir."""
+    import os
+
+    os.makedirs(out_dir, exist_ok=True)
+    cfg = copy.deepcopy(model.hf_config)
+    cfg.architectures = [hf_architecture(cfg.model_type, model.task)]
+    state = hf_state_dict(model, params)
+    dtypes = {str(v.dtype) for v in state.values()}
+    if len(dtypes) == 1 and hasattr(cfg, "dtype"):
+        cfg.dtype = dtypes.pop()
+    hf.save_weights(state, out_dir)
+    cfg.save_pretrained(out_dir)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
+    return out_dir

@@ -1,0 +1,250 @@
+"""BERT in Flax NNX, with param paths that mirror HF BertModel / BertFor* state_dict keys.
+
+RoBERTa and XLM-RoBERTa reuse the backbone (roberta.py); only positions and the classification head differ.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ftjax.models import common
+from ftjax.models.common import Ctx, HFModel
+from ftjax.models.registry import Family
+
+
+class BertEmbeddings(nnx.Module):
+    def __init__(self, cfg: Any, ctx: Ctx):
+        h = cfg.hidden_size
+        self.word_embeddings = common.embed(cfg.vocab_size, h, ctx, ("vocab", "embed"))
+        self.position_embeddings = common.embed(cfg.max_position_embeddings, h, ctx)
+        self.token_type_embeddings = common.embed(cfg.type_vocab_size, h, ctx)
+        self.LayerNorm = common.layer_norm(h, cfg.layer_norm_eps, ctx)
+        self.dropout = nnx.Dropout(cfg.hidden_dropout_prob)
+
+    def __call__(self, input_ids, token_type_ids, position_ids, *, deterministic, rngs):
+        x = self.word_embeddings(input_ids) + self.token_type_embeddings(token_type_ids)
+        x = x + self.position_embeddings(position_ids)
+        return self.dropout(self.LayerNorm(x), deterministic=deterministic, rngs=rngs)
+
+
+class BertSelfAttention(nnx.Module):
+    def __init__(self, cfg: Any, ctx: Ctx):
+        h = cfg.hidden_size
+        self.num_heads = cfg.num_attention_heads
+        self.query = common.linear(h, h, ctx, ("embed", "heads"))
+        self.key = common.linear(h, h, ctx, ("embed", "heads"))
+        self.value = common.linear(h, h, ctx, ("embed", "heads"))
+        self.dropout = nnx.Dropout(cfg.attention_probs_dropout_prob)
+
+    def __call__(self, x, bias, *, deterministic, rngs):
+        q, k, v = (common.split_heads(f(x), self.num_heads) for f in (self.query, self.key, self.value))
+        out = common.attention(q, k, v, bias, self.dropout, deterministic=deterministic, rngs=rngs)
+        return common.merge_heads(out)
+
+
+class BertSelfOutput(nnx.Module):
+    """dense -> dropout -> LayerNorm(x + residual); also BertOutput with din=intermediate_size."""
+
+    def __init__(self, cfg: Any, ctx: Ctx, din: int, axes: tuple):
+        self.dense = common.linear(din, cfg.hidden_size, ctx, axes)
+        self.LayerNorm = common.layer_norm(cfg.hidden_size, cfg.layer_norm_eps, ctx)
+        self.dropout = nnx.Dropout(cfg.hidden_dropout_prob)
+
+    def __call__(self, x, residual, *, deterministic, rngs):
+        x = self.dropout(self.dense(x), deterministic=deterministic, rngs=rngs)
+        return self.LayerNorm(x + residual)
+
+
+class BertAttention(nnx.Module):
+    def __init__(self, cfg: Any, ctx: Ctx):
+        self.self = BertSelfAttention(cfg, ctx)
+        self.output = BertSelfOutput(cfg, ctx, cfg.hidden_size, ("heads", "embed"))
+
+    def __call__(self, x, bias, *, deterministic, rngs):
+        a = self.self(x, bias, deterministic=deterministic, rngs=rngs)
+        return self.output(a, x, deterministic=deterministic, rngs=rngs)
+
+
+class BertIntermediate(nnx.Module):
+    def __init__(self, cfg: Any, ctx: Ctx):
+        self.dense = common.linear(cfg.hidden_size, cfg.intermediate_size, ctx, ("embed", "mlp"))
+        self.act = common.activation(cfg.hidden_act)
+
+    def __call__(self, x):
+        return self.act(self.dense(x))
+
+
+class BertLayer(nnx.Module):
+    def __init__(self, cfg: Any, ctx: Ctx):
+        self.attention = BertAttention(cfg, ctx)
+        self.intermediate = BertIntermediate(cfg, ctx)
+        self.output = BertSelfOutput(cfg, ctx, cfg.intermediate_size, ("mlp", "embed"))
+
+    def __call__(self, x, bias, *, deterministic, rngs):
+        a = self.attention(x, bias, deterministic=deterministic, rngs=rngs)
+        return self.output(self.intermediate(a), a, deterministic=deterministic, rngs=rngs)
+
+
+class BertEncoder(nnx.Module):
+    def __init__(self, cfg: Any, ctx: Ctx):
+        self.layer = nnx.List([BertLayer(cfg, ctx) for _ in range(cfg.num_hidden_layers)])
+        self.remat = ctx.remat
+
+    def __call__(self, x, bias, *, deterministic, rngs):
+        return common.run_layers(self.layer, x, bias, remat=self.remat, deterministic=deterministic, rngs=rngs)
+
+
+class BertPooler(nnx.Module):
+    def __init__(self, cfg: Any, ctx: Ctx):
+        self.dense = common.linear(cfg.hidden_size, cfg.hidden_size, ctx, ("embed", None))
+
+    def __call__(self, x):
+        return jnp.tanh(self.dense(x[:, 0]))
+
+
+def positions(input_ids: jax.Array, pad_id: int | None) -> jax.Array:
+    """Default position ids: 0..L-1 (BERT), or RoBERTa's pad_id+1.. counting only non-pad tokens."""
+    if pad_id is None:
+        return jnp.broadcast_to(jnp.arange(input_ids.shape[1], dtype=jnp.int32), input_ids.shape)
+    mask = (input_ids != pad_id).astype(jnp.int32)
+    return jnp.cumsum(mask, axis=1) * mask + pad_id
+
+
+class BertModel(nnx.Module):
+    """The backbone (HF BertModel). `pad_positions`: RoBERTa-style position ids from the pad token."""
+
+    def __init__(self, cfg: Any, ctx: Ctx, *, add_pooling_layer: bool, pad_positions: bool = False):
+        self.embeddings = BertEmbeddings(cfg, ctx)
+        self.encoder = BertEncoder(cfg, ctx)
+        self.pooler = BertPooler(cfg, ctx) if add_pooling_layer else None
+        self.pad_id = int(cfg.pad_token_id) if pad_positions else None
+
+    def __call__(self, input_ids, attention_mask, token_type_ids, position_ids, *, deterministic, rngs):
+        if input_ids is None:
+            raise ValueError("input_ids is required for a text model (got None)")
+        input_ids = jnp.asarray(input_ids)
+        if position_ids is None:
+            position_ids = positions(input_ids, self.pad_id)
+        input_ids, attention_mask, token_type_ids, position_ids = common.text_inputs(
+            input_ids, attention_mask, token_type_ids, position_ids
+        )
+        x = self.embeddings(input_ids, token_type_ids, position_ids, deterministic=deterministic, rngs=rngs)
+        x = self.encoder(x, common.mask_bias(attention_mask), deterministic=deterministic, rngs=rngs)
+        return x, (self.pooler(x) if self.pooler is not None else None)
+
+
+class BertBase(BertModel, HFModel):
+    """task "base": HF BertModel itself (params without prefix), returns last_hidden_state + pooler_output."""
+
+    def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
+                 pixel_values=None, *, deterministic: bool = True, rngs: nnx.Rngs | None = None) -> dict:
+        x, pooled = BertModel.__call__(self, input_ids, attention_mask, token_type_ids, position_ids,
+                                       deterministic=deterministic, rngs=rngs)
+        out = {"last_hidden_state": x}
+        if pooled is not None:
+            out["pooler_output"] = pooled
+        return out
+
+
+class BertLMPredictionHead(nnx.Module):
+    """cls/predictions: transform (dense, act, LayerNorm) then the tied word embeddings + bias."""
+
+    def __init__(self, cfg: Any, ctx: Ctx):
+        self.transform = _Transform(cfg, ctx)
+        self.bias = common.param(ctx, (cfg.vocab_size,), ("vocab",), nnx.initializers.zeros)
+
+    def __call__(self, x, embedding: nnx.Embed):
+        return embedding.attend(self.transform(x)) + self.bias.get_value().astype(x.dtype)
+
+
+class _Transform(nnx.Module):
+    def __init__(self, cfg: Any, ctx: Ctx):
+        self.dense = common.linear(cfg.hidden_size, cfg.hidden_size, ctx, ("embed", None))
+        self.act = common.activation(cfg.hidden_act)
+        self.LayerNorm = common.layer_norm(cfg.hidden_size, cfg.layer_norm_eps, ctx)
+
+    def __call__(self, x):
+        return self.LayerNorm(self.act(self.dense(x)))
+
+
+class BertOnlyMLMHead(nnx.Module):
+    def __init__(self, cfg: Any, ctx: Ctx):
+        self.predictions = BertLMPredictionHead(cfg, ctx)
+
+
+def classifier_rate(cfg: Any, ctx: Ctx) -> float:
+    if ctx.classifier_dropout is not None:
+        return ctx.classifier_dropout
+    rate = getattr(cfg, "classifier_dropout", None)
+    return cfg.hidden_dropout_prob if rate is None else rate
+
+
+class BertTask(HFModel):
+    """BertFor{SequenceClassification,TokenClassification,MaskedLM}: backbone under `bert` plus the head."""
+
+    def __init__(self, cfg: Any, task: str, ctx: Ctx):
+        self.bert = BertModel(cfg, ctx, add_pooling_layer=task == "classification")
+        if task in ("classification", "token_classification"):
+            self.dropout = nnx.Dropout(classifier_rate(cfg, ctx))
+            self.classifier = common.linear(cfg.hidden_size, cfg.num_labels, ctx, ("embed", None))
+        elif task == "masked_lm":
+            self.cls = BertOnlyMLMHead(cfg, ctx)
+
+    def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
+                 pixel_values=None, *, deterministic: bool = True, rngs: nnx.Rngs | None = None) -> dict:
+        kw = {"deterministic": deterministic, "rngs": rngs}
+        x, pooled = self.bert(input_ids, attention_mask, token_type_ids, position_ids, **kw)
+        if self.task == "classification":
+            return {"logits": self.classifier(self.dropout(pooled, **kw))}
+        if self.task == "token_classification":
+            return {"logits": self.classifier(self.dropout(x, **kw))}
+        return {"logits": self.cls.predictions(x, self.bert.embeddings.word_embeddings)}
+
+
+TASKS = ("base", "classification", "token_classification", "masked_lm")
+
+
+def check_config(cfg: Any, task: str) -> None:
+    """Rejects BERT-style config features the NNX code does not implement (instead of silently differing)."""
+    from ftjax.hf import UnsupportedModelError
+
+    kind = getattr(cfg, "position_embedding_type", "absolute") or "absolute"
+    if kind != "absolute":
+        raise UnsupportedModelError(f"config.json: position_embedding_type={kind!r} is not supported; only 'absolute'")
+    if getattr(cfg, "is_decoder", False) or getattr(cfg, "add_cross_attention", False):
+        raise UnsupportedModelError("config.json: is_decoder/add_cross_attention models are not supported")
+    if task == "masked_lm" and getattr(cfg, "tie_word_embeddings", True) is False:
+        raise UnsupportedModelError("config.json: masked_lm needs tie_word_embeddings=true (an untied decoder "
+                                    "is not implemented)")
+
+
+def build(cfg: Any, task: str, ctx: Ctx) -> HFModel:
+    if task == "base":
+        return BertBase(cfg, ctx, add_pooling_layer=True)
+    return BertTask(cfg, task, ctx)
+
+
+FAMILY = Family(
+    name="bert",
+    model_types=("bert",),
+    tasks=TASKS,
+    prefix="bert",
+    build=build,
+    head_patterns={
+        "base": r"pooler/.*",
+        "classification": r"classifier/.*|bert/pooler/.*",
+        "token_classification": r"classifier/.*",
+        "masked_lm": r"cls/.*",
+    },
+    dropout_fields={
+        "hidden": "hidden_dropout_prob",
+        "attention": "attention_probs_dropout_prob",
+        "classifier": "classifier_dropout",
+    },
+    ignore_keys=(r"(bert\.)?embeddings\.position_ids", r"cls\.predictions\.decoder\.(weight|bias)"),
+    check_config=check_config,
+)

@@ -1,0 +1,211 @@
+"""Building blocks shared by the model families: HF-initialised layers with logical axis names, attention,
+padding masks, per-layer remat, and `HFModel`, the base class that carries the contract's attributes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+NO_HEAD = r"(?!x)x"  # head_pattern of a task without a head (matches no param path).
+AXES = "logical_axes"  # metadata key on every nnx.Param: a tuple of logical axis names (or None) per dim.
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),  # HF "gelu" is the exact erf form.
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_fast": lambda x: jax.nn.gelu(x, approximate=True),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "tanh": jnp.tanh,
+}
+
+
+def activation(name: str) -> Callable[[jax.Array], jax.Array]:
+    from ftjax.hf import UnsupportedModelError
+
+    if name not in ACTIVATIONS:
+        raise UnsupportedModelError(
+            f"config.json: activation {name!r} is not implemented; supported: {', '.join(sorted(ACTIVATIONS))}"
+        )
+    return ACTIVATIONS[name]
+
+
+@dataclasses.dataclass
+class Ctx:
+    """Construction settings passed down the module tree (never stored on modules)."""
+
+    rngs: nnx.Rngs
+    dtype: Any = jnp.float32  # compute dtype.
+    param_dtype: Any = jnp.float32  # storage dtype.
+    init_range: float = 0.02  # HF initializer_range: std of normal init for kernels and embeddings.
+    remat: bool = False
+    classifier_dropout: float | None = None  # override of the head's dropout rate (None: the family's).
+
+
+def normal_init(std: float) -> Callable:
+    return nnx.initializers.normal(stddev=std)
+
+
+def linear(din: int, dout: int, ctx: Ctx, axes: tuple, use_bias: bool = True) -> nnx.Linear:
+    """nnx.Linear with HF init (normal(initializer_range) kernel, zero bias) and logical axis names."""
+    return nnx.Linear(
+        din,
+        dout,
+        use_bias=use_bias,
+        dtype=ctx.dtype,
+        param_dtype=ctx.param_dtype,
+        kernel_init=normal_init(ctx.init_range),
+        bias_init=nnx.initializers.zeros,
+        kernel_metadata={AXES: tuple(axes)},
+        bias_metadata={AXES: (axes[1],)},
+        rngs=ctx.rngs,
+    )
+
+
+def layer_norm(dim: int, eps: float, ctx: Ctx) -> nnx.LayerNorm:
+    """LayerNorm with the config's eps; statistics as torch computes them (mean of squared deviations)."""
+    return nnx.LayerNorm(
+        dim,
+        epsilon=eps,
+        dtype=ctx.dtype,
+        param_dtype=ctx.param_dtype,
+        use_fast_variance=False,
+        scale_metadata={AXES: ("embed",)},
+        bias_metadata={AXES: ("embed",)},
+        rngs=ctx.rngs,
+    )
+
+
+def embed(num: int, dim: int, ctx: Ctx, axes: tuple = (None, "embed")) -> nnx.Embed:
+    return nnx.Embed(
+        num,
+        dim,
+        dtype=ctx.dtype,
+        param_dtype=ctx.param_dtype,
+        embedding_init=normal_init(ctx.init_range),
+        embedding_metadata={AXES: tuple(axes)},
+        rngs=ctx.rngs,
+    )
+
+
+def param(ctx: Ctx, shape: tuple, axes: tuple, init: Callable | None = None) -> nnx.Param:
+    init = init or normal_init(ctx.init_range)
+    return nnx.Param(init(ctx.rngs.params(), shape, ctx.param_dtype), **{AXES: tuple(axes)})
+
+
+def mask_bias(attention_mask: jax.Array | None) -> jax.Array | None:
+    """[B, L] 1/0 padding mask -> additive float32 bias [B, 1, 1, L] (0 or the float32 minimum), as HF."""
+    if attention_mask is None:
+        return None
+    return jnp.where(attention_mask[:, None, None, :] > 0, 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)
+
+
+def attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    bias: jax.Array | None,
+    dropout: nnx.Dropout,
+    *,
+    deterministic: bool,
+    rngs: nnx.Rngs | None,
+) -> jax.Array:
+    """Scaled dot-product attention on [B, L, H, D] inputs; softmax in float32; returns [B, L, H, D]."""
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+    if bias is not None:
+        scores = scores + bias
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    if dropout.rate > 0 and not deterministic:
+        probs = dropout(probs, deterministic=False, rngs=rngs)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+
+
+def split_heads(x: jax.Array, heads: int) -> jax.Array:
+    return x.reshape(*x.shape[:-1], heads, x.shape[-1] // heads)
+
+
+def merge_heads(x: jax.Array) -> jax.Array:
+    return x.reshape(*x.shape[:-2], x.shape[-2] * x.shape[-1])
+
+
+def run_layers(
+    layers: nnx.List,
+    h: jax.Array,
+    bias: jax.Array | None,
+    *,
+    remat: bool,
+    deterministic: bool,
+    rngs: nnx.Rngs | None,
+) -> jax.Array:
+    """Applies the layers in order; with remat each layer's activations are recomputed in the backward pass."""
+
+    def apply(layer, x, b, r):
+        return layer(x, b, deterministic=deterministic, rngs=r)
+
+    step = nnx.remat(apply) if remat else apply
+    for layer in layers:
+        h = step(layer, h, bias, rngs)
+    return h
+
+
+class Info:
+    """Static facts about a model (hf_config, load report); hashed by identity so graphdefs stay hashable."""
+
+    def __init__(self, hf_config: Any):
+        self.hf_config = hf_config
+        self.load_report: dict[str, Any] = {}
+
+
+class HFModel(nnx.Module):
+    """Base of every ftjax task model: the attributes and methods of the Model contract."""
+
+    family: str
+    task: str
+    head_pattern: str
+    info: Info
+
+    @property
+    def hf_config(self) -> Any:
+        return self.info.hf_config
+
+    @property
+    def load_report(self) -> dict[str, Any]:
+        return self.info.load_report
+
+    def logical_axes(self) -> dict[str, tuple]:
+        """{param path: tuple of logical axis names (or None) per dim} for every nnx.Param."""
+        out = {}
+        for path, node in nnx.iter_graph(self):
+            if isinstance(node, nnx.Param):
+                axes = node.get_metadata().get(AXES)
+                out["/".join(str(p) for p in path)] = tuple(axes) if axes else (None,) * node.get_value().ndim
+        return out
+
+    def _set_info(self, family: str, task: str, head_pattern: str, hf_config: Any) -> None:
+        self.family, self.task, self.head_pattern = family, task, head_pattern
+        self.info = Info(hf_config)
+
+
+def text_inputs(
+    input_ids: jax.Array | None, attention_mask: jax.Array | None, token_type_ids: jax.Array | None,
+    position_ids: jax.Array | None,
+) -> tuple[jax.Array, jax.Array | None, jax.Array, jax.Array]:
+    """Validated text inputs with HF defaults (token types 0, positions 0..L-1)."""
+    if input_ids is None:
+        raise ValueError("input_ids is required for a text model (got None)")
+    input_ids = jnp.asarray(input_ids)
+    batch, length = input_ids.shape
+    if token_type_ids is None:
+        token_type_ids = jnp.zeros((batch, length), jnp.int32)
+    if position_ids is None:
+        position_ids = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+    return input_ids, attention_mask, token_type_ids, position_ids

@@ -1,0 +1,79 @@
+"""The model-family registry: one file per family in ftjax/models/ defines `FAMILY = Family(...)`.
+
+`get(model_type)` finds the family of a config.json's model_type; adding a family (gpt2, llama ...) means
+adding one module with a `FAMILY` attribute, nothing else (modules are discovered on first use).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import pkgutil
+from collections.abc import Callable
+from typing import Any
+
+from ftjax.hf import UnsupportedModelError
+
+_NOT_FAMILIES = {"common", "registry"}
+_FAMILIES: dict[str, Family] = {}
+_DISCOVERED = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """How one HF architecture family maps onto ftjax NNX modules and HF checkpoints."""
+
+    name: str  # short family name, e.g. "bert".
+    model_types: tuple[str, ...]  # config.json model_type values this family reads.
+    tasks: tuple[str, ...]  # ftjax tasks it implements ("base", "classification", ...).
+    prefix: str  # HF base_model_prefix: task models keep the backbone under it ("bert").
+    build: Callable[..., Any]  # build(hf_config, task, ctx) -> HFModel (params random, from ctx.rngs).
+    head_patterns: dict[str, str]  # task -> regex fullmatching the task head's param paths.
+    dropout_fields: dict[str, str]  # override key (hidden/attention/classifier) -> config attribute.
+    # Checkpoint key -> the key name ftjax uses (e.g. transformers-5 ViT names -> classic names).
+    rename_key: Callable[[str], str] = lambda key: key
+    # Regexes (fullmatch) of checkpoint keys dropped silently: buffers, tied copies of other params.
+    ignore_keys: tuple[str, ...] = ()
+    # Extra config checks: fn(hf_config, task) raising UnsupportedModelError for features not implemented.
+    check_config: Callable[[Any, str], None] = lambda cfg, task: None
+
+
+def register(family: Family) -> Family:
+    for model_type in family.model_types:
+        other = _FAMILIES.get(model_type)
+        if other is not None and other.name != family.name:
+            raise ValueError(f"model_type {model_type!r} is registered by families {other.name} and {family.name}")
+        _FAMILIES[model_type] = family
+    return family
+
+
+def _discover() -> None:
+    global _DISCOVERED
+    if _DISCOVERED:
+        return
+    import ftjax.models as package
+
+    for info in pkgutil.iter_modules(package.__path__):
+        if info.name.startswith("_") or info.name in _NOT_FAMILIES:
+            continue
+        module = importlib.import_module(f"ftjax.models.{info.name}")
+        if isinstance(getattr(module, "FAMILY", None), Family):
+            register(module.FAMILY)
+    _DISCOVERED = True
+
+
+def supported_model_types() -> list[str]:
+    _discover()
+    return sorted(_FAMILIES)
+
+
+def get(model_type: str, where: str = "config.json") -> Family:
+    """The family for `model_type`, or an error listing the supported ones."""
+    _discover()
+    family = _FAMILIES.get(model_type)
+    if family is None:
+        raise UnsupportedModelError(
+            f"{where}: model_type {model_type!r} is not supported by ftjax; supported model types: "
+            f"{', '.join(supported_model_types())}"
+        )
+    return family

@@ -1,0 +1,249 @@
+"""ftjax.config: flag overrides reach the ConfigDict, durations parse, and validate() names the bad field."""
+
+import pytest
+from absl import flags
+from ml_collections import config_flags
+
+from ftjax.config import (
+    ConfigError,
+    default_config,
+    duration_to_steps,
+    parse_duration,
+    parse_layer_ranges,
+    validate,
+)
+
+RECIPE = """
+from ftjax.config import default_config
+
+
+def get_config(arg=None):
+    c = default_config()
+    c.model.name_or_path = "some/model"
+    c.data.source = "files:/tmp/data.jsonl"
+    if arg == "short":
+        c.train.steps = 10
+    return c
+"""
+
+
+def parse_flags(tmp_path, *overrides, arg=""):
+    path = tmp_path / "recipe.py"
+    path.write_text(RECIPE)
+    argv = ["prog", f"--config={path}{':' + arg if arg else ''}", *overrides]
+    values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "recipe", flag_values=values, sys_argv=argv)
+    values(argv)
+    return values.config
+
+
+def valid_config():
+    c = default_config()
+    c.model.name_or_path = "some/model"
+    c.data.source = "files:/tmp/data.jsonl"
+    return c
+
+
+def test_flag_overrides_reach_the_config_dict(tmp_path):
+    cfg = parse_flags(
+        tmp_path,
+        "--config.optim.lr=0.1",
+        "--config.optim.name=lion",
+        "--config.optim.schedule.type=cosine",
+        "--config.optim.layer_lr_decay=0.8",
+        "--config.train.batch_size=16",
+        "--config.optim.freeze=('.*embed.*', '.*/layer/0/.*')",
+        "--config.optim.unfreeze=((100, '.*/layer/0/.*'),)",
+        arg="short",
+    )
+    assert cfg.optim.lr == 0.1 and cfg.optim.name == "lion"
+    assert cfg.optim.schedule.type == "cosine" and cfg.optim.layer_lr_decay == 0.8
+    assert cfg.train.batch_size == 16 and cfg.train.steps == 10
+    assert tuple(cfg.optim.freeze) == (".*embed.*", ".*/layer/0/.*")
+    assert tuple(map(tuple, cfg.optim.unfreeze)) == ((100, ".*/layer/0/.*"),)
+    validate(cfg)
+
+
+@pytest.mark.parametrize(
+    "flag, value, kind",
+    [("100", 100, "steps"), ("0.05", 0.05, "fraction"), ("3ep", "3ep", "epochs"), ("10%", "10%", "fraction")],
+)
+def test_duration_flags_keep_their_unit(tmp_path, flag, value, kind):
+    cfg = parse_flags(
+        tmp_path, f"--config.optim.schedule.warmup={flag}", f"--config.optim.schedule.decay={flag}"
+    )
+    assert cfg.optim.schedule.warmup == value and type(cfg.optim.schedule.warmup) is type(value)
+    assert parse_duration(cfg.optim.schedule.decay, "optim.schedule.decay")[0] == kind
+    validate(cfg)
+
+
+def test_int_durations_stay_steps_in_recipes():
+    c = valid_config()
+    c.optim.schedule.warmup = 100
+    assert c.optim.schedule.warmup == 100 and isinstance(c.optim.schedule.warmup, int)
+    c.optim.schedule.warmup = "2ep"
+    validate(c)
+
+
+def test_bad_flag_value_is_rejected(tmp_path):
+    with pytest.raises(flags.IllegalFlagValueError):
+        parse_flags(tmp_path, "--config.optim.lr=fast")
+
+
+def test_parse_duration_units():
+    assert parse_duration(100, "f") == ("steps", 100.0)
+    assert parse_duration(0.25, "f") == ("fraction", 0.25)
+    assert parse_duration("3ep", "f") == ("epochs", 3.0)
+    assert parse_duration("1.5 epochs", "f") == ("epochs", 1.5)
+    assert parse_duration("10%", "f") == ("fraction", 0.1)
+    assert parse_duration("40", "f") == ("steps", 40.0)
+    assert parse_duration("0.5", "f") == ("fraction", 0.5)
+    for bad in (1.5, -3, "3 weeks", True, "150%"):
+        with pytest.raises(ConfigError, match="config.f="):
+            parse_duration(bad, "f")
+
+
+def test_duration_to_steps():
+    assert duration_to_steps("2ep", "f", total_steps=100, steps_per_epoch=7) == 14
+    assert duration_to_steps(0.5, "f", total_steps=30, steps_per_epoch=7) == 15
+    assert duration_to_steps("10%", "f", total_steps=30, steps_per_epoch=7) == 3
+    assert duration_to_steps(30, "f", total_steps=30, steps_per_epoch=7) == 30
+    with pytest.raises(ConfigError, match=r"optim\.schedule\.warmup.*longer than the run"):
+        duration_to_steps("5ep", "optim.schedule.warmup", total_steps=30, steps_per_epoch=7)
+
+
+def test_parse_layer_ranges():
+    assert parse_layer_ranges("embeddings,0-2,5", "f") == (True, (0, 1, 2, 5))
+    assert parse_layer_ranges("3", "f") == (False, (3,))
+    for bad in ("3-1", "layers 0-2", "0-2-4"):
+        with pytest.raises(ConfigError, match="config.f="):
+            parse_layer_ranges(bad, "f")
+
+
+def test_default_recipe_validates():
+    validate(valid_config())
+
+
+def _invalid(field, **optim):
+    c = valid_config()
+    for key, value in optim.items():
+        if key.startswith("schedule_"):
+            c.optim.schedule[key[len("schedule_") :]] = value
+        else:
+            c.optim[key] = value
+    with pytest.raises(ConfigError) as err:
+        validate(c)
+    assert err.value.field == field, str(err.value)
+    assert f"config.{field}=" in str(err.value)
+
+
+# One test per optim check: each must name its field.
+def test_unknown_optimizer():
+    _invalid("optim.name", name="adam")
+
+
+def test_lr_must_be_positive():
+    _invalid("optim.lr", lr=0.0)
+
+
+def test_layer_lr_decay_range():
+    _invalid("optim.layer_lr_decay", layer_lr_decay=1.5)
+
+
+def test_layer_pattern_needs_a_capture_group():
+    _invalid("optim.layer_pattern", layer_pattern=r".*/layer/\d+/.*")
+
+
+def test_bad_regex():
+    _invalid("optim.decay_exclude", decay_exclude="(bias")
+
+
+def test_unknown_schedule_type():
+    _invalid("optim.schedule.type", schedule_type="cosine_restarts")
+
+
+def test_schedule_min_ratio_range():
+    _invalid("optim.schedule.min_ratio", schedule_min_ratio=1.5)
+
+
+def test_schedule_pct_start_range():
+    _invalid("optim.schedule.pct_start", schedule_pct_start=1.0)
+
+
+def test_schedule_gamma_range():
+    _invalid("optim.schedule.gamma", schedule_gamma=0.0)
+
+
+def test_schedule_power_positive():
+    _invalid("optim.schedule.power", schedule_power=0.0)
+
+
+def test_schedule_warmup_float_above_one():
+    _invalid("optim.schedule.warmup", schedule_warmup=1.5)
+
+
+def test_schedule_decay_bad_unit():
+    _invalid("optim.schedule.decay", schedule_decay="3 weeks")
+
+
+def test_group_must_be_a_pair():
+    _invalid("optim.groups[0]", groups=("classifier/.*",))
+
+
+def test_group_unknown_key():
+    _invalid("optim.groups[0][1]", groups=(("classifier/.*", {"lr": 1e-3}),))
+
+
+def test_group_name_unique():
+    _invalid("optim.groups[1].name", groups=(("a", {"name": "head"}), ("b", {"name": "head"})))
+
+
+def test_group_name_reserved():
+    _invalid("optim.groups[0].name", groups=(("a", {"name": "default"}),))
+
+
+def test_group_negative_lr_mult():
+    _invalid("optim.groups[0].lr_mult", groups=(("a", {"lr_mult": -1.0}),))
+
+
+def test_group_negative_weight_decay():
+    _invalid("optim.groups[0].weight_decay", groups=(("a", {"weight_decay": -0.1}),))
+
+
+def test_group_frozen_must_be_bool():
+    _invalid("optim.groups[0].frozen", groups=(("a", {"frozen": "yes"}),))
+
+
+def test_group_schedule_unknown_key():
+    _invalid("optim.groups[0].schedule", groups=(("a", {"schedule": {"warmup_steps": 10}}),))
+
+
+def test_group_schedule_checked_after_merging_with_optim_schedule():
+    _invalid("optim.groups[0].schedule.gamma", groups=(("a", {"schedule": {"type": "step", "gamma": 2.0}}),))
+    c = valid_config()
+    c.optim.groups = (("a", {"schedule": {"type": "constant"}}), ("b", {"schedule": {"warmup": "1ep"}}))
+    validate(c)
+
+
+def test_freeze_bad_regex():
+    _invalid("optim.freeze[1]", freeze=(".*embed.*", "*"))
+
+
+def test_freeze_layers_spec():
+    _invalid("optim.freeze_layers", freeze_layers="embeddings,top")
+
+
+def test_train_only_bad_regex():
+    _invalid("optim.train_only", train_only="[head")
+
+
+def test_unfreeze_must_be_pairs():
+    _invalid("optim.unfreeze[0]", unfreeze=((100, ".*", "extra"),))
+
+
+def test_unfreeze_when_is_a_step_or_epochs():
+    _invalid("optim.unfreeze[0][0]", unfreeze=((0.5, ".*"),))
+
+
+def test_unfreeze_bad_regex():
+    _invalid("optim.unfreeze[0][1]", unfreeze=((100, "(layer"),))

