@@ -152,7 +152,8 @@ def resolve(
         nodes = cluster_count // max(_int_setting(env.get("OMPI_COMM_WORLD_LOCAL_SIZE", 1), "OMPI_COMM_WORLD_LOCAL_SIZE"), 1)
         local_id = env.get("OMPI_COMM_WORLD_LOCAL_RANK")
         local_vars = ("OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK")
-    if cluster and (num_processes is None or process_id is None) and (cluster_count > 1 or num_processes):
+    wants_cluster = (num_processes is None and cluster_count > 1) if cluster else False
+    if cluster and (wants_cluster or ((num_processes or 0) > 1 and process_id is None)):
         source = source or cluster
         if num_processes is None:
             num_processes, count_name = cluster_count, local_vars[0]
@@ -289,3 +290,13 @@ def sync_flag(local_flag: bool) -> bool:
 
     gathered = multihost_utils.process_allgather(np.asarray(bool(local_flag), dtype=np.int32))
     return bool(np.any(gathered))
+
+
+def barrier(name: str) -> None:
+    """Waits until every process reaches this point (no-op for one process)."""
+    import jax
+
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)

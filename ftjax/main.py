@@ -13,6 +13,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from ftjax import distributed  # registers --coordinator_address, --num_processes, --process_id, --cpu_devices
+
 MODES = ("train", "eval", "export", "dry_run")
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -29,10 +31,12 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from ftjax.checkpoint import CheckpointError
     from ftjax.config import ConfigError
     from ftjax.data import DataError
+    from ftjax.distributed import DistributedConfigError
     from ftjax.models import ModelLoadError
     from ftjax.train import TrainingError
 
-    return (ConfigError, DataError, ModelLoadError, TrainingError, CheckpointError, FileNotFoundError)
+    return (ConfigError, DataError, DistributedConfigError, ModelLoadError, TrainingError, CheckpointError,
+            FileNotFoundError)
 
 
 def _restore_for_inference(run, workdir: str):
@@ -102,6 +106,7 @@ def main(argv) -> None:
     if _CONFIG.value is None or _WORKDIR.value is None:
         raise app.UsageError("--config and --workdir are required")
     try:
+        distributed.init_from_flags()  # before anything touches JAX devices
         run_mode(_MODE.value, _CONFIG.value, _WORKDIR.value)
     except _user_errors() as e:
         logging.error("%s", e)

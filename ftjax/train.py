@@ -22,6 +22,7 @@ import optax
 from absl import logging
 from flax import nnx
 
+from ftjax import distributed
 from ftjax import params as params_lib
 from ftjax import sharding as sharding_lib
 
@@ -220,7 +221,7 @@ class Run:
 
         config_lib.validate(cfg)
         self.cfg, self.workdir = cfg, workdir
-        self.primary = jax.process_index() == 0
+        self.primary = distributed.is_primary()
         os.makedirs(workdir, exist_ok=True)
         setup_compilation_cache(cfg.train.compilation_cache)
 
@@ -443,7 +444,7 @@ def fit(
                 what = f"loss is {loss}" if not math.isfinite(loss) else "the update made params inf/nan"
                 raise TrainingError(
                     f"{what} at step {step + 1}; stopping. Last good checkpoint: {where}. "
-                    "Lower optim.lr, raise optim.warmup, or set optim.clip_norm."
+                    "Lower optim.lr, lengthen optim.schedule.warmup, or set optim.clip_norm."
                 )
             window["loss"] += loss
             window["n"] += 1
@@ -490,10 +491,11 @@ def fit(
         elif t.checkpoint.every and step % t.checkpoint.every == 0:
             drain(upto_all=True)
             save(step)
-        if sigterm():
+        if distributed.sync_flag(sigterm()):  # every process saves the same step
             drain(upto_all=True)
             save(step)
             ckpt.wait()
+            distributed.barrier("preempt_save")
             logging.warning("SIGTERM: saved step %d in %s; rerun the same command to resume", step, ckpt.directory)
             raise SystemExit(143)
         if stop_after is not None and step - start >= stop_after:

@@ -123,10 +123,12 @@ fi
 nodelist=${SLURM_JOB_NODELIST:-${SLURM_NODELIST:-}}
 [[ -n $nodelist ]] || die "SLURM_JOB_ID is set but SLURM_JOB_NODELIST is not; run under sbatch or salloc"
 if command -v scontrol >/dev/null; then
-  head_node=$(scontrol show hostnames "$nodelist" | head -n 1)
+  mapfile -t hosts < <(scontrol show hostnames "$nodelist")
+  head_node=${hosts[0]:-}
 else
   head_node=$(first_host "$nodelist")
 fi
+[[ -n $head_node ]] || die "no host in SLURM nodelist '$nodelist'; run under sbatch or salloc"
 nnodes=${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}
 # One port per job id in the ephemeral range, as JAX's own SLURM detection picks it.
 port=${PORT:-$((SLURM_JOB_ID % 4096 + 61440))}

@@ -114,6 +114,16 @@ def test_num_processes_one_is_single_even_with_coordinator():
     assert resolve("h:1", 1, env={}, on_tpu=True).source == "single"
 
 
+def test_num_processes_one_overrides_slurm():
+    assert resolve(num_processes=1, env=SLURM_2x, on_tpu=False).source == "single"
+
+
+def test_num_processes_flag_takes_the_id_from_slurm():
+    plan = resolve(num_processes=2, env=SLURM_2x, on_tpu=False)
+    assert (plan.source, plan.num_processes, plan.process_id, plan.coordinator_address) == (
+        "flags", 2, 1, f"gpu007:{4242 % 4096 + 61440}")
+
+
 # ---- errors
 
 

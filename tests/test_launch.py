@@ -105,9 +105,10 @@ def test_local_bad_arguments(args, message):
 
 
 def test_local_run_fails_fast_with_the_failing_process_status(tmp_path):
-    # A stand-in python: process 1 fails at once; the others would run for a minute unless stopped.
+    # A stand-in python: process 1 fails after a moment (the others have started by then); the others
+    # would run for a minute unless stopped.
     fake = _fake_tool(tmp_path, "python", 'echo "args: $*"\n'
-                      'for a in "$@"; do [[ $a == --process_id=1 ]] && { echo boom >&2; exit 7; }; done\n'
+                      'for a in "$@"; do [[ $a == --process_id=1 ]] && { sleep 1; echo boom >&2; exit 7; }; done\n'
                       "sleep 60 & wait\n")
     logs = tmp_path / "logs"
     start = time.time()

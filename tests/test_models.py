@@ -263,6 +263,11 @@ def test_bf16_compute_and_storage(tmp_path):
     assert {x.dtype for x in jax.tree_util.tree_leaves(params_lib.split(model)[1])} == {jnp.dtype(jnp.bfloat16)}
     logits = model(**inputs)["logits"]
     assert logits.dtype == jnp.bfloat16 and max_diff(logits, ref) < 0.1
+    all_pad = {k: v.copy() for k, v in inputs.items()}
+    all_pad["attention_mask"][2] = 0  # a padding example (weight 0) must not turn into NaN
+    for dtype in ("bfloat16", "float16"):
+        out = models.from_pretrained(folder, task="classification", dtype=dtype)(**all_pad)["logits"]
+        assert np.isfinite(np.asarray(out, np.float32)).all(), dtype
 
 
 def test_remat_gives_same_loss_and_grads(tmp_path):

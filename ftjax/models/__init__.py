@@ -40,7 +40,7 @@ __all__ = [
     "supported_model_types",
 ]
 
-TASKS = ("base", "classification", "token_classification", "masked_lm", "image_classification")
+TASKS = ("base", "classification", "token_classification", "masked_lm", "image_classification", "causal_lm")
 DROPOUT_KEYS = ("hidden", "attention", "classifier")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 _AUTO_MAPPINGS = {

@@ -1,0 +1,224 @@
+"""Pieces shared by the decoder families (gpt2.py, llama.py, qwen.py): causal/padding/segment/sliding-window
+masks, grouped-query attention with an optional KV cache, rotary embeddings (default, linear, llama3) and
+HF's last-non-pad-token pooling for sequence classification.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ftjax.hf import UnsupportedModelError
+
+ROPE_TYPES = ("default", "linear", "llama3")
+
+
+class DecoderInputs:
+    """Validated inputs of one decoder call: ids, positions, which key slots are valid, and the mask
+    builder for a layer's window. Without a cache, query and key slots are 0..L-1; with a cache of length T
+    the queries sit at slots cache_index..cache_index+L-1 and the keys are the whole cache."""
+
+    def __init__(self, input_ids, attention_mask, position_ids, segment_ids, cache, cache_index):
+        if input_ids is None:
+            raise ValueError("input_ids is required for a decoder model (got None)")
+        input_ids = jnp.asarray(input_ids)
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must be [batch, length], got shape {input_ids.shape}")
+        batch, length = input_ids.shape
+        self.input_ids = input_ids
+        self.segments = None
+        if cache is not None:
+            if segment_ids is not None:
+                raise ValueError("segment_ids cannot be combined with a KV cache; pass one or the other")
+            if cache_index is None:
+                raise ValueError("cache_index (the cache slot of the first input token) is required with cache")
+            total = _cache_length(cache)
+            start = jnp.asarray(cache_index, jnp.int32)
+            self.q_slots = start + jnp.arange(length, dtype=jnp.int32)
+            self.k_slots = jnp.arange(total, dtype=jnp.int32)
+            if attention_mask is None:
+                self.key_valid = None
+            else:
+                attention_mask = jnp.asarray(attention_mask)
+                if attention_mask.shape != (batch, total):
+                    raise ValueError(f"with a cache, attention_mask must cover all {total} cache slots: shape "
+                                     f"{(batch, total)}, got {attention_mask.shape}")
+                self.key_valid = attention_mask > 0
+            if position_ids is None:
+                position_ids = jnp.broadcast_to(self.q_slots, (batch, length))
+        else:
+            self.q_slots = self.k_slots = jnp.arange(length, dtype=jnp.int32)
+            valid = None if attention_mask is None else jnp.asarray(attention_mask) > 0
+            if segment_ids is not None:
+                segment_ids = jnp.asarray(segment_ids)
+                if segment_ids.shape != (batch, length):
+                    raise ValueError(f"segment_ids must have the shape of input_ids {(batch, length)}, "
+                                     f"got {segment_ids.shape}")
+                self.segments = segment_ids
+                valid = (segment_ids > 0) if valid is None else valid & (segment_ids > 0)
+                if position_ids is None:
+                    position_ids = segment_positions(segment_ids)
+            self.key_valid = valid
+            if position_ids is None:  # HF's forward: 0..L-1 whatever the padding (generate passes its own).
+                position_ids = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+        self.position_ids = jnp.asarray(position_ids, jnp.int32)
+        self._masks: dict[Any, jax.Array] = {}
+
+    def mask(self, window: int | None) -> jax.Array:
+        """bool [B, 1, Lq, Lk]: key slot k is visible from query slot q (causal, valid, same segment, window)."""
+        if window not in self._masks:
+            q, k = self.q_slots[:, None], self.k_slots[None, :]
+            allowed = k <= q
+            if window is not None:
+                allowed = allowed & (k > q - window)
+            allowed = allowed[None]
+            if self.key_valid is not None:
+                allowed = allowed & self.key_valid[:, None, :]
+            if self.segments is not None:
+                allowed = allowed & (self.segments[:, :, None] == self.segments[:, None, :])
+            self._masks[window] = allowed[:, None]
+        return self._masks[window]
+
+
+def segment_positions(segment_ids: jax.Array) -> jax.Array:
+    """Positions that restart at 0 where each packed segment starts (segments are contiguous runs)."""
+    length = segment_ids.shape[1]
+    idx = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), segment_ids.shape)
+    prev = jnp.pad(segment_ids[:, :-1], ((0, 0), (1, 0)), constant_values=-1)
+    starts = jnp.where(segment_ids != prev, idx, 0)
+    return idx - jax.lax.cummax(starts, axis=1)
+
+
+def _cache_length(cache: Any) -> int:
+    return int(cache[0]["k"].shape[1])
+
+
+def init_cache(num_layers: int, batch: int, length: int, kv_heads: int, head_dim: int, dtype: Any) -> list:
+    """An empty KV cache: one {"k", "v"} pair of zeros [batch, length, kv_heads, head_dim] per layer."""
+    zeros = jnp.zeros((batch, length, kv_heads, head_dim), dtype)
+    return [{"k": zeros, "v": zeros} for _ in range(num_layers)]
+
+
+def update_cache(layer_cache: dict, k: jax.Array, v: jax.Array, index: jax.Array) -> dict:
+    """Writes this chunk's keys/values at cache slot `index` (same slot for the whole batch)."""
+    start = (0, jnp.asarray(index, jnp.int32), 0, 0)
+    return {
+        "k": jax.lax.dynamic_update_slice(layer_cache["k"], k.astype(layer_cache["k"].dtype), start),
+        "v": jax.lax.dynamic_update_slice(layer_cache["v"], v.astype(layer_cache["v"].dtype), start),
+    }
+
+
+def attend(
+    q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array, scale: float, dropout: nnx.Dropout,
+    *, deterministic: bool, rngs: nnx.Rngs | None, softmax_dtype: Any = jnp.float32,
+) -> jax.Array:
+    """Grouped-query attention. q [B, Lq, H, D], k/v [B, Lk, KVH, D] (H a multiple of KVH; query head h
+    uses kv head h // (H // KVH), as HF's repeat_kv), allowed bool [B, 1, Lq, Lk]. Returns [B, Lq, H, D].
+    Masked scores are set (not added) to the float32 minimum, so fully masked rows stay finite."""
+    batch, lq, heads, dim = q.shape
+    kv_heads = k.shape[2]
+    q = q.reshape(batch, lq, kv_heads, heads // kv_heads, dim)
+    scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k, preferred_element_type=jnp.float32) * scale
+    scores = jnp.where(allowed[:, :, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores.astype(softmax_dtype), axis=-1).astype(v.dtype)
+    if dropout.rate > 0 and not deterministic:
+        probs = dropout(probs, deterministic=False, rngs=rngs)
+    out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v)
+    return out.reshape(batch, lq, heads, dim)
+
+
+def rope_parameters(cfg: Any, head_dim: int) -> tuple[np.ndarray, float]:
+    """(inverse frequencies float32 [head_dim // 2], attention scaling) exactly as transformers computes them."""
+    params = dict(getattr(cfg, "rope_parameters", None) or {})
+    if not params:  # configs without rope_parameters (older transformers objects).
+        params = dict(getattr(cfg, "rope_scaling", None) or {})
+        params.setdefault("rope_theta", getattr(cfg, "rope_theta", 10000.0))
+    kind = params.get("rope_type", params.get("type", "default")) or "default"
+    if kind not in ROPE_TYPES:
+        raise UnsupportedModelError(f"config.json: rope_type {kind!r} is not implemented; supported: "
+                                    f"{', '.join(ROPE_TYPES)}")
+    if float(params.get("partial_rotary_factor", 1.0)) != 1.0:
+        raise UnsupportedModelError("config.json: partial_rotary_factor != 1 is not implemented")
+    base = np.float32(params["rope_theta"])
+    inv = (np.float32(1.0) / (base ** (np.arange(0, head_dim, 2).astype(np.float32) / np.float32(head_dim))))
+    inv = inv.astype(np.float32)
+    if kind == "linear":
+        inv = (inv / np.float32(params["factor"])).astype(np.float32)
+    elif kind == "llama3":
+        factor = np.float32(params["factor"])
+        low, high = np.float32(params["low_freq_factor"]), np.float32(params["high_freq_factor"])
+        old = np.float32(params["original_max_position_embeddings"])
+        low_wavelen, high_wavelen = old / low, old / high
+        wavelen = np.float32(2 * math.pi) / inv
+        scaled = np.where(wavelen > low_wavelen, inv / factor, inv).astype(np.float32)
+        smooth = (old / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        inv = np.where(medium, smoothed, scaled).astype(np.float32)
+    return inv, 1.0
+
+
+def check_rope(cfg: Any, head_dim: int) -> None:
+    rope_parameters(cfg, head_dim)
+
+
+def rope_cos_sin(position_ids: jax.Array, inv_freq: np.ndarray, scaling: float, dtype: Any) -> tuple:
+    """cos, sin [B, L, 1, D] for positions [B, L] (float32 math, then the compute dtype, as HF)."""
+    freqs = position_ids[..., None].astype(jnp.float32) * jnp.asarray(inv_freq, jnp.float32)
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    cos, sin = jnp.cos(emb) * scaling, jnp.sin(emb) * scaling
+    return cos[:, :, None].astype(dtype), sin[:, :, None].astype(dtype)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos + rotated * sin
+
+
+def last_token_logits(logits: jax.Array, input_ids: jax.Array, pad_token_id: int | None) -> jax.Array:
+    """HF ForSequenceClassification pooling: the logits of the rightmost token that is not pad_token_id
+    (works for left and right padding; index 0 when all are pad); without a pad token, the last token,
+    and a batch larger than 1 is an error."""
+    batch, length = input_ids.shape
+    if pad_token_id is None:
+        if batch != 1:
+            raise ValueError("classification with batch size > 1 needs config.json pad_token_id (HF pools the "
+                             "last non-pad token); set pad_token_id in the model config, e.g. to eos_token_id")
+        return logits[:, -1]
+    idx = jnp.arange(length, dtype=jnp.int32)
+    last = jnp.argmax(idx * (input_ids != pad_token_id).astype(jnp.int32), axis=-1)
+    return jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0]
+
+
+def keep_last(x: jax.Array, logits_to_keep: int) -> jax.Array:
+    """HF logits_to_keep: 0 keeps every position, N keeps the last N (generation needs only the last)."""
+    return x if not logits_to_keep else x[:, -logits_to_keep:]
+
+
+def run_decoder_layers(layers, x, inputs: DecoderInputs, cache, extra, *, remat: bool, deterministic: bool,
+                       rngs: nnx.Rngs | None):
+    """Applies each layer `layer(x, mask, extra, layer_cache, cache_index, deterministic=, rngs=)` in order;
+    with remat (and no cache) each layer's activations are recomputed in the backward pass."""
+    masks = {w: inputs.mask(w) for w in sorted({layer.window for layer in layers}, key=lambda w: w or 0)}
+    cache_index = None if cache is None else inputs.q_slots[0]
+    new_cache = None if cache is None else []
+
+    def apply(layer, h, mask, ex, r):
+        out, _ = layer(h, mask, ex, None, None, deterministic=deterministic, rngs=r)
+        return out
+
+    step = nnx.remat(apply) if remat and cache is None else apply
+    for i, layer in enumerate(layers):
+        if cache is None:
+            x = step(layer, x, masks[layer.window], extra, rngs)
+        else:
+            x, layer_cache = layer(x, masks[layer.window], extra, cache[i], cache_index,
+                                   deterministic=deterministic, rngs=rngs)
+            new_cache.append(layer_cache)
+    return x, new_cache

@@ -1,0 +1,108 @@
+"""The command line: each mode through `python -m ftjax.main`, and user errors as one clear message."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from tests import tiny
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def recipe(tmp_path_factory):
+    """A recipe file for the tiny BERT on the sentiment CSVs, as a user would write one."""
+    root = tmp_path_factory.mktemp("cli")
+    model_dir = tiny.tiny_bert(str(root / "model"))
+    data_dir = tiny.sentiment_csvs(str(root / "data"))
+    path = root / "tiny_recipe.py"
+    path.write_text(textwrap.dedent(f"""
+        from tests import tiny
+
+        def get_config(arg=None):
+            return tiny.tiny_config({model_dir!r}, {data_dir!r})
+    """))
+    return str(path), model_dir
+
+
+def _cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=REPO, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    proc = subprocess.run([sys.executable, "-m", "ftjax.main", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def test_train_eval_export_and_dry_run_modes(recipe, tmp_path):
+    config, _ = recipe
+    workdir = str(tmp_path / "run")
+    out = _cli(f"--config={config}", f"--workdir={workdir}", "--config.train.epochs=2")
+    assert "test: loss=" in out.stdout and "accuracy=" in out.stdout
+    for name in ("summary.json", "metrics.jsonl", "labels.json", "run.json", "plots/loss.png"):
+        assert os.path.exists(os.path.join(workdir, name)), name
+    summary = json.load(open(os.path.join(workdir, "summary.json")))
+    assert summary["steps"] == 2 * summary["steps"] // 2 > 0
+
+    out = _cli(f"--config={config}", f"--workdir={workdir}", "--mode=eval")
+    result = json.loads(out.stdout[out.stdout.index("{"):])
+    assert result["step"] == summary["best_step"]
+    assert result["test"]["accuracy"] == pytest.approx(summary["test"]["accuracy"])
+
+    export_dir = str(tmp_path / "export")
+    _cli(f"--config={config}", f"--workdir={workdir}", "--mode=export", f"--export_dir={export_dir}")
+    import torch
+    import transformers
+
+    config_json = json.load(open(os.path.join(export_dir, "config.json")))
+    assert sorted(config_json["id2label"].values()) == ["neg", "pos"]
+    hf_model = transformers.AutoModelForSequenceClassification.from_pretrained(export_dir).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(export_dir)
+    enc = tok(["the snack was great", "stale and bland coffee"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        hf_logits = hf_model(**enc).logits.numpy()
+    from ftjax import models
+
+    ours = models.from_pretrained(export_dir, task="classification")
+    our_logits = np.asarray(ours(**{k: v.numpy() for k, v in enc.items()})["logits"])
+    np.testing.assert_allclose(our_logits, hf_logits, atol=1e-5)
+
+    out = _cli(f"--config={config}", f"--workdir={str(tmp_path / 'dry')}", "--mode=dry_run",
+               "--config.optim.freeze_layers=embeddings,0")
+    assert "frozen" in out.stdout and "per-device memory" in out.stdout
+    assert os.path.exists(tmp_path / "dry" / "plots" / "lr_schedule.png")
+
+
+def test_flag_override_reaches_the_run(recipe, tmp_path):
+    config, _ = recipe
+    workdir = str(tmp_path / "run")
+    _cli(f"--config={config}", f"--workdir={workdir}", "--config.train.steps=3", "--config.optim.lr=0.002")
+    saved = json.load(open(os.path.join(workdir, "config.json")))
+    assert saved["train"]["steps"] == 3 and saved["optim"]["lr"] == 0.002
+    assert json.load(open(os.path.join(workdir, "summary.json")))["steps"] == 3
+
+
+@pytest.mark.parametrize(
+    "flag, message",
+    [
+        ("--config.optim.lr=-1", "config.optim.lr=-1"),
+        ("--config.model.dropout.hidden=1.5", "config.model.dropout.hidden=1.5"),
+        ("--config.optim.freeze=('nothing/matches/.*',)", "nothing/matches"),
+        ("--config.data.text_field=body", "body"),
+        ("--config.data.source=files:/no/such/dir", "/no/such/dir"),
+    ],
+)
+def test_user_errors_end_with_one_clear_message(recipe, tmp_path, flag, message):
+    config, _ = recipe
+    proc = _cli(f"--config={config}", f"--workdir={tmp_path}", flag, check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("ftjax: error:") and message in last, last
+    assert "Traceback" not in proc.stderr
