@@ -84,6 +84,16 @@ def default_config() -> ml_collections.ConfigDict:
     d.buckets = ml_collections.FieldReference(4, field_type=object)
     d.length_grouping = 50  # group this many batches by length before shuffling them (0 = off).
     d.max_examples = 0  # use only the first N training examples (0 = all); for smoke runs.
+    # Language-model data (model.task="causal_lm"; ftjax/data/lm.py): documents packed into rows of max_len.
+    d.lm = lm = ml_collections.ConfigDict()
+    lm.format = "auto"  # "text" | "instruct" | "auto" (instruct if prompt/completion or messages columns).
+    lm.documents = "file"  # .txt files: "file" (one document each) | "paragraph" (blank-line split) | "line".
+    lm.prompt_field = "prompt"  # instruct JSONL: prompt column (no loss on its tokens).
+    lm.completion_field = "completion"  # instruct JSONL: completion column (the loss is on these tokens).
+    lm.messages_field = "messages"  # chat JSONL: list of {role, content}; loss on the assistant turns.
+    lm.add_eos = True  # append the tokenizer's eos token to every document / completion.
+    lm.num_samples = 3  # eval prompts generated from at each evaluation, into WORKDIR/samples/ (0 = off).
+    lm.sample_max_new_tokens = 32  # tokens generated per sample.
 
     # ---- optim: the optimizer and five of the seven hyperparameters (LR, decay, schedule, freezing, LLRD).
     c.optim = o = ml_collections.ConfigDict()
@@ -120,6 +130,15 @@ def default_config() -> ml_collections.ConfigDict:
     o.freeze_layers = ""  # e.g. "embeddings,0-7" freezes embeddings and layers 0..7.
     o.train_only = ""  # shortcut: "head" trains only the task head; a regex trains only what it matches.
     o.unfreeze = ()  # tuple of (when, regex): frozen params matching regex train from step/epoch `when`.
+    # LoRA (ftjax/lora.py): adapters on the targeted nnx.Linear layers; all other params frozen (no state).
+    o.lora = lora = ml_collections.ConfigDict()
+    lora.rank = 0  # adapter rank r (0 = LoRA off).
+    lora.alpha = 16.0  # the update is scaled by alpha / rank.
+    lora.dropout = 0.0  # dropout rate on the adapter's input (training only).
+    lora.targets = r".*/(query|value|q_proj|v_proj|c_attn|q_lin|v_lin)"  # regex fullmatching module paths.
+    # Params trained besides the adapters (PEFT's modules_to_save): "auto" = the model's head_pattern for
+    # tasks with a new head (classification ...), nothing for causal_lm; "" = none; or a regex of param paths.
+    lora.also_train = "auto"
 
     # ---- train: batch size, epochs, evaluation, early stopping, checkpoints.
     c.train = t = ml_collections.ConfigDict()
@@ -241,6 +260,13 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         )
     _check(d.length_grouping >= 0, "data.length_grouping", d.length_grouping, ">= 0")
     _check(d.max_examples >= 0, "data.max_examples", d.max_examples, ">= 0")
+    lm = d.lm
+    _check(lm.format in ("auto", "text", "instruct"), "data.lm.format", lm.format,
+           '"auto", "text" or "instruct"')
+    _check(lm.documents in ("file", "paragraph", "line"), "data.lm.documents", lm.documents,
+           '"file", "paragraph" or "line"')
+    _check(lm.num_samples >= 0, "data.lm.num_samples", lm.num_samples, ">= 0 (0 = off)")
+    _check(lm.sample_max_new_tokens >= 1, "data.lm.sample_max_new_tokens", lm.sample_max_new_tokens, ">= 1")
     _check(d.image_size >= 1, "data.image_size", d.image_size, ">= 1 pixel")
     for name in ("image_mean", "image_std"):
         _check(len(tuple(d[name])) == 3, f"data.{name}", d[name], "3 per-channel (RGB) values")
@@ -314,6 +340,14 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         unit, _ = parse_duration(item[0], f"optim.unfreeze[{i}][0]")
         _check(unit != "fraction" or isinstance(item[0], str), f"optim.unfreeze[{i}][0]", item[0], "step or Nep")
         _check_regex(item[1], f"optim.unfreeze[{i}][1]")
+    lora = o.lora
+    _check(isinstance(lora.rank, int) and lora.rank >= 0, "optim.lora.rank", lora.rank,
+           "an int >= 0 (0 = off)")
+    _check(lora.alpha > 0, "optim.lora.alpha", lora.alpha, "> 0")
+    _check(0.0 <= lora.dropout < 1.0, "optim.lora.dropout", lora.dropout, "in [0, 1)")
+    _check_regex(lora.targets, "optim.lora.targets")
+    if lora.also_train not in ("auto", ""):
+        _check_regex(lora.also_train, "optim.lora.also_train")
 
     _check(t.batch_size >= 1, "train.batch_size", t.batch_size, ">= 1")
     _check(t.grad_accum >= 1, "train.grad_accum", t.grad_accum, ">= 1")

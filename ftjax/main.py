@@ -100,7 +100,23 @@ def run_mode(mode: str, cfg, workdir: str) -> dict:
     return {"step": step, "export_dir": out}
 
 
+class _QuietLibraries:
+    """Drops INFO chatter of orbax and friends (dozens of lines per checkpoint); warnings still show."""
+
+    NOISY = ("orbax", "jax/_src", "etils", "tensorstore")
+
+    def filter(self, record) -> bool:
+        import logging as std_logging
+
+        if "did not provide metrics" in record.getMessage():  # periodic (non-eval) saves have no val metric
+            return False
+        if record.levelno >= std_logging.WARNING:
+            return True
+        return not any(part in record.pathname for part in self.NOISY)
+
+
 def main(argv) -> None:
+    logging.get_absl_handler().addFilter(_QuietLibraries())
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if _CONFIG.value is None or _WORKDIR.value is None:

@@ -510,6 +510,14 @@ def build_table(
         keep = set(_match(pattern, paths, "optim.train_only", what))
         frozen.update(p for p in paths if p not in keep)
     frozen.update(p for p in paths if group_of[p].frozen)
+    lora = o.get("lora")
+    if lora is not None and lora.rank > 0:  # LoRA: only the adapters (and optim.lora.also_train) train.
+        keep = set(_match(r"(?:.*/)?lora_[ab]", paths, "optim.lora.rank",
+                          "no lora_a/lora_b param (apply ftjax.lora.apply_lora to the model first)"))
+        also = (head_pattern or "") if lora.also_train == "auto" else lora.also_train
+        if also:
+            keep.update(_match(also, paths, "optim.lora.also_train"))
+        frozen.update(p for p in paths if p not in keep)
 
     # Gradual unfreezing: a frozen param matching an entry trains from the earliest step any such entry names.
     unfreeze: dict[str, int] = {}

@@ -28,7 +28,7 @@ from ftjax import sharding as sharding_lib
 
 State = dict[str, Any]  # {"step": int32 scalar, "params": nested dict, "opt_state": optax state}
 
-INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "pixel_values")
+INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "pixel_values", "segment_ids")
 
 
 class TrainingError(RuntimeError):
@@ -43,7 +43,7 @@ def classification_loss(logits: jax.Array, batch: dict, label_smoothing: float =
     logits = logits.astype(jnp.float32)
     num_classes = logits.shape[-1]
     labels = jax.nn.one_hot(batch["labels"], num_classes)
-    if label_smoothing:
+    if not isinstance(label_smoothing, (int, float)) or label_smoothing:  # a traced rate: population mode
         labels = optax.smooth_labels(labels, label_smoothing)
     return optax.softmax_cross_entropy(logits, labels)
 
@@ -57,6 +57,17 @@ def token_loss_sum(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax
     return loss.sum(-1), valid.sum(-1).astype(jnp.float32)
 
 
+def causal_lm_loss_sum(logits: jax.Array, labels: jax.Array, segment_ids: jax.Array | None = None):
+    """token_loss_sum with HF's shift: logits at t predict labels[t + 1] (labels are the input ids, -100
+    where no loss); with packed rows (segment_ids) never across a document boundary."""
+    targets = jnp.concatenate([labels[:, 1:], jnp.full_like(labels[:, :1], -100)], axis=1)
+    if segment_ids is not None:
+        same = segment_ids[:, 1:] == segment_ids[:, :-1]
+        same = jnp.concatenate([same, jnp.zeros_like(same[:, :1])], axis=1)
+        targets = jnp.where(same, targets, -100)
+    return token_loss_sum(logits, targets)
+
+
 def model_inputs(batch: dict) -> dict:
     return {k: batch[k] for k in INPUT_KEYS if k in batch}
 
@@ -64,7 +75,10 @@ def model_inputs(batch: dict) -> dict:
 def loss_and_weight(logits: jax.Array, batch: dict, task: str, label_smoothing: float) -> tuple[jax.Array, jax.Array]:
     """(weighted loss sum, weight sum) of a batch; the step's loss is their ratio over all micro-batches."""
     w = batch["weights"].astype(jnp.float32)
-    if task in ("token_classification", "masked_lm", "causal_lm"):
+    if task == "causal_lm":
+        loss_sum, tokens = causal_lm_loss_sum(logits, batch["labels"], batch.get("segment_ids"))
+        return (loss_sum * w).sum(), (tokens * w).sum()
+    if task in ("token_classification", "masked_lm"):
         loss_sum, tokens = token_loss_sum(logits, batch["labels"])
         return (loss_sum * w).sum(), (tokens * w).sum()
     per_example = classification_loss(logits, batch, label_smoothing)
@@ -262,6 +276,12 @@ class Run:
             allow_pickle=cfg.model.allow_pickle,
             seed=t.seed,
         )
+        head_pattern = getattr(self.model, "head_pattern", None)
+        if cfg.optim.lora.rank:  # adapters on the targeted Linear layers; optim freezes everything else.
+            from ftjax import lora as lora_lib
+
+            self.model = lora_lib.apply_lora(self.model, cfg.optim.lora, seed=t.seed)
+            head_pattern = lora_lib.optim_head_pattern(self.model)
         self.graphdef, params, self.rest = params_lib.split(self.model)
         self.steps_per_epoch = self.data.steps_per_epoch
         self.total_steps = total_steps_of(t, self.steps_per_epoch)
@@ -271,7 +291,7 @@ class Run:
             params,
             total_steps=self.total_steps,
             steps_per_epoch=self.steps_per_epoch,
-            head_pattern=getattr(self.model, "head_pattern", None),
+            head_pattern=head_pattern,
         )
         self.param_shardings = sharding_lib.param_shardings(params, self.model.logical_axes(), self.mesh)
         params = jax.device_put(params, self.param_shardings)
@@ -372,12 +392,14 @@ def _install_sigterm() -> Callable[[], bool]:
 
 
 def fit(
-    cfg: Any, workdir: str, *, devices: list | None = None, stop_after: int | None = None
+    cfg: Any, workdir: str, *, devices: list | None = None, stop_after: int | None = None,
+    on_eval: Callable[[int, dict], bool] | None = None,
 ) -> dict[str, Any]:
     """Fine-tunes per `cfg` in `workdir`, resuming from its latest checkpoint; returns the summary.
 
     `devices` restricts the mesh (default: all devices of all processes); `stop_after` ends the loop
-    after that many steps of this call (tests use it to simulate a crash).
+    after that many steps of this call (tests use it to simulate a crash). `on_eval(step, val_metrics)`
+    is called after each eval (and its checkpoint); returning True stops the run there (sweep pruning).
     """
     from ftjax import checkpoint as checkpoint_lib
     from ftjax import metrics as metrics_lib
@@ -457,9 +479,9 @@ def fit(
                 window.update(loss=0.0, n=0)
 
     step = start
-    stopped_early = False
+    stopped_early = stopped_by_hook = False
     t_loop = time.time()
-    while step < run.total_steps and not stopper.should_stop:
+    while step < run.total_steps and not stopper.should_stop and not stopped_by_hook:
         batch = sharding_lib.shard_batch(next(batches), run.mesh)
         train_step = run.train_step_for(step)
         with jax.set_mesh(run.mesh):
@@ -474,6 +496,10 @@ def fit(
             t_eval = time.time()
             val = run.evaluate("validation")
             writer.write(step, "val", val)
+            if cfg.model.task == "causal_lm":  # a few generations into WORKDIR/samples/ (skipped if none).
+                from ftjax.data import lm as lm_lib
+
+                lm_lib.write_samples(run, step)
             improved, stop = stopper.update(step, val)
             if last_train_loss is not None:
                 warning = overfit.update(last_train_loss, val["loss"])
@@ -484,6 +510,7 @@ def fit(
             save(step, metrics={f"val_{k}": v for k, v in val.items()})
             timing["eval_seconds"] += time.time() - t_eval
             t_loop = time.time()
+            stopped_by_hook = on_eval is not None and bool(on_eval(step, val))
             if stop:
                 stopped_early = True
                 logging.info("early stopping at step %d: best %s=%.4f at step %d", step, es.metric,
@@ -516,6 +543,7 @@ def fit(
         "steps": step,
         "best_step": best,
         "stopped_early": stopped_early,
+        "stopped_by_hook": stopped_by_hook,
         "best_val": {es.metric: stopper.best_value},
         "num_examples": dict(run.data.num_examples),
         "data_stats": run.data.stats,

@@ -42,6 +42,7 @@ class DataBundle:
     _train_plan: Callable[[int], np.ndarray]
     _makers: dict[str, Callable[[np.ndarray], dict]]
     _threads: int
+    sample_prompts: list[str] = dataclasses.field(default_factory=list)  # causal_lm: prompts for samples.
 
     @property
     def num_labels(self) -> int:
@@ -80,6 +81,10 @@ def build(
 ) -> DataBundle:
     """Reads cfg.data's splits, tokenises (or indexes images) once, and returns the DataBundle."""
     d, t, task = cfg.data, cfg.train, cfg.model.task
+    if task == "causal_lm":  # packed documents with segment ids: ftjax/data/lm.py
+        from ftjax.data import lm
+
+        return lm.build(cfg, tokenizer, process_index=process_index, process_count=process_count)
     batch, eval_batch = t.batch_size, t.eval_batch_size or 2 * t.batch_size
     if batch % process_count:
         raise ConfigError("train.batch_size", batch, f"must be divisible by the {process_count} processes")

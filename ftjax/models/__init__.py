@@ -119,9 +119,14 @@ def _hf_key(path: str) -> str:
     return ".".join(parts)
 
 
-def _to_model_layout(path: str, array: np.ndarray) -> np.ndarray:
-    """HF tensor -> ftjax layout: Linear [out, in] -> [in, out]; Conv OIHW -> HWIO."""
-    if path.endswith("/kernel"):
+def _untransposed(family: Family, path: str) -> bool:
+    """The family stores this kernel in HF already as [in, out] (GPT-2 Conv1D): no transpose either way."""
+    return any(re.fullmatch(p, path) for p in family.untransposed)
+
+
+def _to_model_layout(path: str, array: np.ndarray, keep: bool = False) -> np.ndarray:
+    """HF tensor -> ftjax layout: Linear [out, in] -> [in, out]; Conv OIHW -> HWIO; `keep`: as is."""
+    if path.endswith("/kernel") and not keep:
         if array.ndim == 2:
             return array.T
         if array.ndim == 4:
@@ -129,8 +134,8 @@ def _to_model_layout(path: str, array: np.ndarray) -> np.ndarray:
     return array
 
 
-def _to_hf_layout(path: str, array: np.ndarray) -> np.ndarray:
-    if path.endswith("/kernel"):
+def _to_hf_layout(path: str, array: np.ndarray, keep: bool = False) -> np.ndarray:
+    if path.endswith("/kernel") and not keep:
         if array.ndim == 2:
             return array.T
         if array.ndim == 4:
@@ -138,8 +143,8 @@ def _to_hf_layout(path: str, array: np.ndarray) -> np.ndarray:
     return array
 
 
-def _hf_shape(path: str, shape: tuple) -> tuple:
-    return tuple(_to_hf_layout(path, np.empty(shape, np.int8)).shape)
+def _hf_shape(path: str, shape: tuple, keep: bool = False) -> tuple:
+    return tuple(_to_hf_layout(path, np.empty(shape, np.int8), keep).shape)
 
 
 def _init_value(path: str, shape: tuple, dtype: Any, std: float, seed: int) -> jax.Array:
@@ -196,12 +201,12 @@ def _build(
             initialized.append(path)
             values[path] = _init_value(path, shape, param_dtype, template.init_range, seed)
             continue
-        array = np.asarray(ckpt.pop(key))
-        if tuple(array.shape) != _hf_shape(path, shape):
+        array, keep = np.asarray(ckpt.pop(key)), _untransposed(family, path)
+        if tuple(array.shape) != _hf_shape(path, shape, keep):
             mismatched.append(f"tensor {key!r} has shape {tuple(array.shape)} in the checkpoint, but the model "
-                              f"expects {_hf_shape(path, shape)}")
+                              f"expects {_hf_shape(path, shape, keep)}")
             continue
-        values[path] = jnp.asarray(_to_model_layout(path, array), dtype=param_dtype)
+        values[path] = jnp.asarray(_to_model_layout(path, array, keep), dtype=param_dtype)
     if mismatched:
         raise CheckpointError(
             f"{where} does not fit config.json with task={task!r}: {'; '.join(mismatched)}. Check num_labels "
@@ -279,9 +284,9 @@ def hf_state_dict(model: HFModel, params: dict | None = None) -> dict[str, np.nd
     """The model's params as an HF state dict of numpy arrays (tied weights omitted, as HF saves them)."""
     if params is None:
         params = nnx.state(model, nnx.Param).to_pure_dict()
-    out = {}
+    out, family = {}, registry.get(model.hf_config.model_type)
     for path, value in params_lib.flatten(params).items():
-        out[_hf_key(path)] = _to_hf_layout(path, np.asarray(jax.device_get(value)))
+        out[_hf_key(path)] = _to_hf_layout(path, np.asarray(jax.device_get(value)), _untransposed(family, path))
     return out
 
 

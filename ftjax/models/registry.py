@@ -12,11 +12,14 @@ import pkgutil
 from collections.abc import Callable
 from typing import Any
 
+from absl import logging
+
 from ftjax.hf import UnsupportedModelError
 
 _NOT_FAMILIES = {"common", "registry"}
 _FAMILIES: dict[str, Family] = {}
 _DISCOVERED = False
+_BROKEN: dict[str, str] = {}  # family module -> why it failed to import (named in "not supported" errors).
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +39,9 @@ class Family:
     ignore_keys: tuple[str, ...] = ()
     # Extra config checks: fn(hf_config, task) raising UnsupportedModelError for features not implemented.
     check_config: Callable[[Any, str], None] = lambda cfg, task: None
+    # Regexes (fullmatch) of param paths whose HF tensor already has ftjax's [in, out] kernel layout
+    # (GPT-2's Conv1D weights): loaded and saved without the Linear transpose.
+    untransposed: tuple[str, ...] = ()
 
 
 def register(family: Family) -> Family:
@@ -56,7 +62,12 @@ def _discover() -> None:
     for info in pkgutil.iter_modules(package.__path__):
         if info.name.startswith("_") or info.name in _NOT_FAMILIES:
             continue
-        module = importlib.import_module(f"ftjax.models.{info.name}")
+        try:
+            module = importlib.import_module(f"ftjax.models.{info.name}")
+        except Exception as e:  # noqa: BLE001 -- one broken family file must not take the others down.
+            _BROKEN[info.name] = f"{type(e).__name__}: {e}"
+            logging.warning("ftjax.models: family module %s failed to import: %s", info.name, _BROKEN[info.name])
+            continue
         if isinstance(getattr(module, "FAMILY", None), Family):
             register(module.FAMILY)
     _DISCOVERED = True
@@ -72,8 +83,9 @@ def get(model_type: str, where: str = "config.json") -> Family:
     _discover()
     family = _FAMILIES.get(model_type)
     if family is None:
+        broken = "".join(f"; family module {name}.py failed to import ({why})" for name, why in _BROKEN.items())
         raise UnsupportedModelError(
             f"{where}: model_type {model_type!r} is not supported by ftjax; supported model types: "
-            f"{', '.join(supported_model_types())}"
+            f"{', '.join(supported_model_types())}{broken}"
         )
     return family

@@ -1,0 +1,312 @@
+"""LoRA for any ftjax model: adapters on targeted nnx.Linear layers, merged or PEFT-format export.
+
+`apply_lora` swaps each targeted nnx.Linear for a `LoRALinear` holding the same kernel/bias Params under
+the same names plus `lora_a` [in, r] and `lora_b` [r, out]; `ftjax.optim` then freezes every other param.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import math
+import os
+import re
+import zlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ftjax import params as params_lib
+from ftjax.config import ConfigError
+
+LORA_LEAVES = ("lora_a", "lora_b")
+LORA_PARAM_PATTERN = r"(?:.*/)?lora_[ab]"  # fullmatches the adapter params' paths
+_AXES = "logical_axes"  # ftjax.models.common.AXES (not imported: models imports heavy deps)
+# PEFT task_type for each ftjax task (adapter_config.json).
+PEFT_TASK_TYPES = {
+    "causal_lm": "CAUSAL_LM",
+    "classification": "SEQ_CLS",
+    "token_classification": "TOKEN_CLS",
+    "base": "FEATURE_EXTRACTION",
+}
+
+# The dropout key of the model call being traced (None: deterministic). Set by the model wrapper below,
+# read by every LoRALinear, so adapters get dropout without changing the families' call signatures.
+_DROPOUT_KEY: contextvars.ContextVar[jax.Array | None] = contextvars.ContextVar(
+    "ftjax_lora_key", default=None
+)
+
+
+class LoRALinear(nnx.Module):
+    """y = x @ W + b + (dropout(x) @ A @ B) * alpha / r, with W, b the wrapped nnx.Linear's own Params."""
+
+    def __init__(self, base: nnx.Linear, rank: int, alpha: float, dropout: float, key: jax.Array, index: int):
+        self.kernel = base.kernel
+        self.bias = base.bias if base.bias is not None else nnx.data(None)
+        for name in (
+            "in_features",
+            "out_features",
+            "use_bias",
+            "dtype",
+            "param_dtype",
+            "precision",
+            "dot_general",
+            "promote_dtype",
+            "preferred_element_type",
+        ):
+            setattr(self, name, getattr(base, name))
+        din, dout = base.in_features, base.out_features
+        axes = tuple(base.kernel.get_metadata().get(_AXES) or (None, None))
+        # PEFT: nn.init.kaiming_uniform_(lora_A.weight, a=sqrt(5)) on [r, in]: U(-1/sqrt(in), 1/sqrt(in)).
+        bound = 1.0 / math.sqrt(din)
+        a = jax.random.uniform(key, (din, rank), jnp.float32, -bound, bound).astype(base.param_dtype)
+        self.lora_a = nnx.Param(a, **{_AXES: (axes[0], None)})
+        self.lora_b = nnx.Param(jnp.zeros((rank, dout), base.param_dtype), **{_AXES: (None, axes[1])})
+        self.rank, self.alpha, self.dropout_rate, self.index = (
+            int(rank),
+            float(alpha),
+            float(dropout),
+            int(index),
+        )
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def __call__(self, inputs: jax.Array, out_sharding: Any = None) -> jax.Array:
+        y = nnx.Linear.__call__(self, inputs, out_sharding)  # the base layer's exact math
+        x = inputs
+        key = _DROPOUT_KEY.get()
+        if key is not None and self.dropout_rate > 0:
+            keep = jax.random.bernoulli(jax.random.fold_in(key, self.index), 1.0 - self.dropout_rate, x.shape)
+            x = jnp.where(keep, x / (1.0 - self.dropout_rate), 0).astype(x.dtype)
+        x, a, b = self.promote_dtype((x, self.lora_a[...], self.lora_b[...]), dtype=self.dtype)
+        delta = (x @ a) @ b
+        return y + (delta * self.scale).astype(y.dtype)
+
+
+_WRAPPED: dict[type, type] = {}
+
+
+def _with_lora_call(cls: type) -> type:
+    """A subclass of the model class whose call sets the adapters' dropout key during a training call."""
+    if getattr(cls, "_lora_wrapped", False):
+        return cls
+    if cls not in _WRAPPED:  # one class per model class, so graphdefs stay equal (and jit caches hit).
+
+        def __call__(self, *args: Any, deterministic: bool = True, rngs: Any = None, **kwargs: Any) -> Any:
+            key = rngs.dropout() if (not deterministic and rngs is not None) else None
+            token = _DROPOUT_KEY.set(key)
+            try:
+                return cls.__call__(self, *args, deterministic=deterministic, rngs=rngs, **kwargs)
+            finally:
+                _DROPOUT_KEY.reset(token)
+
+        namespace = {"__call__": __call__, "__module__": cls.__module__, "_lora_wrapped": True}
+        _WRAPPED[cls] = type(cls)(f"LoRA{cls.__name__}", (cls,), namespace)
+    return _WRAPPED[cls]
+
+
+def _get(cfg: Any, key: str, default: Any) -> Any:
+    try:
+        return cfg[key]
+    except (KeyError, AttributeError):
+        return getattr(cfg, key, default)
+
+
+def module_path(path: tuple) -> str:
+    return "/".join(str(p) for p in path)
+
+
+def linear_paths(model: nnx.Module) -> list[str]:
+    """'/'-joined paths of every nnx.Linear (or LoRALinear) in the model, e.g. "bert/.../query"."""
+    return [module_path(p) for p, n in nnx.iter_graph(model) if isinstance(n, (nnx.Linear, LoRALinear)) and p]
+
+
+def apply_lora(model: nnx.Module, lora_cfg: Any, seed: int = 0) -> nnx.Module:
+    """Replaces the nnx.Linear modules whose path fullmatches lora_cfg.targets with LoRALinear (in place).
+
+    lora_cfg: {rank, alpha, dropout, targets} (cfg.optim.lora). lora_a gets PEFT's kaiming-uniform init from
+    fold_in(key(seed), crc32(path)); lora_b starts at zero, so the model's outputs are unchanged at first.
+    Returns the model (its class gains a call wrapper that feeds the adapters' dropout key).
+    """
+    rank, alpha = int(_get(lora_cfg, "rank", 0)), float(_get(lora_cfg, "alpha", 16.0))
+    dropout, targets = float(_get(lora_cfg, "dropout", 0.0)), _get(lora_cfg, "targets", "")
+    if rank < 1:
+        raise ConfigError("optim.lora.rank", rank, ">= 1 to apply LoRA (0 = LoRA off)")
+    if not 0.0 <= dropout < 1.0:
+        raise ConfigError("optim.lora.dropout", dropout, "in [0, 1)")
+    try:
+        pattern = re.compile(targets)
+    except (re.error, TypeError) as e:
+        raise ConfigError("optim.lora.targets", targets, f"a regex over module paths ({e})") from None
+    found = [(p, n) for p, n in nnx.iter_graph(model) if isinstance(n, nnx.Linear) and p]
+    hits = [(p, n) for p, n in found if pattern.fullmatch(module_path(p))]
+    if not hits:
+        shown = ", ".join(module_path(p) for p, _ in found[:6])
+        raise ConfigError(
+            "optim.lora.targets",
+            targets,
+            f"fullmatches no nnx.Linear module path; this model's Linear layers are e.g. {shown} "
+            f"({len(found)} in all). Use a regex like r'.*(query|value)'",
+        )
+    base_key = jax.random.key(seed)
+    for index, (path, linear) in enumerate(hits):
+        key = jax.random.fold_in(base_key, zlib.crc32(module_path(path).encode()))
+        parent = model
+        for part in path[:-1]:
+            parent = parent[part] if isinstance(part, int) else getattr(parent, part)
+        wrapped = LoRALinear(linear, rank, alpha, dropout, key, index)
+        if isinstance(path[-1], int):
+            parent[path[-1]] = wrapped
+        else:
+            setattr(parent, path[-1], wrapped)
+    model.__class__ = _with_lora_call(type(model))
+    return model
+
+
+def lora_modules(model: nnx.Module) -> dict[str, LoRALinear]:
+    """{module path: LoRALinear} of a model after apply_lora."""
+    return {module_path(p): n for p, n in nnx.iter_graph(model) if isinstance(n, LoRALinear)}
+
+
+def is_lora_param(path: str) -> bool:
+    return re.fullmatch(LORA_PARAM_PATTERN, path) is not None
+
+
+def _key(node: dict, part: str) -> Any:
+    if part in node:
+        return part
+    return int(part) if part.isdigit() and int(part) in node else part
+
+
+def merged_params(model: nnx.Module, params: dict | None = None) -> dict:
+    """The params with each adapter folded into its kernel (W + alpha/r * A @ B) and lora_* leaves dropped.
+
+    `params` defaults to the model's own values (a nested dict as from `ftjax.params.split`).
+    """
+    if params is None:
+        params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    modules = lora_modules(model)
+    if not modules:
+        raise ValueError("merged_params: the model has no LoRA adapters (call ftjax.lora.apply_lora first)")
+    flat = params_lib.flatten(params)
+    out = {}
+    for path, value in flat.items():
+        if is_lora_param(path):
+            continue
+        mod = path.rsplit("/", 1)[0]
+        if path.endswith("/kernel") and mod in modules:
+            a = jnp.asarray(flat[f"{mod}/lora_a"], jnp.float32)
+            b = jnp.asarray(flat[f"{mod}/lora_b"], jnp.float32)
+            value = (jnp.asarray(value, jnp.float32) + modules[mod].scale * (a @ b)).astype(value.dtype)
+        out[path] = value
+    return _unflatten(out, params)
+
+
+def _unflatten(flat: dict[str, Any], like: dict) -> dict:
+    """Nested dict from '/'-paths, with int keys where `like` has them (list indices)."""
+    out: dict = {}
+    for path, value in flat.items():
+        src, dst = like, out
+        parts = path.split("/")
+        for part in parts[:-1]:
+            key = _key(src, part)
+            src = src[key]
+            dst = dst.setdefault(key, {})
+        dst[_key(src, parts[-1])] = value
+    return out
+
+
+def adapter_params(params: dict) -> dict:
+    """Only the lora_a / lora_b leaves of a params tree (a sparse nested dict)."""
+    return params_lib.partition(params, is_lora_param)[0]
+
+
+def export_merged(model: nnx.Module, out_dir: str, tokenizer: Any = None, params: dict | None = None) -> str:
+    """An ordinary HF folder (adapters merged into the kernels) that transformers loads; returns out_dir."""
+    from ftjax import models
+
+    return models.save_pretrained(model, out_dir, tokenizer=tokenizer, params=merged_params(model, params))
+
+
+def _hf_module(path: str) -> str:
+    return path.replace("/", ".")
+
+
+def export_peft(
+    model: nnx.Module,
+    out_dir: str,
+    params: dict | None = None,
+    base_model_name_or_path: str = "",
+    also_trained: tuple[str, ...] = (),
+) -> str:
+    """The adapter alone in PEFT format: adapter_config.json + adapter_model.safetensors; returns out_dir.
+
+    Keys "base_model.model.<HF module>.lora_A.weight" [r, in] and ".lora_B.weight" [out, r];
+    target_modules lists the adapted modules' full names. `also_trained` (param paths trained besides the
+    adapters, e.g. a new classifier head) are saved too, their modules listed in modules_to_save.
+    """
+    from safetensors.numpy import save_file
+
+    from ftjax import models
+
+    if params is None:
+        params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    modules = lora_modules(model)
+    if not modules:
+        raise ValueError("export_peft: the model has no LoRA adapters (call ftjax.lora.apply_lora first)")
+    flat = params_lib.flatten(params)
+    tensors: dict[str, np.ndarray] = {}
+    for mod in modules:
+        name = f"base_model.model.{_hf_module(mod)}"
+        tensors[f"{name}.lora_A.weight"] = np.asarray(jax.device_get(flat[f"{mod}/lora_a"])).T.copy()
+        tensors[f"{name}.lora_B.weight"] = np.asarray(jax.device_get(flat[f"{mod}/lora_b"])).T.copy()
+    extra = {p: flat[p] for p in also_trained if not is_lora_param(p)}
+    if extra:
+        for key, value in models.hf_state_dict(model, _unflatten(extra, params)).items():
+            tensors[f"base_model.model.{key}"] = np.ascontiguousarray(value)
+    first = next(iter(modules.values()))
+    family = getattr(model, "family", "")
+    cfg = {
+        "peft_type": "LORA",
+        "task_type": PEFT_TASK_TYPES.get(getattr(model, "task", ""), None),
+        "base_model_name_or_path": base_model_name_or_path or None,
+        "r": first.rank,
+        "lora_alpha": first.alpha,
+        "lora_dropout": first.dropout_rate,
+        "target_modules": sorted(_hf_module(m) for m in modules),
+        "modules_to_save": sorted({_hf_module(p.rsplit("/", 1)[0]) for p in extra}) or None,
+        "bias": "none",
+        "fan_in_fan_out": family == "gpt2",  # HF GPT-2 uses Conv1D ([in, out] weights).
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "use_rslora": False,
+        "use_dora": False,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "revision": None,
+    }
+    ranks = {m.rank for m in modules.values()}
+    alphas = {m.alpha for m in modules.values()}
+    if len(ranks) > 1 or len(alphas) > 1:
+        cfg["rank_pattern"] = {_hf_module(k): m.rank for k, m in modules.items()}
+        cfg["alpha_pattern"] = {_hf_module(k): m.alpha for k, m in modules.items()}
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "adapter_config.json"), "w") as f:
+        json.dump(cfg, f, indent=2)
+    save_file(tensors, os.path.join(out_dir, "adapter_model.safetensors"), metadata={"format": "pt"})
+    return out_dir
+
+
+def optim_head_pattern(model: nnx.Module) -> str | None:
+    """What optim.lora.also_train="auto" trains besides the adapters: a task's new head (classification ...),
+    never an LM head (causal_lm / masked_lm) nor anything for "base" (PEFT's modules_to_save)."""
+    if getattr(model, "task", "") in ("causal_lm", "masked_lm", "base"):
+        return None
+    return getattr(model, "head_pattern", None)

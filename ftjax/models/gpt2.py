@@ -1,0 +1,156 @@
+"""GPT-2 in Flax NNX, with param paths that mirror HF GPT2Model / GPT2{LMHeadModel,ForSequenceClassification}
+state_dict keys. HF's Conv1D weights are already [in, out], so they load and save without a transpose.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flax import nnx
+
+from ftjax.models import common, decoder
+from ftjax.models.common import Ctx, HFModel
+from ftjax.models.llama import DecoderTask
+from ftjax.models.registry import Family
+
+
+def _inner(cfg: Any) -> int:
+    return cfg.n_inner if cfg.n_inner is not None else 4 * cfg.hidden_size
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: Any, ctx: Ctx, layer_idx: int):
+        e = cfg.hidden_size
+        self.heads, self.head_dim = cfg.num_attention_heads, e // cfg.num_attention_heads
+        self.c_attn = common.linear(e, 3 * e, ctx, ("embed", "heads"))
+        self.c_proj = common.linear(e, e, ctx, ("heads", "embed"))
+        self.attn_dropout = nnx.Dropout(cfg.attn_pdrop)
+        self.resid_dropout = nnx.Dropout(cfg.resid_pdrop)
+        scale = self.head_dim**-0.5 if cfg.scale_attn_weights else 1.0
+        if cfg.scale_attn_by_inverse_layer_idx:
+            scale /= float(layer_idx + 1)
+        self.scale = scale
+
+    def __call__(self, x, mask, layer_cache, cache_index, *, deterministic, rngs):
+        batch, length, e = x.shape
+        q, k, v = (t.reshape(batch, length, self.heads, self.head_dim) for t in
+                   (self.c_attn(x)[..., i * e:(i + 1) * e] for i in range(3)))
+        if layer_cache is not None:
+            layer_cache = decoder.update_cache(layer_cache, k, v, cache_index)
+            k, v = layer_cache["k"].astype(q.dtype), layer_cache["v"].astype(q.dtype)
+        out = decoder.attend(q, k, v, mask, self.scale, self.attn_dropout, deterministic=deterministic, rngs=rngs)
+        out = self.c_proj(out.reshape(batch, length, e))
+        return self.resid_dropout(out, deterministic=deterministic, rngs=rngs), layer_cache
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: Any, ctx: Ctx):
+        self.c_fc = common.linear(cfg.hidden_size, _inner(cfg), ctx, ("embed", "mlp"))
+        self.c_proj = common.linear(_inner(cfg), cfg.hidden_size, ctx, ("mlp", "embed"))
+        self.act = common.activation(cfg.activation_function)
+        self.dropout = nnx.Dropout(cfg.resid_pdrop)
+
+    def __call__(self, x, *, deterministic, rngs):
+        return self.dropout(self.c_proj(self.act(self.c_fc(x))), deterministic=deterministic, rngs=rngs)
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: Any, ctx: Ctx, layer_idx: int):
+        self.ln_1 = common.layer_norm(cfg.hidden_size, cfg.layer_norm_epsilon, ctx)
+        self.attn = Attention(cfg, ctx, layer_idx)
+        self.ln_2 = common.layer_norm(cfg.hidden_size, cfg.layer_norm_epsilon, ctx)
+        self.mlp = MLP(cfg, ctx)
+        self.window = None
+
+    def __call__(self, x, mask, extra, layer_cache, cache_index, *, deterministic, rngs):
+        del extra
+        a, layer_cache = self.attn(self.ln_1(x), mask, layer_cache, cache_index, deterministic=deterministic,
+                                   rngs=rngs)
+        x = x + a
+        return x + self.mlp(self.ln_2(x), deterministic=deterministic, rngs=rngs), layer_cache
+
+
+class GPT2Model(nnx.Module):
+    """The backbone (HF GPT2Model): wte, wpe, h, ln_f."""
+
+    def __init__(self, cfg: Any, ctx: Ctx):
+        self.wte = common.embed(cfg.vocab_size, cfg.hidden_size, ctx, ("vocab", "embed"))
+        self.wpe = common.embed(cfg.n_positions, cfg.hidden_size, ctx)
+        self.drop = nnx.Dropout(cfg.embd_pdrop)
+        self.h = nnx.List([Block(cfg, ctx, i) for i in range(cfg.num_hidden_layers)])
+        self.ln_f = common.layer_norm(cfg.hidden_size, cfg.layer_norm_epsilon, ctx)
+        self.remat, self.dtype = ctx.remat, ctx.dtype
+        self.kv_shape = (cfg.num_attention_heads, cfg.hidden_size // cfg.num_attention_heads)
+        self.num_layers = cfg.num_hidden_layers
+
+    def __call__(self, inputs: decoder.DecoderInputs, cache, *, deterministic, rngs):
+        x = self.wte(inputs.input_ids) + self.wpe(inputs.position_ids)
+        x = self.drop(x, deterministic=deterministic, rngs=rngs)
+        x, cache = decoder.run_decoder_layers(self.h, x, inputs, cache, None, remat=self.remat,
+                                              deterministic=deterministic, rngs=rngs)
+        return self.ln_f(x), cache
+
+
+class GPT2Base(GPT2Model, DecoderTask):
+    """task "base": HF GPT2Model itself (params without prefix). token_type_ids are ignored (HF would add
+    wte(token_type_ids); GPT-2 tokenizers never produce them and the trainer sends zeros)."""
+
+    def __init__(self, cfg: Any, ctx: Ctx):
+        GPT2Model.__init__(self, cfg, ctx)
+
+    def _forward(self, inputs, cache, *, deterministic, rngs):
+        return GPT2Model.__call__(self, inputs, cache, deterministic=deterministic, rngs=rngs)
+
+    __call__ = DecoderTask.__call__
+
+
+class GPT2Task(DecoderTask):
+    """GPT2LMHeadModel / GPT2ForSequenceClassification: backbone under `transformer`, plus lm_head (absent
+    when tied, the default) or score (no bias)."""
+
+    backbone_name = "transformer"
+    embedding_name = "wte"
+
+    def __init__(self, cfg: Any, task: str, ctx: Ctx):
+        self.transformer = GPT2Model(cfg, ctx)
+        self.tied = bool(getattr(cfg, "tie_word_embeddings", True))
+        if task == "causal_lm" and not self.tied:
+            self.lm_head = common.linear(cfg.hidden_size, cfg.vocab_size, ctx, ("embed", "vocab"), use_bias=False)
+        if task == "classification":
+            self.score = common.linear(cfg.hidden_size, cfg.num_labels, ctx, ("embed", None), use_bias=False)
+            self.pad_token_id = None if cfg.pad_token_id is None else int(cfg.pad_token_id)
+
+    def _forward(self, inputs, cache, *, deterministic, rngs):
+        return self.transformer(inputs, cache, deterministic=deterministic, rngs=rngs)
+
+    def _lm_logits(self, x):
+        return self.transformer.wte.attend(x) if self.tied else self.lm_head(x)
+
+
+def check_config(cfg: Any, task: str) -> None:
+    from ftjax.hf import UnsupportedModelError
+
+    if getattr(cfg, "add_cross_attention", False):
+        raise UnsupportedModelError("config.json: add_cross_attention GPT-2 models are not supported")
+    if cfg.hidden_size % cfg.num_attention_heads:
+        raise UnsupportedModelError(f"config.json: n_embd={cfg.hidden_size} is not a multiple of "
+                                    f"n_head={cfg.num_attention_heads}")
+
+
+def build(cfg: Any, task: str, ctx: Ctx) -> HFModel:
+    return GPT2Base(cfg, ctx) if task == "base" else GPT2Task(cfg, task, ctx)
+
+
+FAMILY = Family(
+    name="gpt2",
+    model_types=("gpt2",),
+    tasks=("base", "causal_lm", "classification"),
+    prefix="transformer",
+    build=build,
+    head_patterns={"base": common.NO_HEAD, "causal_lm": r"lm_head/.*", "classification": r"score/.*"},
+    dropout_fields={"hidden": "resid_pdrop", "attention": "attn_pdrop"},
+    # Old checkpoints store the causal-mask buffers (attn.bias / attn.masked_bias) with the weights.
+    ignore_keys=(r"(transformer\.)?h\.\d+\.attn\.(bias|masked_bias)",),
+    check_config=check_config,
+    untransposed=(r"(transformer/)?h/\d+/(attn/c_attn|attn/c_proj|mlp/c_fc|mlp/c_proj)/kernel",),
+)

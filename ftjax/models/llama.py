@@ -1,0 +1,256 @@
+"""Llama and Mistral in Flax NNX (also the backbone of Qwen2/Qwen3 in qwen.py), with param paths that mirror
+HF LlamaModel / LlamaFor{CausalLM,SequenceClassification} state_dict keys: GQA, RoPE (default, linear,
+llama3), RMSNorm, SwiGLU MLP, sliding windows, tied or untied lm_head, and an explicit KV cache for generate.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ftjax.models import common, decoder
+from ftjax.models.common import Ctx, HFModel
+from ftjax.models.registry import Family
+
+
+@dataclasses.dataclass(frozen=True)
+class Arch:
+    """What differs between the Llama-like families (read from the family and its config)."""
+
+    q_bias: bool = False  # bias on q/k/v projections.
+    o_bias: bool = False  # bias on o_proj.
+    mlp_bias: bool = False
+    qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on q and k before RoPE.
+
+
+def arch_for(cfg: Any) -> Arch:
+    kind = cfg.model_type
+    if kind == "qwen2":
+        return Arch(q_bias=True)
+    attention_bias = bool(getattr(cfg, "attention_bias", False))
+    if kind == "qwen3":
+        return Arch(q_bias=attention_bias, o_bias=attention_bias, qk_norm=True)
+    if kind == "mistral":
+        return Arch()
+    return Arch(q_bias=attention_bias, o_bias=attention_bias, mlp_bias=bool(getattr(cfg, "mlp_bias", False)))
+
+
+def head_dim(cfg: Any) -> int:
+    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+
+def layer_windows(cfg: Any) -> list[int | None]:
+    """Sliding window per layer: layer_types (Qwen2/3) pick it per layer; Mistral uses it on every layer."""
+    window = getattr(cfg, "sliding_window", None)
+    types = getattr(cfg, "layer_types", None)
+    if types is None:
+        return [window if cfg.model_type == "mistral" else None] * cfg.num_hidden_layers
+    return [window if t == "sliding_attention" else None for t in types[: cfg.num_hidden_layers]]
+
+
+class RMSNorm(nnx.Module):
+    """HF LlamaRMSNorm: x * rsqrt(mean(x^2) + eps) in float32, cast back, times the weight ("scale")."""
+
+    def __init__(self, dim: int, eps: float, ctx: Ctx, axes: tuple = ("embed",)):
+        self.scale = common.param(ctx, (dim,), axes, nnx.initializers.ones)
+        self.eps = float(eps)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = x.astype(jnp.float32)
+        h = h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + self.eps)
+        return self.scale.get_value().astype(x.dtype) * h.astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: Any, arch: Arch, ctx: Ctx):
+        h, d = cfg.hidden_size, head_dim(cfg)
+        self.heads, self.kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, d
+        self.q_proj = common.linear(h, self.heads * d, ctx, ("embed", "heads"), use_bias=arch.q_bias)
+        self.k_proj = common.linear(h, self.kv_heads * d, ctx, ("embed", "heads"), use_bias=arch.q_bias)
+        self.v_proj = common.linear(h, self.kv_heads * d, ctx, ("embed", "heads"), use_bias=arch.q_bias)
+        self.o_proj = common.linear(self.heads * d, h, ctx, ("heads", "embed"), use_bias=arch.o_bias)
+        if arch.qk_norm:
+            self.q_norm = RMSNorm(d, cfg.rms_norm_eps, ctx, ("kv",))
+            self.k_norm = RMSNorm(d, cfg.rms_norm_eps, ctx, ("kv",))
+        self.qk_norm = arch.qk_norm
+        self.dropout = nnx.Dropout(float(getattr(cfg, "attention_dropout", 0.0) or 0.0))
+
+    def __call__(self, x, mask, rope, layer_cache, cache_index, *, deterministic, rngs):
+        batch, length = x.shape[:2]
+        q = self.q_proj(x).reshape(batch, length, self.heads, self.head_dim)
+        k = self.k_proj(x).reshape(batch, length, self.kv_heads, self.head_dim)
+        v = self.v_proj(x).reshape(batch, length, self.kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        cos, sin = rope
+        q, k = decoder.apply_rope(q, cos, sin), decoder.apply_rope(k, cos, sin)
+        if layer_cache is not None:
+            layer_cache = decoder.update_cache(layer_cache, k, v, cache_index)
+            k, v = layer_cache["k"].astype(q.dtype), layer_cache["v"].astype(q.dtype)
+        out = decoder.attend(q, k, v, mask, self.head_dim**-0.5, self.dropout, deterministic=deterministic,
+                             rngs=rngs)
+        return self.o_proj(out.reshape(batch, length, self.heads * self.head_dim)), layer_cache
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: Any, arch: Arch, ctx: Ctx):
+        h, m = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = common.linear(h, m, ctx, ("embed", "mlp"), use_bias=arch.mlp_bias)
+        self.up_proj = common.linear(h, m, ctx, ("embed", "mlp"), use_bias=arch.mlp_bias)
+        self.down_proj = common.linear(m, h, ctx, ("mlp", "embed"), use_bias=arch.mlp_bias)
+        self.act = common.activation(cfg.hidden_act)
+
+    def __call__(self, x):
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: Any, arch: Arch, ctx: Ctx, window: int | None):
+        self.self_attn = Attention(cfg, arch, ctx)
+        self.mlp = MLP(cfg, arch, ctx)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ctx)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ctx)
+        self.window = window
+
+    def __call__(self, x, mask, rope, layer_cache, cache_index, *, deterministic, rngs):
+        a, layer_cache = self.self_attn(self.input_layernorm(x), mask, rope, layer_cache, cache_index,
+                                        deterministic=deterministic, rngs=rngs)
+        x = x + a
+        return x + self.mlp(self.post_attention_layernorm(x)), layer_cache
+
+
+class LlamaModel(nnx.Module):
+    """The backbone (HF LlamaModel): embed_tokens, layers, norm."""
+
+    def __init__(self, cfg: Any, ctx: Ctx):
+        arch = arch_for(cfg)
+        self.embed_tokens = common.embed(cfg.vocab_size, cfg.hidden_size, ctx, ("vocab", "embed"))
+        self.layers = nnx.List([DecoderLayer(cfg, arch, ctx, w) for w in layer_windows(cfg)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ctx)
+        inv_freq, scaling = decoder.rope_parameters(cfg, head_dim(cfg))
+        self.rope = (tuple(float(f) for f in inv_freq), scaling)  # static: a tuple, not an array attribute.
+        self.remat, self.dtype = ctx.remat, ctx.dtype
+        self.kv_shape = (cfg.num_key_value_heads, head_dim(cfg))
+        self.num_layers = cfg.num_hidden_layers
+
+    def __call__(self, inputs: decoder.DecoderInputs, cache, *, deterministic, rngs):
+        x = self.embed_tokens(inputs.input_ids)
+        rope = decoder.rope_cos_sin(inputs.position_ids, self.rope[0], self.rope[1], x.dtype)
+        x, cache = decoder.run_decoder_layers(self.layers, x, inputs, cache, rope, remat=self.remat,
+                                              deterministic=deterministic, rngs=rngs)
+        return self.norm(x), cache
+
+
+class DecoderTask(HFModel):
+    """Shared call of the decoder task models: base (last_hidden_state), causal_lm (logits over the
+    vocabulary at every position) and classification (logits of the last non-pad token)."""
+
+    backbone_name = "model"  # attribute holding the backbone in task models (HF base_model_prefix).
+    embedding_name = "embed_tokens"  # the backbone's token embedding (the lm_head when tied).
+
+    def _backbone(self) -> nnx.Module:
+        return getattr(self, self.backbone_name) if self.task != "base" else self
+
+    def init_cache(self, batch: int, length: int, dtype: Any = None) -> list:
+        """An empty KV cache for `batch` sequences of up to `length` tokens (for ftjax.generate)."""
+        backbone = self._backbone()
+        kv_heads, dim = backbone.kv_shape
+        return decoder.init_cache(backbone.num_layers, batch, length, kv_heads, dim, dtype or backbone.dtype)
+
+    def _set_info(self, family: str, task: str, head_pattern: str, hf_config: Any) -> None:
+        super()._set_info(family, task, head_pattern, hf_config)
+        if task == "causal_lm" and getattr(self, "tied", False):  # the tied lm_head is the input embedding.
+            self.head_pattern = rf"{self.backbone_name}/{self.embedding_name}/.*"
+
+
+    def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
+                 pixel_values=None, segment_ids=None, cache=None, cache_index=None, logits_to_keep: int = 0, *,
+                 deterministic: bool = True, rngs: nnx.Rngs | None = None) -> dict:
+        """token_type_ids / pixel_values are accepted (the trainer's uniform call) and ignored.
+        segment_ids [B, L] (0 = padding): packed sequences; attention stays inside a segment and positions
+        restart per segment. cache (from init_cache) + cache_index: incremental decoding; the attention_mask
+        then covers all cache slots and the result holds the updated "cache"."""
+        del token_type_ids, pixel_values
+        if cache is not None and self.task == "classification":
+            raise ValueError("a KV cache is only supported for task causal_lm or base")
+        inputs = decoder.DecoderInputs(input_ids, attention_mask, position_ids, segment_ids, cache, cache_index)
+        x, cache = self._forward(inputs, cache, deterministic=deterministic, rngs=rngs)
+        if self.task == "base":
+            out = {"last_hidden_state": x}
+        elif self.task == "causal_lm":
+            out = {"logits": self._lm_logits(decoder.keep_last(x, logits_to_keep))}
+        else:
+            logits = self.score(x)
+            out = {"logits": decoder.last_token_logits(logits, inputs.input_ids, self.pad_token_id)}
+        if cache is not None:
+            out["cache"] = cache
+        return out
+
+
+class LlamaBase(LlamaModel, DecoderTask):
+    """task "base": HF LlamaModel itself (params without prefix)."""
+
+    def __init__(self, cfg: Any, ctx: Ctx):
+        LlamaModel.__init__(self, cfg, ctx)
+
+    def _forward(self, inputs, cache, *, deterministic, rngs):
+        return LlamaModel.__call__(self, inputs, cache, deterministic=deterministic, rngs=rngs)
+
+    __call__ = DecoderTask.__call__
+
+
+class LlamaTask(DecoderTask):
+    """LlamaFor{CausalLM,SequenceClassification}: backbone under `model`, plus lm_head (absent when tied)
+    or score (no bias)."""
+
+    def __init__(self, cfg: Any, task: str, ctx: Ctx):
+        self.model = LlamaModel(cfg, ctx)
+        self.tied = bool(getattr(cfg, "tie_word_embeddings", False))
+        if task == "causal_lm" and not self.tied:
+            self.lm_head = common.linear(cfg.hidden_size, cfg.vocab_size, ctx, ("embed", "vocab"), use_bias=False)
+        if task == "classification":
+            self.score = common.linear(cfg.hidden_size, cfg.num_labels, ctx, ("embed", None), use_bias=False)
+            self.pad_token_id = None if cfg.pad_token_id is None else int(cfg.pad_token_id)
+
+    def _forward(self, inputs, cache, *, deterministic, rngs):
+        return self.model(inputs, cache, deterministic=deterministic, rngs=rngs)
+
+    def _lm_logits(self, x):
+        return self.model.embed_tokens.attend(x) if self.tied else self.lm_head(x)
+
+
+def check_config(cfg: Any, task: str) -> None:
+    """Rejects config features the NNX code does not implement (instead of silently differing)."""
+    from ftjax.hf import UnsupportedModelError
+
+    decoder.check_rope(cfg, head_dim(cfg))
+    if cfg.num_attention_heads % cfg.num_key_value_heads:
+        raise UnsupportedModelError(f"config.json: num_attention_heads={cfg.num_attention_heads} is not a multiple "
+                                    f"of num_key_value_heads={cfg.num_key_value_heads}")
+    if getattr(cfg, "pretraining_tp", 1) not in (1, None):
+        raise UnsupportedModelError("config.json: pretraining_tp > 1 is not supported; set it to 1")
+
+
+def build(cfg: Any, task: str, ctx: Ctx) -> HFModel:
+    return LlamaBase(cfg, ctx) if task == "base" else LlamaTask(cfg, task, ctx)
+
+
+TASKS = ("base", "causal_lm", "classification")
+HEAD_PATTERNS = {"base": common.NO_HEAD, "causal_lm": r"lm_head/.*", "classification": r"score/.*"}
+IGNORE_KEYS = (r"(model\.)?layers\.\d+\.self_attn\.rotary_emb\.inv_freq", r"(model\.)?rotary_emb\.inv_freq")
+
+FAMILY = Family(
+    name="llama",
+    model_types=("llama", "mistral"),
+    tasks=TASKS,
+    prefix="model",
+    build=build,
+    head_patterns=HEAD_PATTERNS,
+    dropout_fields={"attention": "attention_dropout"},
+    ignore_keys=IGNORE_KEYS,
+    check_config=check_config,
+)

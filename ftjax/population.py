@@ -1,0 +1,395 @@
+"""Population training: K runs that differ only in shape-free hyperparameters, trained in ONE compiled step.
+
+Params and optimizer states are stacked on a leading member axis and the train step is `jax.vmap`ped over
+them; each batch is shared by all members. Each member's LR schedule, layer-wise LR decay, weight decay and
+label smoothing enter the step as arrays, so member k follows exactly the run its own config would make.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from ftjax import params as params_lib
+from ftjax import sharding as sharding_lib
+from ftjax.config import ConfigError
+
+# Fields a population may vary: none changes a shape or the compiled program's structure.
+POPULATION_FIELDS = (
+    "optim.lr",
+    "optim.weight_decay",
+    "optim.layer_lr_decay",
+    "optim.schedule.type",
+    "optim.schedule.warmup",
+    "optim.schedule.decay",
+    "optim.schedule.min_ratio",
+    "optim.schedule.power",
+    "optim.schedule.gamma",
+    "optim.schedule.pct_start",
+    "train.label_smoothing",
+)
+# Why some natural candidates are not population fields (the error says so).
+NOT_IN_POPULATION = {
+    "model.dropout": "the models' nnx.Dropout rate is a static Python float (and attention branches on "
+    "rate == 0), so it cannot be a traced per-member value; sweep dropout sequentially (population=0)",
+    "train.seed": "members share the data order and init; sweep seeds sequentially",
+}
+
+
+class PopulationError(ConfigError):
+    """A population cannot be built from this search space or config."""
+
+
+def get_field(cfg: ml_collections.ConfigDict, field: str) -> Any:
+    node = cfg
+    for part in field.split("."):
+        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+            raise ConfigError(field, None, "is not a field of the config (see ftjax/config.py default_config())")
+        node = node[part]
+    return node
+
+
+def with_overrides(cfg: ml_collections.ConfigDict, overrides: dict[str, Any]) -> ml_collections.ConfigDict:
+    """A copy of `cfg` with dotted fields set; ConfigError for a field the config does not have."""
+    out = copy.deepcopy(cfg)  # keeps typed-`object` fields (warmup: int or float)
+    for field, value in overrides.items():
+        get_field(out, field)
+        node = out
+        parts = field.split(".")
+        for part in parts[:-1]:
+            node = node[part]
+        if isinstance(value, np.generic):
+            value = value.item()
+        try:
+            node[parts[-1]] = value
+        except TypeError as e:
+            raise ConfigError(field, value, f"wrong type for this field ({e})") from None
+    return out
+
+
+def check_population_fields(fields: list[str]) -> None:
+    for field in fields:
+        if field in POPULATION_FIELDS:
+            continue
+        for prefix, why in NOT_IN_POPULATION.items():
+            if field == prefix or field.startswith(prefix + "."):
+                raise PopulationError(field, "population", f"cannot vary inside a population: {why}")
+        raise PopulationError(
+            field,
+            "population",
+            "changes shapes or the compiled program, so it cannot vary inside a population; population "
+            f"fields are {', '.join(POPULATION_FIELDS)} (or sweep it with population=0)",
+        )
+
+
+def template_config(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The shared run's config: LR 1 (constant), no weight decay, no LLRD, no smoothing; members scale it."""
+    t = copy.deepcopy(cfg)
+    t.optim.lr = 1.0
+    t.optim.weight_decay = 0.0
+    t.optim.layer_lr_decay = 1.0
+    t.optim.schedule.type = "constant"
+    t.optim.groups = tuple(
+        (rx, {k: v for k, v in dict(spec).items() if k in ("name", "frozen")}) for rx, spec in cfg.optim.groups
+    )
+    t.train.label_smoothing = 0.0
+    return t
+
+
+class MemberTxState(NamedTuple):
+    inner: Any  # the template optimizer's state
+    count: jax.Array  # updates applied so far (the step the LR table is read at)
+    anchor: Any  # pre-trained weights for L2-SP decay (empty tuple when decaying toward zero)
+
+
+def member_tx(
+    template_tx: optax.GradientTransformation,
+    lr_table: jax.Array,
+    lr_mult: Any,
+    weight_decay: Any,
+    group_index: Any,
+    toward_pretrained: bool,
+) -> optax.GradientTransformation:
+    """One member's optimizer: template (unit LR, no decay) -> (u - wd * p) * lr_mult * lr_table[group, t].
+
+    The template's update for LR 1 is -precond(g); the solo run's is -(precond(g) + wd * p) * lr_mult * lr(t),
+    which is what this returns (bit for bit, up to the schedule's table lookup). `lr_table` [G, T] holds the
+    member's per-group base schedule; `lr_mult`, `weight_decay` are trees of scalars, `group_index` of ints.
+    """
+    last = lr_table.shape[-1] - 1
+
+    def init(params):
+        anchor = jax.tree_util.tree_map(lambda p: jnp.array(p, copy=True), params) if toward_pretrained else ()
+        return MemberTxState(template_tx.init(params), jnp.zeros([], jnp.int32), anchor)
+
+    def update(updates, state, params=None):
+        u, inner = template_tx.update(updates, state.inner, params)
+        lrs = lr_table[:, jnp.minimum(state.count, last)]
+        anchor = state.anchor if toward_pretrained else params  # (unused without L2-SP)
+
+        def one(u, p, a, mult, wd, gi):
+            decay = wd * (p - a) if toward_pretrained else wd * p
+            return ((u - decay.astype(u.dtype)) * (mult * lrs[gi]).astype(u.dtype)).astype(u.dtype)
+
+        out = jax.tree_util.tree_map(one, u, params, anchor, lr_mult, weight_decay, group_index)
+        return out, MemberTxState(inner, state.count + 1, state.anchor)
+
+    return optax.GradientTransformation(init, update)
+
+
+def _stack(trees: list[Any]) -> Any:
+    return jax.tree_util.tree_map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *trees)
+
+
+def _stacked_sharding(s: Any, mesh) -> NamedSharding:
+    spec = tuple(s.spec) if isinstance(s, NamedSharding) else ()
+    return NamedSharding(mesh, P(None, *spec))
+
+
+class Population:
+    """K members of one run (a shared `train.Run` built from the template config), stepped together.
+
+    `member_cfgs[k]` is member k's full config; they may differ only in POPULATION_FIELDS. `lr_tables`
+    (optional, [K, T] per-step LR) replaces the members' schedules (the LR range test uses it).
+    """
+
+    def __init__(
+        self,
+        member_cfgs: list[ml_collections.ConfigDict],
+        workdir: str,
+        *,
+        devices: list | None = None,
+        lr_tables: np.ndarray | None = None,
+    ):
+        from ftjax import config as config_lib
+        from ftjax import optim
+        from ftjax import train
+
+        if not member_cfgs:
+            raise PopulationError("population", 0, "needs at least one member")
+        check_population_fields(_differing_fields(member_cfgs))
+        for cfg in member_cfgs:
+            config_lib.validate(cfg)
+        base = member_cfgs[0]
+        self.cfgs, self.size = member_cfgs, len(member_cfgs)
+        self.run = run = train.Run(template_config(base), workdir, devices=devices)
+        self.total_steps, self.eval_every = run.total_steps, run.eval_every
+
+        # Each member's own optimizer, built (and validated) from its config: its LR table and param rows.
+        tables, mults, decays = [], [], []
+        for k, cfg in enumerate(member_cfgs):
+            opt = optim.build(cfg.optim, run.optimizer.abstract_params, total_steps=run.total_steps,
+                              steps_per_epoch=run.steps_per_epoch, head_pattern=getattr(run.model, "head_pattern", None))
+            groups = list(opt.schedule_args)
+            if lr_tables is not None:
+                table = np.tile(np.asarray(lr_tables[k], np.float32)[None], (len(groups), 1))
+            else:
+                table = np.stack([
+                    optim.lr_curve(optim.SCHEDULE_FNS[kind](args), np.arange(run.total_steps))
+                    for kind, args in opt.schedule_args.values()
+                ]).astype(np.float32)
+            tables.append(table)
+            mults.append(params_lib.map_with_path(lambda p, _: np.float32(opt.table[p].lr_mult), run.state["params"]))
+            decays.append(params_lib.map_with_path(
+                lambda p, _: np.float32(opt.table[p].weight_decay if opt.table[p].decay else 0.0), run.state["params"]))
+            if k == 0:
+                self.group_index = params_lib.map_with_path(lambda p, _: groups.index(opt.table[p].group),
+                                                            run.state["params"])
+        self.hparams = {
+            "lr_table": np.stack(tables),
+            "lr_mult": _stack(mults),
+            "weight_decay": _stack(decays),
+            "label_smoothing": np.asarray([c.train.label_smoothing for c in member_cfgs], np.float32),
+        }
+        self.toward_pretrained = base.optim.decay_toward == "pretrained"
+        self.active = np.ones(self.size, bool)
+
+        mesh = run.mesh
+        member_state = {"step": run.state["step"], "params": run.state["params"],
+                        "opt_state": self._tx(self._hp0()).init(run.state["params"])}
+        shardings = jax.tree_util.tree_map(lambda x: _stacked_sharding(getattr(x, "sharding", None), mesh),
+                                           member_state)
+        with jax.set_mesh(mesh):
+            stacked = jax.tree_util.tree_map(lambda x: jnp.stack([x] * self.size), member_state)
+        self.state = jax.device_put(stacked, shardings)
+        self.state_shardings = shardings
+        self.hp_device = jax.device_put(self.hparams, sharding_lib.replicated(mesh))
+        run.state = None  # the template's own state is not trained; free it.
+        self._steps: dict[frozenset, Callable] = {}
+        eval_fn = train.make_eval_step(run.graphdef, run.rest, base.model.task)
+        self._eval = jax.jit(jax.vmap(eval_fn, in_axes=(0, None)))
+
+    def _hp0(self) -> dict:
+        return jax.tree_util.tree_map(lambda x: x[0], self.hparams)
+
+    def _tx(self, hp: dict) -> optax.GradientTransformation:
+        return member_tx(self.run.optimizer.tx, hp["lr_table"], hp["lr_mult"], hp["weight_decay"],
+                         self.group_index, self.toward_pretrained)
+
+    def _step_fn(self, step: int) -> Callable:
+        from ftjax import train
+
+        run = self.run
+        trainable = run.optimizer.trainable_at(step)
+        if trainable not in self._steps:
+            def member(state, hp, active, batch, key):
+                step_cfg = train.StepConfig(run.cfg.model.task, run.cfg.train.grad_accum, hp["label_smoothing"])
+                fn = train.make_train_step(run.graphdef, run.rest, self._tx(hp), trainable, step_cfg)
+                new, metrics = fn(state, batch, key)
+                new = jax.tree_util.tree_map(lambda n, o: jnp.where(active, n, o), new, state)
+                return new, metrics
+
+            repl = sharding_lib.replicated(run.mesh)
+            self._steps[trainable] = jax.jit(
+                jax.vmap(member, in_axes=(0, 0, 0, None, None)),
+                in_shardings=(self.state_shardings, repl, repl, sharding_lib.batch_sharding(run.mesh), repl),
+                out_shardings=(self.state_shardings, repl),
+                donate_argnums=(0,),
+            )
+        return self._steps[trainable]
+
+    def step(self, step: int, batch: dict) -> dict:
+        """One optimizer step of every active member on the shared batch; returns device metrics [K]."""
+        fn = self._step_fn(step)
+        with jax.set_mesh(self.run.mesh):
+            self.state, metrics = fn(self.state, self.hp_device, jnp.asarray(self.active),
+                                     sharding_lib.shard_batch(batch, self.run.mesh), self.run.key)
+        return metrics
+
+    def evaluate(self, split: str) -> list[dict[str, float]]:
+        """Each member's eval metrics over a whole split (one vmapped eval pass per batch)."""
+        from ftjax import metrics as metrics_lib
+        from ftjax import train
+
+        loss_sum, weight, confusion = np.zeros(self.size), np.zeros(self.size), None
+        with jax.set_mesh(self.run.mesh):
+            for batch in self.run.data.eval_batches(split):
+                out = jax.device_get(self._eval(self.state["params"], sharding_lib.shard_batch(batch, self.run.mesh)))
+                loss_sum += np.asarray(out["loss_sum"], np.float64)
+                weight += np.asarray(out["weight"], np.float64)
+                if "confusion" in out:
+                    c = np.asarray(out["confusion"], np.float64)
+                    confusion = c if confusion is None else confusion + c
+        if not weight.any():
+            raise train.TrainingError(f"the {split} split has no examples to evaluate")
+        results = []
+        for k in range(self.size):
+            r = {"loss": float(loss_sum[k] / weight[k])}
+            if confusion is not None:
+                r.update(metrics_lib.confusion_metrics(confusion[k]))
+            if self.run.cfg.model.task == "causal_lm":
+                r["perplexity"] = float(math.exp(min(r["loss"], 50.0)))
+            results.append(r)
+        return results
+
+
+def _differing_fields(cfgs: list[ml_collections.ConfigDict]) -> list[str]:
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in d.items():
+            if isinstance(v, dict):
+                out.update(flat(v, f"{prefix}{k}."))
+            else:
+                out[f"{prefix}{k}"] = v
+        return out
+
+    flats = [flat(c.to_dict()) for c in cfgs]
+    return sorted({k for f in flats[1:] for k in f if f.get(k) != flats[0].get(k)})
+
+
+def fit_population(
+    member_cfgs: list[ml_collections.ConfigDict],
+    workdir: str,
+    member_dirs: list[str],
+    *,
+    on_eval: Callable[[int, int, dict], bool] | None = None,
+    metric: str = "loss",
+    mode: str = "min",
+    devices: list | None = None,
+) -> list[dict[str, Any]]:
+    """Trains the members together; returns one summary per member (as train.fit's, plus "status").
+
+    `on_eval(member, step, val) -> stop` is called for each active member at each eval (pruning); a member
+    also stops on its own early-stopping rule or a NaN loss. Stopped members keep their state and no longer
+    count (their results are final). Each member's metrics.jsonl and summary.json go to member_dirs[k].
+    """
+    from ftjax import metrics as metrics_lib
+
+    t_start = time.time()
+    pop = Population(member_cfgs, workdir, devices=devices)
+    run, K = pop.run, pop.size
+    t = member_cfgs[0].train
+    writers = [metrics_lib.MetricWriter(d, enabled=run.primary) for d in member_dirs]
+    for cfg, d in zip(member_cfgs, member_dirs):
+        with open(os.path.join(d, "config.json"), "w") as f:
+            f.write(cfg.to_json_best_effort(indent=1))
+    es = t.early_stop
+    stoppers = [metrics_lib.EarlyStopper(metric, mode, es.patience, es.min_delta) for _ in range(K)]
+    status = ["running"] * K
+    best_val: list[dict | None] = [None] * K
+    progress = metrics_lib.Progress(pop.total_steps, 0, enabled=run.primary and t.progress)
+    batches = run.data.train_iterator()
+    window = np.zeros(K)
+    n_window = 0
+    step = 0
+    while step < pop.total_steps and pop.active.any():
+        metrics = pop.step(step, next(batches))
+        step += 1
+        m = jax.device_get(metrics)
+        losses = np.asarray(m["loss"], np.float64)
+        for k in np.flatnonzero(pop.active):
+            if not math.isfinite(losses[k]):
+                pop.active[k], status[k] = False, "failed"
+                logging.warning("population member %d: loss is %s at step %d; it stops", k, losses[k], step)
+        window += np.where(np.isfinite(losses), losses, 0.0)
+        n_window += 1
+        progress.update(step, float(np.asarray(m["examples"])[0]), float(np.nanmean(losses[pop.active]))
+                        if pop.active.any() else None)
+        if step % t.log_every == 0 or step == pop.total_steps:
+            for k in np.flatnonzero(pop.active):
+                writers[k].write(step, "train", {"loss": window[k] / n_window,
+                                                 "grad_norm": float(np.asarray(m["grad_norm"])[k])})
+            window[:], n_window = 0.0, 0
+        if step % pop.eval_every == 0 or step == pop.total_steps:
+            vals = pop.evaluate("validation")
+            for k in np.flatnonzero(pop.active):
+                writers[k].write(step, "val", vals[k])
+                improved, stop = stoppers[k].update(step, vals[k])
+                if improved:
+                    best_val[k] = {**vals[k], "step": step}
+                if on_eval is not None and on_eval(k, step, vals[k]):
+                    pop.active[k], status[k] = False, "pruned"
+                elif stop:
+                    pop.active[k], status[k] = False, "stopped_early"
+            progress.write(f"step {step}: " + " ".join(
+                f"m{k}:{metric}={vals[k][metric]:.4f}" for k in range(K) if status[k] != "failed"))
+    progress.close()
+    wall = time.time() - t_start
+    summaries = []
+    for k in range(K):
+        if status[k] == "running":
+            status[k] = "complete"
+        bv = best_val[k] or {}
+        summary = {"status": status[k], "steps": step, "best_step": bv.get("step"),
+                   "stopped_early": status[k] == "stopped_early",
+                   "val": {k2: v for k2, v in bv.items() if k2 != "step"},
+                   "best_val": {metric: stoppers[k].best_value},
+                   "timing": {"wall_seconds": wall, "population_size": K}}
+        writers[k].close()
+        if run.primary:
+            with open(os.path.join(member_dirs[k], "summary.json"), "w") as f:
+                json.dump(summary, f, indent=1, default=float)
+        summaries.append(summary)
+    return summaries

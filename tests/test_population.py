@@ -1,0 +1,90 @@
+"""Population mode: each vmapped member equals its solo run; shape-changing fields are refused."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from ftjax import population, train
+from tests import tiny
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return tiny.tiny_bert(str(tmp_path_factory.mktemp("tiny_bert")))
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return tiny.sentiment_csvs(str(tmp_path_factory.mktemp("reviews")))
+
+
+def _curve(workdir: str, split: str, key: str) -> list[tuple[int, float]]:
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    return [(r["step"], r[key]) for r in rows if r["split"] == split]
+
+
+MEMBERS = [
+    {"optim.lr": 1e-3},
+    {"optim.lr": 3e-4, "optim.schedule.type": "warmup_cosine", "optim.schedule.warmup": 3,
+     "optim.weight_decay": 0.1, "train.label_smoothing": 0.1},
+    {"optim.lr": 2e-3, "optim.layer_lr_decay": 0.5, "optim.schedule.min_ratio": 0.2, "optim.weight_decay": 0.0},
+]
+
+
+def test_population_members_equal_their_solo_runs(model_dir, data_dir, tmp_path):
+    base = tiny.tiny_config(model_dir, data_dir, **{"train.eval_every": 4, "train.log_every": 2,
+                                                    "optim.freeze_layers": "embeddings"})
+    cfgs = [population.with_overrides(base, m) for m in MEMBERS]
+    dirs = [str(tmp_path / f"member_{k}") for k in range(len(cfgs))]
+    summaries = population.fit_population(cfgs, str(tmp_path / "pop"), dirs)
+    assert [s["status"] for s in summaries] == ["complete"] * 3
+    for k, cfg in enumerate(cfgs):
+        solo_dir = str(tmp_path / f"solo_{k}")
+        solo = train.fit(cfg, solo_dir)
+        pop_val, solo_val = _curve(dirs[k], "val", "loss"), _curve(solo_dir, "val", "loss")
+        assert [s for s, _ in pop_val] == [s for s, _ in solo_val] and len(pop_val) >= 3
+        np.testing.assert_allclose([v for _, v in pop_val], [v for _, v in solo_val], rtol=2e-4, atol=1e-5,
+                                   err_msg=f"member {k}")
+        np.testing.assert_allclose([v for _, v in _curve(dirs[k], "train", "loss")],
+                                   [v for _, v in _curve(solo_dir, "train", "loss")], rtol=2e-4, atol=1e-5)
+        assert summaries[k]["val"]["loss"] == pytest.approx(solo["val"]["loss"], rel=2e-4)
+    # The members really differ (the test would pass trivially if they all ran member 0's config).
+    finals = [_curve(d, "val", "loss")[-1][1] for d in dirs]
+    assert len({round(v, 5) for v in finals}) == 3
+
+
+def test_a_stopped_member_keeps_its_state_while_the_others_train(model_dir, data_dir, tmp_path):
+    base = tiny.tiny_config(model_dir, data_dir, **{"train.eval_every": 3})
+    cfgs = [population.with_overrides(base, {"optim.lr": lr}) for lr in (1e-3, 2e-3)]
+    dirs = [str(tmp_path / f"m{k}") for k in range(2)]
+    summaries = population.fit_population(cfgs, str(tmp_path / "pop"), dirs,
+                                          on_eval=lambda k, step, val: k == 1 and step >= 3)
+    assert summaries[0]["status"] == "complete" and summaries[1]["status"] == "pruned"
+    assert [s for s, _ in _curve(dirs[1], "val", "loss")] == [3]
+    assert len(_curve(dirs[0], "val", "loss")) > 1
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("train.batch_size", 16, "changes shapes or the compiled program"),
+    ("data.max_len", 16, "changes shapes"),
+    ("optim.freeze_layers", "embeddings,0", "changes shapes"),
+    ("model.dropout.hidden", 0.2, "static Python float"),
+])
+def test_a_population_over_a_shape_changing_field_is_an_error(model_dir, data_dir, tmp_path, field, value, match):
+    base = tiny.tiny_config(model_dir, data_dir)
+    cfgs = [base, population.with_overrides(base, {field: value})]
+    with pytest.raises(population.PopulationError, match=match) as e:
+        population.Population(cfgs, str(tmp_path))
+    assert field in str(e.value)
+
+
+def test_an_unknown_field_is_an_error():
+    from ftjax.config import ConfigError, default_config
+
+    with pytest.raises(ConfigError, match="optim.learning_rate.*not a field"):
+        population.with_overrides(default_config(), {"optim.learning_rate": 1e-3})
