@@ -194,6 +194,8 @@ def merged_params(model: nnx.Module, params: dict | None = None) -> dict:
     if not modules:
         raise ValueError("merged_params: the model has no LoRA adapters (call ftjax.lora.apply_lora first)")
     flat = params_lib.flatten(params)
+    if not any(is_lora_param(p) for p in flat):
+        return params  # already merged
     out = {}
     for path, value in flat.items():
         if is_lora_param(path):

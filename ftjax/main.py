@@ -1,7 +1,7 @@
 """Command-line entry point: parse flags, run one mode, turn user errors into one clear message.
 
     python -m ftjax.main --config=configs/minilm_food_reviews.py --workdir=/tmp/run [--config.optim.lr=1e-4]
-    modes: train (default) | eval | export | dry_run
+    modes: train (default) | eval | export | dry_run | sweep (--sweep=configs/sweeps/X.py) | lr_find
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from ml_collections import config_flags
 
 from ftjax import distributed  # registers --coordinator_address, --num_processes, --process_id, --cpu_devices
 
-MODES = ("train", "eval", "export", "dry_run")
+MODES = ("train", "eval", "export", "dry_run", "sweep", "lr_find")
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Recipe file: configs/<recipe>.py[:arg]. Override any field with --config.a.b=value."
@@ -24,6 +24,11 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, log
 _MODE = flags.DEFINE_enum("mode", "train", MODES, "What to do.")
 _EXPORT_DIR = flags.DEFINE_string("export_dir", None, "--mode=export: output folder (default WORKDIR/export).")
 _STEP = flags.DEFINE_integer("step", None, "--mode=eval/export: checkpoint step (default: the best one).")
+_SWEEP = flags.DEFINE_string("sweep", None, "--mode=sweep: search space file configs/sweeps/<name>.py[:arg].")
+_LR_MIN = flags.DEFINE_float("lr_min", 1e-7, "--mode=lr_find: first (lowest) learning rate.")
+_LR_MAX = flags.DEFINE_float("lr_max", 1.0, "--mode=lr_find: last (highest) learning rate.")
+_LR_STEPS = flags.DEFINE_integer("lr_steps", 100, "--mode=lr_find: steps of the ramp (per member).")
+_POPULATION = flags.DEFINE_integer("population", 0, "--mode=lr_find: K > 0 trains K constant LRs at once.")
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -57,6 +62,23 @@ def _restore_for_inference(run, workdir: str):
 def run_mode(mode: str, cfg, workdir: str) -> dict:
     from ftjax import train
 
+    if mode == "sweep":
+        from ftjax import sweep
+
+        if not _SWEEP.value:
+            raise FileNotFoundError("--mode=sweep needs --sweep=configs/sweeps/<name>.py")
+        command = [a for a in sys.argv[1:] if a.startswith("--config")]
+        study = sweep.run_sweep(cfg, sweep.load_spec(_SWEEP.value), workdir, command=command)
+        print(f"report: {os.path.join(workdir, sweep.REPORT)}")
+        return {"study": study}
+    if mode == "lr_find":
+        from ftjax import lr_find
+
+        result = lr_find.lr_find(cfg, workdir, lr_min=_LR_MIN.value, lr_max=_LR_MAX.value, steps=_LR_STEPS.value,
+                                 population=_POPULATION.value)
+        s = result["suggestion"]
+        print(f"suggested lr: {s['lr']:.3g} ({s['method']}); plot: {os.path.join(workdir, 'lr_find.png')}")
+        return result
     if mode == "train":
         summary = train.fit(cfg, workdir)
         for split in ("val", "test"):

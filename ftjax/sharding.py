@@ -8,6 +8,7 @@ rules from logical axis names (vocab, embed, mlp, heads, ...) to mesh axes, the 
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -21,17 +22,38 @@ from ftjax import params as params_lib
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
-# Logical axis name -> mesh axes it may be split over, tried in order; the first that divides the
-# dimension and is not yet used by another dimension of the same param wins, otherwise replicated.
+# The sharding rules, one table for every model family (bert, roberta, distilbert, vit, gpt2, llama,
+# mistral, qwen2/3: they all name their param dims with these logical axes).
+#
+# tensor (Megatron): a logical axis -> the mesh axes it may be split over. q/k/v, gate/up and lm_head are
+#   column-parallel (their "heads" / "mlp" / "vocab" output dim over `tensor`), o/down are row-parallel
+#   (their "heads" / "mlp" input dim over `tensor`), so attention and MLP blocks need one all-reduce each
+#   and the [batch, seq, heads, head_dim] reshapes keep whole heads per device ("heads" is only split when
+#   `tensor` divides the number of heads, see `head_dim`). "embed" is never split over `tensor`.
+# fsdp: every param with >= 2 non-trivial dims has its LARGEST dim not already taken by `tensor` split
+#   over `fsdp` (all-gathered before use, gradients reduce-scattered). Vectors (biases, norm scales) stay
+#   replicated over `fsdp`: they are < 1% of the bytes, and an "embed" vector sharded over the axis that
+#   also splits the batch makes XLA's sharding propagation put the hidden dim of activations on `fsdp`,
+#   which it can only undo by replicating them ("[SPMD] Involuntary full rematerialization").
+# data: params are replicated; only the batch is split over (data, fsdp).
 DEFAULT_RULES: dict[str, tuple[str, ...]] = {
-    "vocab": ("tensor", "fsdp"),
-    "embed": ("fsdp",),
-    "mlp": ("tensor", "fsdp"),
-    "heads": ("tensor", "fsdp"),
-    "kv": (),
+    "vocab": ("tensor",),
+    "heads": ("tensor",),
+    "mlp": ("tensor",),
+    "embed": (),
+    "kv": (),  # head_dim (e.g. qwen3 q/k norms): inside one head, never split.
     "layers": (),
     "labels": (),
 }
+FSDP_AXIS = "fsdp"
+
+# Params whose logical names would mislead the rules. GPT-2's c_attn packs [q | k | v] along its "heads"
+# dim: a contiguous split over `tensor` would cut across q/k/v, so it is only FSDP-sharded.
+PATH_OVERRIDES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
+    (r"(.*/)?c_attn/kernel", ("embed", None)),
+    (r"(.*/)?c_attn/bias", (None,)),
+    (r"(.*/)?c_attn/lora_b", (None, None)),
+)
 
 
 def make_mesh(mesh_cfg: Any, devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -52,26 +74,63 @@ def data_parallel_size(mesh: Mesh) -> int:
     return math.prod(mesh.shape[a] for a in BATCH_AXES)
 
 
+def head_dim_of(model: Any) -> int | None:
+    """The attention head size of a model (from its HF config), or None if it has no such config."""
+    cfg = getattr(model, "hf_config", None)
+    if cfg is None:
+        return None
+    explicit = getattr(cfg, "head_dim", None)
+    if isinstance(explicit, int) and explicit > 0:
+        return explicit
+    hidden, heads = getattr(cfg, "hidden_size", None), getattr(cfg, "num_attention_heads", None)
+    if isinstance(hidden, int) and isinstance(heads, int) and heads > 0 and hidden % heads == 0:
+        return hidden // heads
+    return None
+
+
+def logical_for(path: str, logical: Sequence[str | None] | None) -> Sequence[str | None] | None:
+    """A param's logical axis names after PATH_OVERRIDES."""
+    for pattern, names in PATH_OVERRIDES:
+        if re.fullmatch(pattern, path):
+            return names
+    return logical
+
+
 def spec_for(
     shape: Sequence[int],
     logical: Sequence[str | None] | None,
     mesh: Mesh,
     rules: Mapping[str, Sequence[str]] = DEFAULT_RULES,
+    *,
+    head_dim: int | None = None,
 ) -> P:
-    """PartitionSpec for one param: each named dim goes to the first free mesh axis that divides it."""
-    if logical is None:
-        return P()
+    """PartitionSpec for one param: `rules` place its named dims on `tensor`, then `fsdp` takes the largest
+    free dim of a matrix (see DEFAULT_RULES). A dim is only split over an axis that divides it; a "heads"
+    dim (n_heads * head_dim) only over an axis that divides its number of heads."""
+    shape = tuple(int(d) for d in shape)
+    logical = tuple(logical) if logical is not None else (None,) * len(shape)
     used: set[str] = set()
-    spec: list[str | None] = []
-    for dim, name in zip(shape, logical):
-        choice = None
+    spec: list[str | None] = [None] * len(shape)
+
+    def fits(dim: int, name: str | None, axis: str) -> bool:
+        size = mesh.shape[axis]
+        if axis in used or size <= 1:
+            return False
+        units = dim // head_dim if name == "heads" and head_dim and dim % head_dim == 0 else dim
+        return units % size == 0
+
+    for i, (dim, name) in enumerate(zip(shape, logical)):
         for axis in rules.get(name, ()) if name else ():
-            size = mesh.shape[axis]
-            if axis not in used and size > 1 and dim % size == 0:
-                choice = axis
+            if fits(dim, name, axis):
+                spec[i] = axis
                 used.add(axis)
                 break
-        spec.append(choice)
+    if FSDP_AXIS in mesh.shape and sum(d > 1 for d in shape) >= 2:
+        free = sorted((i for i in range(len(shape)) if spec[i] is None), key=lambda i: -shape[i])
+        for i in free:
+            if fits(shape[i], logical[i], FSDP_AXIS):
+                spec[i] = FSDP_AXIS
+                break
     while spec and spec[-1] is None:
         spec.pop()
     return P(*spec)
@@ -82,11 +141,15 @@ def param_shardings(
     logical_axes: Mapping[str, Sequence[str | None] | None],
     mesh: Mesh,
     rules: Mapping[str, Sequence[str]] = DEFAULT_RULES,
+    *,
+    head_dim: int | None = None,
 ) -> Any:
-    """A tree of NamedSharding matching `params`; params without logical names are replicated."""
-    return params_lib.map_with_path(
-        lambda path, x: NamedSharding(mesh, spec_for(x.shape, logical_axes.get(path), mesh, rules)), params
-    )
+    """A tree of NamedSharding matching `params` (see DEFAULT_RULES); unnamed params: fsdp rule only."""
+    def one(path: str, x: Any) -> NamedSharding:
+        logical = logical_for(path, logical_axes.get(path))
+        return NamedSharding(mesh, spec_for(x.shape, logical, mesh, rules, head_dim=head_dim))
+
+    return params_lib.map_with_path(one, params)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -57,7 +57,9 @@ def token_loss_sum(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax
     return loss.sum(-1), valid.sum(-1).astype(jnp.float32)
 
 
-def causal_lm_loss_sum(logits: jax.Array, labels: jax.Array, segment_ids: jax.Array | None = None):
+def causal_lm_loss_sum(
+    logits: jax.Array, labels: jax.Array, segment_ids: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array]:
     """token_loss_sum with HF's shift: logits at t predict labels[t + 1] (labels are the input ids, -100
     where no loss); with packed rows (segment_ids) never across a document boundary."""
     targets = jnp.concatenate([labels[:, 1:], jnp.full_like(labels[:, :1], -100)], axis=1)
@@ -293,7 +295,8 @@ class Run:
             steps_per_epoch=self.steps_per_epoch,
             head_pattern=head_pattern,
         )
-        self.param_shardings = sharding_lib.param_shardings(params, self.model.logical_axes(), self.mesh)
+        self.param_shardings = sharding_lib.param_shardings(params, self.model.logical_axes(), self.mesh,
+                                                             head_dim=sharding_lib.head_dim_of(self.model))
         params = jax.device_put(params, self.param_shardings)
         with jax.set_mesh(self.mesh):
             opt_state = jax.jit(self.optimizer.tx.init)(params)

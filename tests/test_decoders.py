@@ -11,12 +11,12 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-from flax import nnx  # noqa: E402
+import jax
+import jax.numpy as jnp
+from flax import nnx
 
-from ftjax import models  # noqa: E402
-from ftjax import params as params_lib  # noqa: E402
+from ftjax import models
+from ftjax import params as params_lib
 
 VOCAB, PAD = 64, 0
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -25,7 +25,7 @@ LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "hi
 
 def hf_config(kind: str):
     """Tiny float32 configs; each one exercises a feature of its family."""
-    common = dict(vocab_size=VOCAB, pad_token_id=PAD, eos_token_id=1, bos_token_id=2)
+    common = {"vocab_size": VOCAB, "pad_token_id": PAD, "eos_token_id": 1, "bos_token_id": 2}
     llama_like = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5, **common)
     if kind == "gpt2":

@@ -10,10 +10,10 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-import ftjax  # noqa: E402
-from ftjax import models  # noqa: E402
-from ftjax.generate import generate_ids  # noqa: E402
-from tests.tiny import MINILM  # noqa: E402
+import ftjax
+from ftjax import models
+from ftjax.generate import generate_ids
+from tests.tiny import MINILM
 
 VOCAB = 64
 
@@ -108,7 +108,7 @@ def test_cached_decoding_equals_a_full_forward(tmp_path):
 def test_sampling_is_seeded_and_top_p_near_zero_is_greedy(tmp_path):
     _, model = pair("gpt2", str(tmp_path))
     ids, mask = prompts()
-    kw = dict(max_new_tokens=6, eos_token_id=VOCAB + 5)
+    kw = {"max_new_tokens": 6, "eos_token_id": VOCAB + 5}
     a = generate_ids(model, ids, mask, temperature=1.0, seed=1, **kw)
     assert (a == generate_ids(model, ids, mask, temperature=1.0, seed=1, **kw)).all()
     samples = {generate_ids(model, ids, mask, temperature=5.0, seed=s, **kw).tobytes() for s in range(4)}

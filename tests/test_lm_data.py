@@ -258,7 +258,7 @@ def _recipe(name: str):
 def test_recipe_trains_two_steps_and_writes_samples(recipe, tmp_path, llama_dir):
     if recipe == "causal_lm_text":
         data_path = tmp_path / "corpus.txt"
-        data_path.write_text("\n\n".join(CORPUS * 4))
+        data_path.write_text("\n\n".join(CORPUS * 10))  # 40 paragraphs: 2 held out
     else:
         data_path = tmp_path / "train.jsonl"
         data_path.write_text(

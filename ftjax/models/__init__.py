@@ -299,6 +299,10 @@ def save_pretrained(model: HFModel, out_dir: str, tokenizer: Any = None, params:
     os.makedirs(out_dir, exist_ok=True)
     cfg = copy.deepcopy(model.hf_config)
     cfg.architectures = [hf_architecture(cfg.model_type, model.task)]
+    from ftjax import lora  # a LoRA model is saved with its adapters merged (W + alpha/r * A @ B)
+
+    if lora.lora_modules(model):
+        params = lora.merged_params(model, params)
     state = hf_state_dict(model, params)
     dtypes = {str(v.dtype) for v in state.values()}
     if len(dtypes) == 1 and hasattr(cfg, "dtype"):

@@ -1,0 +1,146 @@
+"""LR range test: ramp the LR exponentially over N steps, plot loss against LR and suggest an LR
+(steepest descent of the smoothed loss; min-loss LR / 10 when that is ill-defined). As a population,
+K members train at K log-spaced constant LRs at once and the loss after N steps is compared.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Callable
+
+import numpy as np
+from absl import logging
+
+from ftjax.config import ConfigError
+
+
+def lr_ramp(lr_min: float, lr_max: float, steps: int) -> np.ndarray:
+    """lr(t) = lr_min * (lr_max / lr_min) ** (t / (steps - 1)), t = 0 .. steps - 1."""
+    if not 0 < lr_min < lr_max:
+        raise ConfigError("lr_find", (lr_min, lr_max), "needs 0 < --lr_min < --lr_max")
+    if steps < 5:
+        raise ConfigError("lr_find.steps", steps, ">= 5 steps")
+    return lr_min * (lr_max / lr_min) ** (np.arange(steps) / (steps - 1))
+
+
+def smooth(losses: np.ndarray, beta: float = 0.98) -> np.ndarray:
+    """Bias-corrected exponential moving average (fastai's), so the first points are not pulled to 0."""
+    out, avg = np.empty(len(losses)), 0.0
+    for i, x in enumerate(losses):
+        avg = beta * avg + (1 - beta) * x
+        out[i] = avg / (1 - beta ** (i + 1))
+    return out
+
+
+def range_test(step_fn: Callable[[int, float], float], lrs: np.ndarray, *, diverge: float = 4.0,
+               beta: float = 0.98) -> np.ndarray:
+    """Calls step_fn(i, lrs[i]) -> loss for each LR until the smoothed loss exceeds `diverge` x its minimum
+    (or is not finite); returns the losses seen."""
+    losses: list[float] = []
+    best = math.inf
+    for i, lr in enumerate(lrs):
+        loss = float(step_fn(i, float(lr)))
+        losses.append(loss)
+        if not math.isfinite(loss):
+            break
+        s = smooth(np.asarray(losses), beta)[-1]
+        best = min(best, s)
+        if i > 2 and s > diverge * best:
+            break
+    return np.asarray(losses)
+
+
+def suggest_lr(lrs: np.ndarray, losses: np.ndarray, beta: float = 0.98) -> dict:
+    """{"lr", "method", "steepest", "min_over_10"}: the LR where the smoothed loss falls fastest (per log LR),
+    before its minimum; min-loss LR / 10 when there is no such descent."""
+    n = int(np.sum(np.isfinite(losses)))
+    if n < 3:
+        raise ValueError(f"lr_find: only {n} finite losses; lower --lr_min or raise --lr_steps")
+    lrs, s = np.asarray(lrs[:n], float), smooth(np.asarray(losses[:n], float), beta)
+    i_min = int(np.argmin(s))
+    min_over_10 = float(lrs[i_min] / 10)
+    skip = max(1, n // 10)  # the first points are mostly the EMA warming up
+    grad = np.gradient(s, np.log(lrs))
+    window = grad[skip:i_min + 1] if i_min > skip else np.array([])
+    if window.size and window.min() < 0:
+        i = skip + int(np.argmin(window))
+        return {"lr": float(lrs[i]), "method": "steepest descent", "steepest": float(lrs[i]),
+                "min_over_10": min_over_10}
+    return {"lr": min_over_10, "method": "min / 10", "steepest": None, "min_over_10": min_over_10}
+
+
+def plot(lrs: np.ndarray, losses: np.ndarray, suggestion: dict, png: str, title: str = "LR range test") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(losses)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(lrs[:n], losses, alpha=0.35, label="loss")
+    finite = np.isfinite(losses)
+    if finite.sum() > 1:
+        ax.plot(lrs[:n][finite], smooth(losses[finite]), label="smoothed")
+        lo, hi = np.nanmin(losses[finite]), np.nanpercentile(losses[finite], 95)
+        ax.set_ylim(lo - 0.05 * (hi - lo + 1e-9), hi + 0.2 * (hi - lo + 1e-9))
+    ax.axvline(suggestion["lr"], color="red", linestyle="--", label=f"suggested {suggestion['lr']:.2e}")
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("training loss")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(png)), exist_ok=True)
+    fig.savefig(png, dpi=90)
+    plt.close(fig)
+
+
+def lr_find(cfg, workdir: str, *, lr_min: float = 1e-7, lr_max: float = 1.0, steps: int = 100,
+            population: int = 0, devices: list | None = None) -> dict:
+    """Runs the range test on `cfg`'s model and data; writes WORKDIR/lr_find.png and lr_find.json.
+
+    population=0: one run, LR ramped exponentially from lr_min to lr_max over `steps` steps (stops at
+    divergence). population=K: K members at constant log-spaced LRs in [lr_min, lr_max], `steps` steps
+    each in one vmapped step; the suggestion is the LR with the lowest loss over the last fifth of the steps.
+    """
+    import jax
+
+    from ftjax.population import Population, with_overrides
+
+    if population < 0:
+        raise ConfigError("lr_find.population", population, ">= 0")
+    c = with_overrides(cfg, {"train.steps": int(steps), "optim.schedule.type": "constant",
+                             "optim.schedule.warmup": 0, "optim.lr": 1.0})
+    os.makedirs(workdir, exist_ok=True)
+    if population == 0:
+        lrs = lr_ramp(lr_min, lr_max, steps)
+        pop = Population([c], workdir, devices=devices, lr_tables=lrs[None])
+        batches = pop.run.data.train_iterator()
+        losses = range_test(lambda i, lr: float(jax.device_get(pop.step(i, next(batches))["loss"])[0]), lrs)
+        suggestion = suggest_lr(lrs, losses)
+        title = f"LR range test: {len(losses)} steps, exponential ramp"
+    else:
+        lrs = np.geomspace(lr_min, lr_max, population) if population > 1 else np.array([lr_min])
+        pop = Population([c] * population, workdir, devices=devices,
+                         lr_tables=np.repeat(lrs[:, None], steps, 1))
+        batches = pop.run.data.train_iterator()
+        history = []
+        for i in range(steps):
+            history.append(np.asarray(jax.device_get(pop.step(i, next(batches))["loss"]), float))
+        tail = np.stack(history)[-max(1, steps // 5):]
+        losses = np.where(np.isfinite(tail).all(0), tail.mean(0), np.inf)
+        i = int(np.argmin(losses))
+        suggestion = {"lr": float(lrs[i]), "method": f"lowest loss after {steps} steps", "steepest": None,
+                      "min_over_10": float(lrs[i] / 10)}
+        title = f"LR sweep: {population} members, {steps} steps each at constant LR"
+    lrs = np.asarray(lrs)
+    plot(lrs, np.where(np.isfinite(losses), losses, np.nan), suggestion, os.path.join(workdir, "lr_find.png"),
+         title)
+    result = {"suggestion": suggestion, "lrs": lrs[:len(losses)].tolist(),
+              "losses": [float(x) if math.isfinite(x) else None for x in losses], "population": population}
+    with open(os.path.join(workdir, "lr_find.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    logging.info("lr_find: suggested lr %.3g (%s)", suggestion["lr"], suggestion["method"])
+    return result
