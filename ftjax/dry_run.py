@@ -13,8 +13,33 @@ def _mib(n: float) -> str:
     return f"{n / 2**20:,.1f} MiB"
 
 
+def step_memory(run: Any) -> dict[str, int] | None:
+    """Per-device bytes of the compiled train step at the longest bucket and the configured global batch
+    (XLA's memory_analysis: exact for this program): arguments (params + optimizer state + batch), temp
+    (activations kept for the backward pass, gradients, workspace). None if the backend reports nothing."""
+    import jax
+
+    batch = next(run.data.train_iterator())
+    longest = max(run.data.bucket_lengths or (0,))
+    abstract = {}
+    for key, x in batch.items():
+        shape = (x.shape[0] * jax.process_count(),) + tuple(x.shape[1:])
+        if longest and x.ndim >= 2 and key != "pixel_values":
+            shape = shape[:1] + (longest,) + shape[2:]
+        abstract[key] = jax.ShapeDtypeStruct(shape, x.dtype, sharding=sharding_lib.batch_sharding(run.mesh))
+    with jax.set_mesh(run.mesh):
+        compiled = run.train_step_for(0).lower(run.state, abstract, run.key).compile()
+    stats = compiled.memory_analysis()
+    if stats is None:
+        return None
+    return {"arguments": int(stats.argument_size_in_bytes), "temp": int(stats.temp_size_in_bytes),
+            "output": int(stats.output_size_in_bytes), "alias": int(stats.alias_size_in_bytes),
+            "length": int(longest), "batch": int(run.cfg.train.batch_size)}
+
+
 def report(run: Any) -> str:
-    """The optimizer's param table, each param's sharding, and per-device memory of params and state."""
+    """The optimizer's param table, each param's sharding, and per-device memory of params, optimizer
+    state and the train step's activations (from the compiled step)."""
     lines = [run.optimizer.describe(), ""]
     rows = sharding_lib.describe(run.state["params"], run.param_shardings)
     width = max(len(r[0]) for r in rows)
@@ -31,6 +56,14 @@ def report(run: Any) -> str:
         f"mesh {dict(run.mesh.shape)}; {run.total_steps} steps, {run.steps_per_epoch} per epoch",
         f"per-device memory: params {_mib(param_bytes)}, optimizer state {_mib(opt_bytes)}",
     ]
+    mem = step_memory(run)
+    if mem is not None:
+        # Outputs alias the donated state, so the step's peak is about arguments + temp.
+        lines.append(
+            f"train step (batch {mem['batch']} x length {mem['length']}, compiled): activations + gradients + "
+            f"workspace (temp) {_mib(mem['temp'])}; peak about {_mib(mem['arguments'] + mem['temp'])} "
+            "per device (params + optimizer state + batch + temp)"
+        )
     if run.primary:
         path = os.path.join(run.workdir, "plots", "lr_schedule.png")
         run.optimizer.plot_lr(path)

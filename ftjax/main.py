@@ -107,17 +107,18 @@ def run_mode(mode: str, cfg, workdir: str) -> dict:
         print(json.dumps(result, indent=1))
         return result
 
-    # export
-    from flax import nnx
-
-    from ftjax import models
-
-    out = _EXPORT_DIR.value or os.path.join(workdir, "export")
+    # export: an HF folder (LoRA adapters merged in), plus the adapter alone in PEFT format under adapter/.
     import jax
 
-    nnx.update(run.model, nnx.State(jax.device_get(params)))
+    from ftjax import lora, models
+
+    out = _EXPORT_DIR.value or os.path.join(workdir, "export")
+    params = jax.device_get(params)
     if run.primary:
-        models.save_pretrained(run.model, out, tokenizer=run.tokenizer)
+        models.save_pretrained(run.model, out, tokenizer=run.tokenizer, params=params)
+        if cfg.optim.lora.rank:
+            lora.export_peft(run.model, os.path.join(out, "adapter"), params,
+                             base_model_name_or_path=cfg.model.name_or_path)
     print(f"exported step {step} to {out}")
     return {"step": step, "export_dir": out}
 

@@ -12,7 +12,8 @@ import json
 import math
 import os
 import time
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +21,8 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from ftjax import params as params_lib
 from ftjax import sharding as sharding_lib
@@ -174,8 +176,7 @@ class Population:
         lr_tables: np.ndarray | None = None,
     ):
         from ftjax import config as config_lib
-        from ftjax import optim
-        from ftjax import train
+        from ftjax import optim, train
 
         if not member_cfgs:
             raise PopulationError("population", 0, "needs at least one member")
@@ -201,12 +202,15 @@ class Population:
                     for kind, args in opt.schedule_args.values()
                 ]).astype(np.float32)
             tables.append(table)
-            mults.append(params_lib.map_with_path(lambda p, _: np.float32(opt.table[p].lr_mult), run.state["params"]))
+            rows = opt.table
+            mults.append(params_lib.map_with_path(lambda p, _, rows=rows: np.float32(rows[p].lr_mult),
+                                                  run.state["params"]))
             decays.append(params_lib.map_with_path(
-                lambda p, _: np.float32(opt.table[p].weight_decay if opt.table[p].decay else 0.0), run.state["params"]))
+                lambda p, _, rows=rows: np.float32(rows[p].weight_decay if rows[p].decay else 0.0),
+                run.state["params"]))
             if k == 0:
-                self.group_index = params_lib.map_with_path(lambda p, _: groups.index(opt.table[p].group),
-                                                            run.state["params"])
+                self.group_index = params_lib.map_with_path(
+                    lambda p, _, rows=rows, groups=groups: groups.index(rows[p].group), run.state["params"])
         self.hparams = {
             "lr_table": np.stack(tables),
             "lr_mult": _stack(mults),

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import numpy as np
 from absl import logging
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from ftjax import config as config_lib
 from ftjax import params as params_lib
@@ -34,7 +36,9 @@ BATCH_AXES = ("data", "fsdp")
 #   over `fsdp` (all-gathered before use, gradients reduce-scattered). Vectors (biases, norm scales) stay
 #   replicated over `fsdp`: they are < 1% of the bytes, and an "embed" vector sharded over the axis that
 #   also splits the batch makes XLA's sharding propagation put the hidden dim of activations on `fsdp`,
-#   which it can only undo by replicating them ("[SPMD] Involuntary full rematerialization").
+#   which it can only undo by replicating them ("[SPMD] Involuntary full rematerialization"). For the
+#   same reason the lookup tables (".../embedding": word, position, token-type) are only split by rows:
+#   a table split on "embed" hands its gathers a hidden-dim sharding on the batch's axis.
 # data: params are replicated; only the batch is split over (data, fsdp).
 DEFAULT_RULES: dict[str, tuple[str, ...]] = {
     "vocab": ("tensor",),
@@ -103,10 +107,12 @@ def spec_for(
     rules: Mapping[str, Sequence[str]] = DEFAULT_RULES,
     *,
     head_dim: int | None = None,
+    fsdp_dims: Sequence[int] | None = None,
 ) -> P:
     """PartitionSpec for one param: `rules` place its named dims on `tensor`, then `fsdp` takes the largest
     free dim of a matrix (see DEFAULT_RULES). A dim is only split over an axis that divides it; a "heads"
-    dim (n_heads * head_dim) only over an axis that divides its number of heads."""
+    dim (n_heads * head_dim) only over an axis that divides its number of heads. `fsdp_dims` limits the
+    dims `fsdp` may take (None: any)."""
     shape = tuple(int(d) for d in shape)
     logical = tuple(logical) if logical is not None else (None,) * len(shape)
     used: set[str] = set()
@@ -126,7 +132,8 @@ def spec_for(
                 used.add(axis)
                 break
     if FSDP_AXIS in mesh.shape and sum(d > 1 for d in shape) >= 2:
-        free = sorted((i for i in range(len(shape)) if spec[i] is None), key=lambda i: -shape[i])
+        allowed = range(len(shape)) if fsdp_dims is None else fsdp_dims
+        free = sorted((i for i in allowed if spec[i] is None), key=lambda i: -shape[i])
         for i in free:
             if fits(shape[i], logical[i], FSDP_AXIS):
                 spec[i] = FSDP_AXIS
@@ -147,9 +154,29 @@ def param_shardings(
     """A tree of NamedSharding matching `params` (see DEFAULT_RULES); unnamed params: fsdp rule only."""
     def one(path: str, x: Any) -> NamedSharding:
         logical = logical_for(path, logical_axes.get(path))
-        return NamedSharding(mesh, spec_for(x.shape, logical, mesh, rules, head_dim=head_dim))
+        table = path.rpartition("/")[2] == "embedding"  # a gather's lookup table: fsdp splits rows only.
+        spec = spec_for(x.shape, logical, mesh, rules, head_dim=head_dim, fsdp_dims=(0,) if table else None)
+        return NamedSharding(mesh, spec)
 
     return params_lib.map_with_path(one, params)
+
+
+def like_params(tree: Any, params: Any, param_shardings: Any, mesh: Mesh) -> Any:
+    """Shardings for a tree that mirrors the params inside (optax state: mu/nu/...): a leaf whose dict-key
+    path ends with a param's path and has its shape gets that param's sharding; the rest (counts, scalars)
+    is replicated. Without this, `jit(tx.init)` leaves the optimizer state replicated under FSDP."""
+    flat_s = params_lib.flatten(param_shardings)
+    flat_p = params_lib.flatten(params)
+
+    def one(keypath: Any, leaf: Any) -> NamedSharding:
+        names = [str(k.key) for k in keypath if isinstance(k, jax.tree_util.DictKey)]
+        for i in range(len(names)):
+            path = "/".join(names[i:])
+            if path in flat_s and tuple(flat_p[path].shape) == tuple(leaf.shape):
+                return flat_s[path]
+        return replicated(mesh)
+
+    return jax.tree_util.tree_map_with_path(one, tree)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -164,7 +191,19 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 def shard_batch(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
     """This process's rows of the global batch -> global jax.Arrays sharded over (data, fsdp)."""
     sharding = batch_sharding(mesh)
-    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
+    out = {}
+    for k, v in batch.items():
+        v = np.asarray(v)
+        global_shape = (v.shape[0] * jax.process_count(),) + v.shape[1:]
+        try:
+            out[k] = jax.make_array_from_process_local_data(sharding, v, global_shape)
+        except ValueError as e:
+            raise ValueError(
+                f"batch[{k!r}]: this process's {v.shape[0]} rows cannot be its share of a global batch of "
+                f"{global_shape[0]} over mesh {dict(mesh.shape)} ({e}). Each process's devices must hold "
+                "1/process_count of the batch: put the mesh's cross-process axes on data/fsdp, not tensor"
+            ) from e
+    return out
 
 
 def describe(params: Any, shardings: Any) -> list[tuple[str, tuple[int, ...], str, int]]:

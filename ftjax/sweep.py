@@ -173,7 +173,7 @@ def grid_values(dim: Dim, points: int) -> list:
         fn = np.geomspace if dim.log else np.linspace
         return [float(v) for v in fn(dim.low, dim.high, points)]
     fn = np.geomspace if dim.log else np.linspace
-    return sorted({int(round(v)) for v in fn(dim.low, dim.high, points)})
+    return sorted({round(float(v)) for v in fn(dim.low, dim.high, points)})
 
 
 def suggest(trial, field: str, dim: Dim) -> Any:
@@ -194,7 +194,12 @@ def _dim_json(dim: Dim) -> dict:
 
 
 def storage_url(spec: SweepSpec, workdir: str) -> str:
-    return spec.storage or f"sqlite:///{os.path.abspath(os.path.join(workdir, 'sweep.db'))}"
+    """The SQLAlchemy URL; postgresql:// is pinned to psycopg2 (SQLAlchemy 2.1 defaults to psycopg 3)."""
+    url = spec.storage or f"sqlite:///{os.path.abspath(os.path.join(workdir, 'sweep.db'))}"
+    for scheme in ("postgresql://", "postgres://"):
+        if url.startswith(scheme):
+            url = "postgresql+psycopg2://" + url[len(scheme):]
+    return url
 
 
 def _grid_sampler_class():
@@ -214,6 +219,26 @@ def _GridSampler(*args, **kwargs):
     return _grid_sampler_class()(*args, **kwargs)
 
 
+def _rdb_storage(url: str, heartbeat_s: int):
+    """Optuna's RDBStorage; retried when workers starting together race to create the schema."""
+    import random
+
+    import optuna
+    import sqlalchemy.exc
+
+    engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
+    for attempt in range(6):
+        try:
+            return optuna.storages.RDBStorage(url, heartbeat_interval=heartbeat_s, grace_period=4 * heartbeat_s,
+                                              engine_kwargs=engine_kwargs)
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError,
+                sqlalchemy.exc.OperationalError) as e:
+            if attempt == 5 or "connect" in str(e).lower() and "refused" in str(e).lower():
+                raise
+            time.sleep(0.5 + random.random() * 2)  # another worker is creating the tables
+    raise AssertionError("unreachable")
+
+
 def open_study(spec: SweepSpec, workdir: str, *, seed_offset: int = 0):
     import optuna
 
@@ -223,12 +248,7 @@ def open_study(spec: SweepSpec, workdir: str, *, seed_offset: int = 0):
     warnings.filterwarnings("ignore", message="Argument ``heartbeat_interval`` is an experimental")
     warnings.filterwarnings("ignore", message="Argument ``grace_period`` is an experimental")
     url = storage_url(spec, workdir)
-    storage = optuna.storages.RDBStorage(
-        url,
-        heartbeat_interval=spec.heartbeat_s,
-        grace_period=4 * spec.heartbeat_s,
-        engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True},
-    )
+    storage = _rdb_storage(url, spec.heartbeat_s)
     seed = spec.seed + seed_offset
     if spec.sampler == "grid":
         sampler = _GridSampler({f: grid_values(d, spec.grid_points) for f, d in spec.space.items()}, seed=seed)
@@ -593,9 +613,9 @@ def write_report(study, spec: SweepSpec, workdir: str, *, command: list[str] | N
     fields = list(spec.space)
     complete = [t for t in study.get_trials(deepcopy=False) if t.state == S.COMPLETE]
     lines = [f"# Sweep report: {spec.study_name}", "",
-             f"Objective: {spec.mode}imise validation `{spec.metric}` (of each trial's best checkpoint); "
-             f"sampler {spec.sampler}, pruner {spec.pruner}, population {spec.population or 'off'}; "
-             f"storage `{storage_url(spec, workdir).split('@')[-1]}`.", ""]
+             (f"Objective: {spec.mode}imise validation `{spec.metric}` (of each trial's best checkpoint); "
+              f"sampler {spec.sampler}, pruner {spec.pruner}, population {spec.population or 'off'}; "
+              f"storage `{storage_url(spec, workdir).split('@')[-1]}`."), ""]
     counts = {s: sum(r["state"] == s for r in rows) for s in ("complete", "pruned", "fail", "running", "waiting")}
     lines += ["Trials: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n), ""]
     if complete:

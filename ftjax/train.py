@@ -298,8 +298,10 @@ class Run:
         self.param_shardings = sharding_lib.param_shardings(params, self.model.logical_axes(), self.mesh,
                                                              head_dim=sharding_lib.head_dim_of(self.model))
         params = jax.device_put(params, self.param_shardings)
+        opt_shardings = sharding_lib.like_params(jax.eval_shape(self.optimizer.tx.init, params), params,
+                                                 self.param_shardings, self.mesh)
         with jax.set_mesh(self.mesh):
-            opt_state = jax.jit(self.optimizer.tx.init)(params)
+            opt_state = jax.jit(self.optimizer.tx.init, out_shardings=opt_shardings)(params)
         self.state = {"step": jax.device_put(jnp.int32(0), sharding_lib.replicated(self.mesh)),
                       "params": params, "opt_state": opt_state}
         self.state_shardings = jax.tree_util.tree_map(lambda x: x.sharding, self.state)
@@ -322,7 +324,8 @@ class Run:
             "labels": list(self.data.label_names),
         }
         path = os.path.join(self.workdir, "run.json")
-        if os.path.exists(path):
+        exists = os.path.exists(path)
+        if exists:
             with open(path) as f:
                 old = json.load(f)
             for key in ("model", "task", "labels"):
@@ -331,7 +334,9 @@ class Run:
                         f"workdir {self.workdir} holds a run with {key}={old.get(key)!r}, but this config "
                         f"has {key}={info[key]!r}. Use another --workdir, or delete {self.workdir} to start over."
                     )
-        elif self.primary:
+        # Every process has looked at run.json before process 0 (re)writes it: none reads a half-written one.
+        distributed.barrier("ftjax_workdir_checked")
+        if not exists and self.primary:
             with open(path, "w") as f:
                 json.dump(info, f, indent=1)
             with open(os.path.join(self.workdir, "labels.json"), "w") as f:

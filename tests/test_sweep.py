@@ -10,6 +10,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 
 import optuna
@@ -84,9 +85,11 @@ def test_a_small_sweep_resumes_after_interruption_without_repeating_trials_and_r
     moved = os.path.join(wd, f"trial_{retry[0].number}")
     assert not os.path.exists(crashed_dir)
     assert os.path.getmtime(os.path.join(moved, "checkpoints", "2")) == ckpt2_mtime
-    assert json.load(open(os.path.join(moved, "summary.json")))["steps"] == 4
+    with open(os.path.join(moved, "summary.json")) as f:
+        assert json.load(f)["steps"] == 4
 
-    report = open(os.path.join(wd, sweep.REPORT)).read()
+    with open(os.path.join(wd, sweep.REPORT)) as f:
+        report = f.read()
     best = study.best_trial
     assert f"Trial {best.number}: accuracy" in report
     assert f"--config.optim.lr={best.params['optim.lr']!r}" in report and "--config=configs/tiny.py" in report
@@ -163,7 +166,7 @@ def test_an_unknown_spec_key_and_a_missing_file_are_clear_errors(tmp_path):
 # PostgreSQL: two worker processes share one study.
 
 
-def _start_postgres(tmp_path) -> tuple[str, list[str]]:
+def _start_postgres() -> tuple[str, list[str]]:
     """(url, stop command) of a throwaway server on loopback; pytest.skip with the reason if impossible."""
     url = os.environ.get("FTJAX_TEST_POSTGRES_URL")
     if url:
@@ -177,7 +180,8 @@ def _start_postgres(tmp_path) -> tuple[str, list[str]]:
         pytest.skip(reason)
     bindir = bins[-1] if not glob.glob("/usr/lib/postgresql/*/bin/initdb") else bins[0]
     prefix: list[str] = []
-    data, sock = str(tmp_path / "pgdata"), str(tmp_path / "pgsock")
+    base = tempfile.mkdtemp(prefix="ftjax_pg_")  # not under tmp_path: its parents are private to root
+    data, sock = os.path.join(base, "data"), os.path.join(base, "sock")
     os.makedirs(sock)
     if os.geteuid() == 0:  # the server refuses to run as root
         import pwd
@@ -186,20 +190,20 @@ def _start_postgres(tmp_path) -> tuple[str, list[str]]:
             pw = pwd.getpwnam("postgres")
         except KeyError:
             pytest.skip("running as root and there is no 'postgres' user to run the server as")
-        os.chmod(tmp_path, 0o777)
-        os.chown(sock, pw.pw_uid, pw.pw_gid)
+        for d in (base, sock):
+            os.chown(d, pw.pw_uid, pw.pw_gid)
         prefix = ["runuser", "-u", "postgres", "--"]
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    log = str(tmp_path / "pg.log")
+    log = os.path.join(base, "pg.log")
     cmds = [
         prefix + [f"{bindir}/initdb", "-D", data, "-A", "trust", "-U", "ftjax", "--no-sync"],
         prefix + [f"{bindir}/pg_ctl", "-D", data, "-l", log, "-w", "-t", "60", "-o",
                   f"-p {port} -k {sock} -c listen_addresses=127.0.0.1 -c fsync=off", "start"],
     ]
     for cmd in cmds:
-        result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        result = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=120)
         if result.returncode != 0:
             reason = f"could not start a PostgreSQL server ({' '.join(cmd[:2])}): {result.stderr.strip()[-300:]}"
             print(reason)
@@ -215,7 +219,7 @@ def _start_postgres(tmp_path) -> tuple[str, list[str]]:
 
 
 def test_two_workers_share_one_postgresql_sweep(model_dir, data_dir, tmp_path):
-    url, stop = _start_postgres(tmp_path)
+    url, stop = _start_postgres()
     try:
         config_file, sweep_file = tmp_path / "tiny_cfg.py", tmp_path / "tiny_sweep.py"
         config_file.write_text(textwrap.dedent(f"""
@@ -237,7 +241,8 @@ def test_two_workers_share_one_postgresql_sweep(model_dir, data_dir, tmp_path):
         outputs = [w.communicate(timeout=600)[0] for w in workers]
         for w, out in zip(workers, outputs):
             assert w.returncode == 0, out[-3000:]
-        study = optuna.load_study(study_name="two_workers", storage=url)
+        study = optuna.load_study(study_name="two_workers", storage=sweep.storage_url(sweep.make_spec(
+            {"space": {}, "storage": url}), str(tmp_path)))
         trials = study.get_trials()
         complete = [t for t in trials if t.state == S.COMPLETE]
         assert 4 <= len(complete) <= 5 and len(complete) == len(trials)  # a race may start one extra
@@ -247,4 +252,5 @@ def test_two_workers_share_one_postgresql_sweep(model_dir, data_dir, tmp_path):
             assert os.path.exists(tmp_path / f"worker{i}" / sweep.REPORT)
     finally:
         if stop:
-            subprocess.run(stop, capture_output=True, timeout=60)
+            subprocess.run(stop, check=False, capture_output=True, timeout=60)
+            shutil.rmtree(os.path.dirname(stop[stop.index("-D") + 1]), ignore_errors=True)

@@ -1,0 +1,38 @@
+"""README.md is the user's reference: it must name every config field and match .ci/run's command."""
+
+import os
+import re
+
+from ftjax.config import default_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _leaves(cfg, prefix=""):
+    for key, value in cfg.items():
+        path = f"{prefix}{key}"
+        if hasattr(value, "items"):
+            yield from _leaves(value, path + ".")
+        else:
+            yield path
+
+
+def test_readme_documents_every_config_field():
+    readme = open(os.path.join(REPO, "README.md")).read()
+    missing = []
+    for path in _leaves(default_config()):
+        section, *_, leaf = path.split(".")
+        # A field counts as documented when its full dotted name, or its leaf name in a row of its
+        # section's table (e.g. "`data.lm.prompt_field` / `completion_field`"), appears.
+        if f"`{path}`" in readme or re.search(rf"`{re.escape(section)}\.[^\n]*\b{re.escape(leaf)}\b", readme):
+            continue
+        missing.append(path)
+    assert not missing, f"README.md does not document: {missing}"
+
+
+def test_ci_runs_the_readme_test_command():
+    readme = open(os.path.join(REPO, "README.md")).read()
+    commands = re.findall(r"```bash\n#[^\n]*\n([^\n]+)\n```", readme)
+    assert len(commands) >= 2 and "pytest" in commands[1]
+    ci = open(os.path.join(REPO, ".ci", "run")).read()
+    assert commands[1] in ci.splitlines()
