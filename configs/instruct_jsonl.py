@@ -11,15 +11,11 @@ batch=B; max_len=L. Examples are packed (segment ids keep them apart); eval: los
 
 import os
 
-from ftjax.config import default_config
-
-
-def parse_arg(arg: str | None) -> dict[str, str]:
-    return dict(a.split("=", 1) if "=" in a else (a, "1") for a in (arg or "").split(",") if a)
+from ftjax.config import default_config, parse_recipe_arg
 
 
 def get_config(arg: str | None = None):
-    args = parse_arg(arg)
+    args = parse_recipe_arg(arg)
     for key in ("model", "data"):
         if key not in args:
             raise ValueError(f"configs/instruct_jsonl.py needs {key}=PATH in its arg, e.g. "

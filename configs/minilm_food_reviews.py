@@ -9,7 +9,7 @@ and the first N layers. Peer run with the same data and hyperparameters: benchma
 
 import importlib.metadata
 
-from ftjax.config import default_config
+from ftjax.config import default_config, parse_recipe_arg
 
 
 def minilm_path() -> str:
@@ -23,7 +23,7 @@ def minilm_path() -> str:
 
 
 def get_config(arg: str | None = None):
-    args = dict(a.split("=", 1) if "=" in a else (a, "1") for a in (arg or "").split(",") if a)
+    args = parse_recipe_arg(arg)
     c = default_config()
     c.model.name_or_path = minilm_path()
     c.model.task = "classification"

@@ -172,6 +172,11 @@ def default_config() -> ml_collections.ConfigDict:
     return c
 
 
+def parse_recipe_arg(arg: str | None) -> dict[str, str]:
+    """A recipe's `:arg` string, "quick,freeze=4" -> {"quick": "1", "freeze": "4"} (big_vision style)."""
+    return dict(a.split("=", 1) if "=" in a else (a, "1") for a in (arg or "").split(",") if a)
+
+
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ep|epoch|epochs|%)?\s*$")
 
 
