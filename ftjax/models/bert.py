@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ftjax.models import common
-from ftjax.models.common import Ctx, HFModel
+from ftjax.models.common import Ctx, Dropout, HFModel
 from ftjax.models.registry import Family
 
 
@@ -23,7 +23,7 @@ class BertEmbeddings(nnx.Module):
         self.position_embeddings = common.embed(cfg.max_position_embeddings, h, ctx)
         self.token_type_embeddings = common.embed(cfg.type_vocab_size, h, ctx)
         self.LayerNorm = common.layer_norm(h, cfg.layer_norm_eps, ctx)
-        self.dropout = nnx.Dropout(cfg.hidden_dropout_prob)
+        self.dropout = Dropout(cfg.hidden_dropout_prob)
 
     def __call__(self, input_ids, token_type_ids, position_ids, *, deterministic, rngs):
         x = self.word_embeddings(input_ids) + self.token_type_embeddings(token_type_ids)
@@ -38,7 +38,7 @@ class BertSelfAttention(nnx.Module):
         self.query = common.linear(h, h, ctx, ("embed", "heads"))
         self.key = common.linear(h, h, ctx, ("embed", "heads"))
         self.value = common.linear(h, h, ctx, ("embed", "heads"))
-        self.dropout = nnx.Dropout(cfg.attention_probs_dropout_prob)
+        self.dropout = Dropout(cfg.attention_probs_dropout_prob)
 
     def __call__(self, x, bias, *, deterministic, rngs):
         q, k, v = (common.split_heads(f(x), self.num_heads) for f in (self.query, self.key, self.value))
@@ -52,7 +52,7 @@ class BertSelfOutput(nnx.Module):
     def __init__(self, cfg: Any, ctx: Ctx, din: int, axes: tuple):
         self.dense = common.linear(din, cfg.hidden_size, ctx, axes)
         self.LayerNorm = common.layer_norm(cfg.hidden_size, cfg.layer_norm_eps, ctx)
-        self.dropout = nnx.Dropout(cfg.hidden_dropout_prob)
+        self.dropout = Dropout(cfg.hidden_dropout_prob)
 
     def __call__(self, x, residual, *, deterministic, rngs):
         x = self.dropout(self.dense(x), deterministic=deterministic, rngs=rngs)
@@ -189,7 +189,7 @@ class BertTask(HFModel):
     def __init__(self, cfg: Any, task: str, ctx: Ctx):
         self.bert = BertModel(cfg, ctx, add_pooling_layer=task == "classification")
         if task in ("classification", "token_classification"):
-            self.dropout = nnx.Dropout(classifier_rate(cfg, ctx))
+            self.dropout = Dropout(classifier_rate(cfg, ctx))
             self.classifier = common.linear(cfg.hidden_size, cfg.num_labels, ctx, ("embed", None))
         elif task == "masked_lm":
             self.cls = BertOnlyMLMHead(cfg, ctx)

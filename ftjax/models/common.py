@@ -54,9 +54,71 @@ def normal_init(std: float) -> Callable:
     return nnx.initializers.normal(stddev=std)
 
 
+def _fmix32(h: jax.Array) -> jax.Array:
+    """MurmurHash3's 32-bit finalizer: a bijection on uint32 with full avalanche."""
+    h = (h ^ (h >> 16)) * jnp.uint32(0x85EBCA6B)
+    h = (h ^ (h >> 13)) * jnp.uint32(0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def keep_mask(key: jax.Array, shape: tuple[int, ...], rate: float) -> jax.Array:
+    """A Bernoulli(1 - rate) mask from a counter-based hash of each element's global index and a 64-bit
+    seed drawn from `key`.
+
+    Why not `jax.random.bernoulli`: on XLA:CPU generating the bits costs ~8 ns an element (25 ms for a
+    32x64x1536 activation, more than a matmul of it), which made dropout a quarter of a MiniLM step;
+    this hash fuses into the surrounding elementwise loop (0.75 ms for the same tensor). The mask depends
+    only on the key and the element's position, so it is the same under any sharding of the array.
+    """
+    seed = jax.random.bits(key, (2,), jnp.uint32)
+    index = jnp.zeros(shape, jnp.uint32)
+    stride = 1
+    for dim in reversed(range(len(shape))):
+        index = index + jax.lax.broadcasted_iota(jnp.uint32, shape, dim) * jnp.uint32(stride % 2**32)
+        stride *= shape[dim]
+    bits = _fmix32(_fmix32(index ^ seed[0]) + seed[1])
+    return bits >= jnp.uint32(min(int(round(rate * 2**32)), 2**32 - 1))
+
+
+class Dropout(nnx.Dropout):
+    """nnx.Dropout with the hash mask of `keep_mask` (same rate, scaling, deterministic and rngs rules)."""
+
+    def __call__(self, inputs: jax.Array, *, deterministic: bool | None = None, rngs: Any = None) -> jax.Array:
+        deterministic = self.deterministic if deterministic is None else deterministic
+        if self.rate == 0.0 or deterministic:
+            return inputs
+        if self.rate == 1.0:
+            return jnp.zeros_like(inputs)
+        rngs = self.rngs if rngs is None else rngs
+        if isinstance(rngs, nnx.Rngs):
+            key = rngs[self.rng_collection]()
+        elif isinstance(rngs, nnx.RngStream):
+            key = rngs()
+        elif isinstance(rngs, jax.Array):
+            key = rngs
+        else:
+            raise TypeError(f"Dropout needs rngs (nnx.Rngs, RngStream or a key) when training, got {type(rngs)}")
+        keep = 1.0 - self.rate
+        mask = keep_mask(key, inputs.shape, self.rate)
+        return jax.lax.select(mask, inputs / jnp.asarray(keep, inputs.dtype), jnp.zeros_like(inputs))
+
+
+class Dense(nnx.Linear):
+    """nnx.Linear applied to [N, in] rows: [B, L, in] inputs are flattened first, so the kernel gradient is
+    one GEMM contracting a single dim. XLA:CPU runs the (batch, length)-contracting dot_general of a 3-D
+    input about 2x slower in the backward pass (measured: 42 vs 23 ms for a 32x64x384 @ 384x1536 layer)."""
+
+    def __call__(self, inputs: jax.Array, out_sharding: Any = None) -> jax.Array:
+        if inputs.ndim <= 2:
+            return super().__call__(inputs, out_sharding)
+        lead = inputs.shape[:-1]
+        y = super().__call__(inputs.reshape(-1, inputs.shape[-1]), out_sharding)
+        return y.reshape(*lead, y.shape[-1])
+
+
 def linear(din: int, dout: int, ctx: Ctx, axes: tuple, use_bias: bool = True) -> nnx.Linear:
-    """nnx.Linear with HF init (normal(initializer_range) kernel, zero bias) and logical axis names."""
-    return nnx.Linear(
+    """Dense (an nnx.Linear) with HF init (normal(initializer_range) kernel, zero bias) and logical axes."""
+    return Dense(
         din,
         dout,
         use_bias=use_bias,

@@ -11,7 +11,7 @@ import jax
 from flax import nnx
 
 from ftjax.models import common
-from ftjax.models.common import Ctx, HFModel
+from ftjax.models.common import Ctx, Dropout, HFModel
 from ftjax.models.registry import Family
 
 EPS = 1e-12  # DistilBERT's LayerNorm eps is fixed in HF's code, not in the config.
@@ -22,7 +22,7 @@ class Embeddings(nnx.Module):
         self.word_embeddings = common.embed(cfg.vocab_size, cfg.dim, ctx, ("vocab", "embed"))
         self.position_embeddings = common.embed(cfg.max_position_embeddings, cfg.dim, ctx)
         self.LayerNorm = common.layer_norm(cfg.dim, EPS, ctx)
-        self.dropout = nnx.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
 
     def __call__(self, input_ids, position_ids, *, deterministic, rngs):
         x = self.word_embeddings(input_ids) + self.position_embeddings(position_ids)
@@ -37,7 +37,7 @@ class MultiHeadSelfAttention(nnx.Module):
         self.k_lin = common.linear(d, d, ctx, ("embed", "heads"))
         self.v_lin = common.linear(d, d, ctx, ("embed", "heads"))
         self.out_lin = common.linear(d, d, ctx, ("heads", "embed"))
-        self.dropout = nnx.Dropout(cfg.attention_dropout)
+        self.dropout = Dropout(cfg.attention_dropout)
 
     def __call__(self, x, bias, *, deterministic, rngs):
         q, k, v = (common.split_heads(f(x), self.n_heads) for f in (self.q_lin, self.k_lin, self.v_lin))
@@ -50,7 +50,7 @@ class FFN(nnx.Module):
         self.lin1 = common.linear(cfg.dim, cfg.hidden_dim, ctx, ("embed", "mlp"))
         self.lin2 = common.linear(cfg.hidden_dim, cfg.dim, ctx, ("mlp", "embed"))
         self.act = common.activation(cfg.activation)
-        self.dropout = nnx.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
 
     def __call__(self, x, *, deterministic, rngs):
         return self.dropout(self.lin2(self.act(self.lin1(x))), deterministic=deterministic, rngs=rngs)
@@ -116,10 +116,10 @@ class DistilBertTask(HFModel):
         if task == "classification":
             self.pre_classifier = common.linear(cfg.dim, cfg.dim, ctx, ("embed", None))
             rate = cfg.seq_classif_dropout if ctx.classifier_dropout is None else ctx.classifier_dropout
-            self.dropout = nnx.Dropout(rate)
+            self.dropout = Dropout(rate)
             self.classifier = common.linear(cfg.dim, cfg.num_labels, ctx, (None, None))
         elif task == "token_classification":
-            self.dropout = nnx.Dropout(cfg.dropout if ctx.classifier_dropout is None else ctx.classifier_dropout)
+            self.dropout = Dropout(cfg.dropout if ctx.classifier_dropout is None else ctx.classifier_dropout)
             self.classifier = common.linear(cfg.dim, cfg.num_labels, ctx, ("embed", None))
         elif task == "masked_lm":
             self.vocab_transform = common.linear(cfg.dim, cfg.dim, ctx, ("embed", None))

@@ -9,7 +9,7 @@ from typing import Any
 from flax import nnx
 
 from ftjax.models import common, decoder
-from ftjax.models.common import Ctx, HFModel
+from ftjax.models.common import Ctx, Dropout, HFModel
 from ftjax.models.llama import DecoderTask
 from ftjax.models.registry import Family
 
@@ -24,8 +24,8 @@ class Attention(nnx.Module):
         self.heads, self.head_dim = cfg.num_attention_heads, e // cfg.num_attention_heads
         self.c_attn = common.linear(e, 3 * e, ctx, ("embed", "heads"))
         self.c_proj = common.linear(e, e, ctx, ("heads", "embed"))
-        self.attn_dropout = nnx.Dropout(cfg.attn_pdrop)
-        self.resid_dropout = nnx.Dropout(cfg.resid_pdrop)
+        self.attn_dropout = Dropout(cfg.attn_pdrop)
+        self.resid_dropout = Dropout(cfg.resid_pdrop)
         scale = self.head_dim**-0.5 if cfg.scale_attn_weights else 1.0
         if cfg.scale_attn_by_inverse_layer_idx:
             scale /= float(layer_idx + 1)
@@ -48,7 +48,7 @@ class MLP(nnx.Module):
         self.c_fc = common.linear(cfg.hidden_size, _inner(cfg), ctx, ("embed", "mlp"))
         self.c_proj = common.linear(_inner(cfg), cfg.hidden_size, ctx, ("mlp", "embed"))
         self.act = common.activation(cfg.activation_function)
-        self.dropout = nnx.Dropout(cfg.resid_pdrop)
+        self.dropout = Dropout(cfg.resid_pdrop)
 
     def __call__(self, x, *, deterministic, rngs):
         return self.dropout(self.c_proj(self.act(self.c_fc(x))), deterministic=deterministic, rngs=rngs)
@@ -76,7 +76,7 @@ class GPT2Model(nnx.Module):
     def __init__(self, cfg: Any, ctx: Ctx):
         self.wte = common.embed(cfg.vocab_size, cfg.hidden_size, ctx, ("vocab", "embed"))
         self.wpe = common.embed(cfg.n_positions, cfg.hidden_size, ctx)
-        self.drop = nnx.Dropout(cfg.embd_pdrop)
+        self.drop = Dropout(cfg.embd_pdrop)
         self.h = nnx.List([Block(cfg, ctx, i) for i in range(cfg.num_hidden_layers)])
         self.ln_f = common.layer_norm(cfg.hidden_size, cfg.layer_norm_epsilon, ctx)
         self.remat, self.dtype = ctx.remat, ctx.dtype

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ftjax.models import common, decoder
-from ftjax.models.common import Ctx, HFModel
+from ftjax.models.common import Ctx, Dropout, HFModel
 from ftjax.models.registry import Family
 
 
@@ -77,7 +77,7 @@ class Attention(nnx.Module):
             self.q_norm = RMSNorm(d, cfg.rms_norm_eps, ctx, ("kv",))
             self.k_norm = RMSNorm(d, cfg.rms_norm_eps, ctx, ("kv",))
         self.qk_norm = arch.qk_norm
-        self.dropout = nnx.Dropout(float(getattr(cfg, "attention_dropout", 0.0) or 0.0))
+        self.dropout = Dropout(float(getattr(cfg, "attention_dropout", 0.0) or 0.0))
 
     def __call__(self, x, mask, rope, layer_cache, cache_index, *, deterministic, rngs):
         batch, length = x.shape[:2]

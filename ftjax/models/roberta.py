@@ -12,7 +12,7 @@ from flax import nnx
 
 from ftjax.models import common
 from ftjax.models.bert import BertBase, BertModel, check_config, classifier_rate
-from ftjax.models.common import Ctx, HFModel
+from ftjax.models.common import Ctx, Dropout, HFModel
 from ftjax.models.registry import Family
 
 
@@ -21,7 +21,7 @@ class RobertaClassificationHead(nnx.Module):
 
     def __init__(self, cfg: Any, ctx: Ctx):
         self.dense = common.linear(cfg.hidden_size, cfg.hidden_size, ctx, ("embed", None))
-        self.dropout = nnx.Dropout(classifier_rate(cfg, ctx))
+        self.dropout = Dropout(classifier_rate(cfg, ctx))
         self.out_proj = common.linear(cfg.hidden_size, cfg.num_labels, ctx, (None, None))
 
     def __call__(self, x, *, deterministic, rngs):
@@ -51,7 +51,7 @@ class RobertaTask(HFModel):
         if task == "classification":
             self.classifier = RobertaClassificationHead(cfg, ctx)
         elif task == "token_classification":
-            self.dropout = nnx.Dropout(classifier_rate(cfg, ctx))
+            self.dropout = Dropout(classifier_rate(cfg, ctx))
             self.classifier = common.linear(cfg.hidden_size, cfg.num_labels, ctx, ("embed", None))
         elif task == "masked_lm":
             self.lm_head = RobertaLMHead(cfg, ctx)

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ftjax.models import common
-from ftjax.models.common import Ctx, HFModel
+from ftjax.models.common import Ctx, Dropout, HFModel
 from ftjax.models.registry import Family
 
 
@@ -56,7 +56,7 @@ class ViTEmbeddings(nnx.Module):
         self.patch_embeddings = PatchEmbeddings(cfg, ctx)
         n = (ih // ph) * (iw // pw) + 1
         self.position_embeddings = common.param(ctx, (1, n, cfg.hidden_size), (None, None, "embed"))
-        self.dropout = nnx.Dropout(cfg.hidden_dropout_prob)
+        self.dropout = Dropout(cfg.hidden_dropout_prob)
         self.dtype = ctx.dtype
 
     def __call__(self, pixel_values, *, deterministic, rngs):
@@ -82,7 +82,7 @@ class ViTSelfAttention(nnx.Module):
         self.query = common.linear(h, h, ctx, ("embed", "heads"), use_bias=bias)
         self.key = common.linear(h, h, ctx, ("embed", "heads"), use_bias=bias)
         self.value = common.linear(h, h, ctx, ("embed", "heads"), use_bias=bias)
-        self.dropout = nnx.Dropout(cfg.attention_probs_dropout_prob)
+        self.dropout = Dropout(cfg.attention_probs_dropout_prob)
 
     def __call__(self, x, *, deterministic, rngs):
         q, k, v = (common.split_heads(f(x), self.num_heads) for f in (self.query, self.key, self.value))
@@ -93,7 +93,7 @@ class ViTSelfAttention(nnx.Module):
 class _DenseDropout(nnx.Module):
     def __init__(self, cfg: Any, ctx: Ctx, din: int, dout: int, axes: tuple):
         self.dense = common.linear(din, dout, ctx, axes)
-        self.dropout = nnx.Dropout(cfg.hidden_dropout_prob)
+        self.dropout = Dropout(cfg.hidden_dropout_prob)
 
     def __call__(self, x, *, deterministic, rngs):
         return self.dropout(self.dense(x), deterministic=deterministic, rngs=rngs)
@@ -180,7 +180,7 @@ class ViTForImageClassification(HFModel):
     def __init__(self, cfg: Any, ctx: Ctx):
         self.vit = ViTModel(cfg, ctx, add_pooling_layer=False)
         # HF has no dropout before the classifier; a `classifier` dropout override adds one.
-        self.dropout = nnx.Dropout(ctx.classifier_dropout or 0.0)
+        self.dropout = Dropout(ctx.classifier_dropout or 0.0)
         self.classifier = common.linear(cfg.hidden_size, cfg.num_labels, ctx, ("embed", None))
 
     def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
