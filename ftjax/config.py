@@ -163,6 +163,9 @@ def default_config() -> ml_collections.ConfigDict:
     t.checkpoint.async_save = True
     t.compilation_cache = "~/.cache/ftjax/jax_cache"  # shared across workdirs ("" = off).
     t.progress = True  # progress bar on stderr.
+    # Compile the train and eval programs of every bucket length up front, in parallel threads (saves the
+    # mid-run compile stalls; costs compiles of lengths a tiny dataset never uses).
+    t.precompile = True
 
     # ---- mesh: how devices are arranged; -1 takes all remaining devices.
     c.mesh = ml_collections.ConfigDict()

@@ -61,6 +61,7 @@ def tiny_config(model_dir: str, data_dir: str, **overrides):
     c.train.batch_size = 8
     c.train.epochs = 1.0
     c.train.progress = False
+    c.train.precompile = False  # tiny data use one bucket; don't compile the others
     c.train.compilation_cache = ""
     c.train.checkpoint.async_save = False
     c.mesh.data = -1

@@ -8,10 +8,11 @@ Several machines share one sweep with arg "storage=postgresql://USER:PW@HOST/DB"
 """
 
 from ftjax import sweep
+from ftjax.config import parse_recipe_arg
 
 
 def get_sweep(arg=None):
-    args = dict(a.split("=", 1) for a in (arg or "").split(",") if "=" in a)
+    args = parse_recipe_arg(arg)
     return dict(  # noqa: C408 - reads like the other recipes' keyword style
         space={
             "optim.lr": sweep.loguniform(1e-5, 3e-4),
