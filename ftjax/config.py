@@ -218,9 +218,9 @@ def duration_to_steps(value: Any, field: str, total_steps: int, steps_per_epoch:
     if unit == "steps":
         steps = int(amount)
     elif unit == "epochs":
-        steps = int(round(amount * steps_per_epoch))
+        steps = round(amount * steps_per_epoch)
     else:
-        steps = int(round(amount * total_steps))
+        steps = round(amount * total_steps)
     if steps > total_steps:
         raise ConfigError(field, value, f"is {steps} steps, longer than the run ({total_steps} steps)")
     return steps

@@ -45,7 +45,7 @@ def report(run: Any) -> str:
     width = max(len(r[0]) for r in rows)
     lines.append(f"{'param':<{width}}  {'shape':<18} {'spec':<28} per-device")
     for path, shape, spec, nbytes in rows:
-        lines.append(f"{path:<{width}}  {str(shape):<18} {spec:<28} {_mib(nbytes)}")
+        lines.append(f"{path:<{width}}  {shape!s:<18} {spec:<28} {_mib(nbytes)}")
     param_bytes = sum(r[3] for r in rows)
     opt_bytes = sum(
         x.addressable_shards[0].data.nbytes for x in params_lib.flatten(run.state["opt_state"]).values()

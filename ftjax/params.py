@@ -7,7 +7,8 @@ as a nested dict of arrays; a param's name is its path joined with '/', e.g.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 from flax import nnx

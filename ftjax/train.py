@@ -13,7 +13,8 @@ import math
 import os
 import signal
 import time
-from typing import Any, Callable, Iterator
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -132,7 +133,7 @@ def make_train_step(
     def train_step(state: State, batch: dict, key: jax.Array) -> tuple[State, dict]:
         train_params, frozen_params = params_lib.partition(state["params"], is_trainable)
         step_key = jax.random.fold_in(key, state["step"])
-        loss_sum_fn = lambda tp, mb, k: loss_fn(tp, frozen_params, mb, k)  # noqa: E731
+        loss_sum_fn = lambda tp, mb, k: loss_fn(tp, frozen_params, mb, k)
 
         if step_cfg.grad_accum == 1:
             (loss_sum, weight), grads = jax.value_and_grad(loss_sum_fn, has_aux=True)(train_params, batch, step_key)
@@ -219,7 +220,7 @@ def setup_compilation_cache(path: str) -> None:
 def total_steps_of(train_cfg: Any, steps_per_epoch: int) -> int:
     if train_cfg.steps:
         return int(train_cfg.steps)
-    return max(1, int(math.ceil(train_cfg.epochs * steps_per_epoch)))
+    return max(1, math.ceil(train_cfg.epochs * steps_per_epoch))
 
 
 def eval_every_of(train_cfg: Any, steps_per_epoch: int) -> int:
@@ -232,8 +233,7 @@ class Run:
     def __init__(self, cfg: Any, workdir: str, *, devices: list | None = None):
         from ftjax import config as config_lib
         from ftjax import data as data_lib
-        from ftjax import models
-        from ftjax import optim
+        from ftjax import models, optim
 
         config_lib.validate(cfg)
         self.cfg, self.workdir = cfg, workdir
@@ -421,7 +421,7 @@ class Run:
 def _install_sigterm() -> Callable[[], bool]:
     flag = {"set": False}
 
-    def handler(signum, frame):  # noqa: ARG001
+    def handler(signum, frame):
         logging.warning("SIGTERM: saving a checkpoint at the next step boundary, then exiting")
         flag["set"] = True
 
@@ -543,7 +543,7 @@ def fit(
                 from ftjax.data import lm as lm_lib
 
                 lm_lib.write_samples(run, step)
-            improved, stop = stopper.update(step, val)
+            _, stop = stopper.update(step, val)
             if last_train_loss is not None:
                 warning = overfit.update(last_train_loss, val["loss"])
                 if warning:

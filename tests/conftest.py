@@ -9,3 +9,22 @@ if "xla_force_host_platform_device_count" not in flags:
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+import pytest  # after the environment above: nothing may import jax before it is set
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory):
+    """A random 2-layer BERT with the MiniLM tokenizer, saved by transformers (tests/tiny.py)."""
+    from tests import tiny
+
+    return tiny.tiny_bert(str(tmp_path_factory.mktemp("tiny_bert")))
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    """train.csv / test.csv of short reviews labelled pos / neg (tests/tiny.py)."""
+    from tests import tiny
+
+    return tiny.sentiment_csvs(str(tmp_path_factory.mktemp("reviews")))

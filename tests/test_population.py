@@ -12,16 +12,6 @@ from ftjax import population, train
 from tests import tiny
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return tiny.tiny_bert(str(tmp_path_factory.mktemp("tiny_bert")))
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return tiny.sentiment_csvs(str(tmp_path_factory.mktemp("reviews")))
-
-
 def _curve(workdir: str, split: str, key: str) -> list[tuple[int, float]]:
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f]

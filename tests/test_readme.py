@@ -8,6 +8,11 @@ from ftjax.config import default_config
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def _read(path) -> str:
+    with open(path) as f:
+        return f.read()
+
+
 def _leaves(cfg, prefix=""):
     for key, value in cfg.items():
         path = f"{prefix}{key}"
@@ -18,7 +23,7 @@ def _leaves(cfg, prefix=""):
 
 
 def test_readme_documents_every_config_field():
-    readme = open(os.path.join(REPO, "README.md")).read()
+    readme = _read(os.path.join(REPO, "README.md"))
     missing = []
     for path in _leaves(default_config()):
         section, *_, leaf = path.split(".")
@@ -31,8 +36,8 @@ def test_readme_documents_every_config_field():
 
 
 def test_ci_runs_the_readme_test_command():
-    readme = open(os.path.join(REPO, "README.md")).read()
+    readme = _read(os.path.join(REPO, "README.md"))
     commands = re.findall(r"```bash\n#[^\n]*\n([^\n]+)\n```", readme)
     assert len(commands) >= 2 and "pytest" in commands[1]
-    ci = open(os.path.join(REPO, ".ci", "run")).read()
+    ci = _read(os.path.join(REPO, ".ci", "run"))
     assert commands[1] in ci.splitlines()

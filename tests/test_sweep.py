@@ -25,16 +25,6 @@ S = optuna.trial.TrialState
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return tiny.tiny_bert(str(tmp_path_factory.mktemp("tiny_bert")))
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return tiny.sentiment_csvs(str(tmp_path_factory.mktemp("reviews")))
-
-
 FAST = {"train.steps": 4, "train.eval_every": 2, "train.log_every": 1}
 
 

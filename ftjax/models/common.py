@@ -77,7 +77,7 @@ def keep_mask(key: jax.Array, shape: tuple[int, ...], rate: float) -> jax.Array:
         index = index + jax.lax.broadcasted_iota(jnp.uint32, shape, dim) * jnp.uint32(stride % 2**32)
         stride *= shape[dim]
     bits = _fmix32(_fmix32(index ^ seed[0]) + seed[1])
-    return bits >= jnp.uint32(min(int(round(rate * 2**32)), 2**32 - 1))
+    return bits >= jnp.uint32(min(round(rate * 2**32), 2**32 - 1))
 
 
 class Dropout(nnx.Dropout):
