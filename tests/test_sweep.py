@@ -92,14 +92,15 @@ def test_a_small_sweep_resumes_after_interruption_without_repeating_trials_and_r
 
 
 def test_a_poor_trial_is_pruned_at_an_eval_point(model_dir, data_dir, tmp_path):
-    cfg = tiny.tiny_config(model_dir, data_dir, **{**FAST, "train.steps": 6})
+    # Constant LR (no warmup): the poor trial's Adam steps of size ~1 wreck the model before the first eval.
+    cfg = tiny.tiny_config(model_dir, data_dir, **{**FAST, "train.steps": 6, "optim.schedule.type": "constant"})
     spec = _spec(space={"optim.lr": sweep.loguniform(1e-4, 1.0)}, metric="loss", mode="min", n_trials=2,
                  pruner="median", pruner_startup_trials=1)
     wd = str(tmp_path / "sweep")
     os.makedirs(wd)
     study = sweep.open_study(spec, wd)
     study.enqueue_trial({"optim.lr": 1e-3})
-    study.enqueue_trial({"optim.lr": 0.5})  # blows the loss up: worse than trial 0 at its first eval
+    study.enqueue_trial({"optim.lr": 1.0})  # blows the loss up: worse than trial 0 at its first eval
     study = sweep.run_sweep(cfg, spec, wd)
     good, poor = study.get_trials()
     assert good.state == S.COMPLETE and sorted(good.intermediate_values) == [2, 4, 6]
