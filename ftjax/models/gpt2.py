@@ -113,18 +113,7 @@ class GPT2Task(DecoderTask):
 
     def __init__(self, cfg: Any, task: str, ctx: Ctx):
         self.transformer = GPT2Model(cfg, ctx)
-        self.tied = bool(getattr(cfg, "tie_word_embeddings", True))
-        if task == "causal_lm" and not self.tied:
-            self.lm_head = common.linear(cfg.hidden_size, cfg.vocab_size, ctx, ("embed", "vocab"), use_bias=False)
-        if task == "classification":
-            self.score = common.linear(cfg.hidden_size, cfg.num_labels, ctx, ("embed", None), use_bias=False)
-            self.pad_token_id = None if cfg.pad_token_id is None else int(cfg.pad_token_id)
-
-    def _forward(self, inputs, cache, *, deterministic, rngs):
-        return self.transformer(inputs, cache, deterministic=deterministic, rngs=rngs)
-
-    def _lm_logits(self, x):
-        return self.transformer.wte.attend(x) if self.tied else self.lm_head(x)
+        self._init_heads(cfg, task, ctx, tied_default=True)
 
 
 def check_config(cfg: Any, task: str) -> None:

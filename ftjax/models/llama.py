@@ -161,6 +161,23 @@ class DecoderTask(HFModel):
         kv_heads, dim = backbone.kv_shape
         return decoder.init_cache(backbone.num_layers, batch, length, kv_heads, dim, dtype or backbone.dtype)
 
+    def _init_heads(self, cfg: Any, task: str, ctx: Ctx, tied_default: bool) -> None:
+        """HF's heads: lm_head for causal_lm (absent when the config ties it to the embedding), score (no
+        bias) and the pad id that finds the last token for classification."""
+        self.tied = bool(getattr(cfg, "tie_word_embeddings", tied_default))
+        if task == "causal_lm" and not self.tied:
+            self.lm_head = common.linear(cfg.hidden_size, cfg.vocab_size, ctx, ("embed", "vocab"), use_bias=False)
+        if task == "classification":
+            self.score = common.linear(cfg.hidden_size, cfg.num_labels, ctx, ("embed", None), use_bias=False)
+            self.pad_token_id = None if cfg.pad_token_id is None else int(cfg.pad_token_id)
+
+    def _forward(self, inputs, cache, *, deterministic, rngs):
+        return getattr(self, self.backbone_name)(inputs, cache, deterministic=deterministic, rngs=rngs)
+
+    def _lm_logits(self, x):
+        embedding = getattr(getattr(self, self.backbone_name), self.embedding_name)
+        return embedding.attend(x) if self.tied else self.lm_head(x)
+
     def _set_info(self, family: str, task: str, head_pattern: str, hf_config: Any) -> None:
         super()._set_info(family, task, head_pattern, hf_config)
         if task == "causal_lm" and getattr(self, "tied", False):  # the tied lm_head is the input embedding.
@@ -209,18 +226,7 @@ class LlamaTask(DecoderTask):
 
     def __init__(self, cfg: Any, task: str, ctx: Ctx):
         self.model = LlamaModel(cfg, ctx)
-        self.tied = bool(getattr(cfg, "tie_word_embeddings", False))
-        if task == "causal_lm" and not self.tied:
-            self.lm_head = common.linear(cfg.hidden_size, cfg.vocab_size, ctx, ("embed", "vocab"), use_bias=False)
-        if task == "classification":
-            self.score = common.linear(cfg.hidden_size, cfg.num_labels, ctx, ("embed", None), use_bias=False)
-            self.pad_token_id = None if cfg.pad_token_id is None else int(cfg.pad_token_id)
-
-    def _forward(self, inputs, cache, *, deterministic, rngs):
-        return self.model(inputs, cache, deterministic=deterministic, rngs=rngs)
-
-    def _lm_logits(self, x):
-        return self.model.embed_tokens.attend(x) if self.tied else self.lm_head(x)
+        self._init_heads(cfg, task, ctx, tied_default=False)
 
 
 def check_config(cfg: Any, task: str) -> None:
