@@ -127,14 +127,13 @@ def build(
 
     if "validation" not in raw:
         train = raw["train"]
-        n_val = min(len(train) - 1, max(1, round(d.validation_fraction * len(train))))
-        if n_val < 1:
+        split = batching.holdout_indices(len(train), d.validation_fraction, t.seed)
+        if split is None:
             raise DataError(
                 f"data.train_split: {train.origin} has {len(train)} example(s), too few to hold "
                 "out a validation split; set data.eval_split"
             )
-        perm = np.random.default_rng([t.seed, 0x7A11D]).permutation(len(train))
-        held, kept = np.sort(perm[:n_val]), np.sort(perm[n_val:])
+        held, kept = split
         raw["validation"] = train.take(held, f"{train.origin} (held-out {d.validation_fraction:g})")
         raw["train"] = train.take(kept)
     if d.max_examples:

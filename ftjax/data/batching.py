@@ -54,6 +54,16 @@ def choose_buckets(lengths: np.ndarray, spec: int | tuple[int, ...], max_len: in
     return tuple(candidates[j] for j in chosen)
 
 
+def holdout_indices(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """The seeded validation split of n training rows: sorted (held, kept) indices, or None when n is too
+    small to hold out at least one row and keep at least one."""
+    n_val = min(n - 1, max(1, round(fraction * n)))
+    if n_val < 1:
+        return None
+    perm = np.random.default_rng([seed, 0x7A11D]).permutation(n)
+    return np.sort(perm[:n_val]), np.sort(perm[n_val:])
+
+
 def train_plan(lengths: np.ndarray, batch_size: int, seed: int, epoch: int, grouping: int) -> np.ndarray:
     """Rows of each global batch of `epoch`, int64 [steps, batch_size]; PAD fills the last partial batch."""
     n = len(lengths)

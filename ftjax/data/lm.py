@@ -395,15 +395,15 @@ def build(
 
     if "validation" not in rows:  # hold out documents (before packing), as ftjax.data does for examples
         train = rows["train"]
-        n_val = min(len(train) - 1, max(1, round(d.validation_fraction * len(train))))
-        if n_val < 1:
+        split = batching.holdout_indices(len(train), d.validation_fraction, t.seed)
+        if split is None:
             raise DataError(
                 f"data.train_split: {origins['train']} has {len(train)} document(s), too few to hold out a "
                 "validation split; set data.eval_split or data.lm.documents='paragraph'/'line'"
             )
-        perm = np.random.default_rng([t.seed, 0x7A11D]).permutation(len(train))
-        rows["validation"] = [train[i] for i in np.sort(perm[:n_val])]
-        rows["train"] = [train[i] for i in np.sort(perm[n_val:])]
+        held, kept = split
+        rows["validation"] = [train[i] for i in held]
+        rows["train"] = [train[i] for i in kept]
         origins["validation"] = f"{origins['train']} (held-out {d.validation_fraction:g})"
     if d.max_examples:
         rows["train"] = rows["train"][: d.max_examples]
