@@ -7,13 +7,25 @@
 from __future__ import annotations
 
 import json
+import logging as std_logging
 import os
 import sys
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from ftjax import distributed  # registers --coordinator_address, --num_processes, --process_id, --cpu_devices
+from ftjax import dry_run, lora, models, trainer
+from ftjax.checkpoint import CheckpointError, Checkpointer
+from ftjax.config import ConfigError
+from ftjax.data import DataError
+from ftjax.distributed import DistributedConfigError
+from ftjax.loop import TrainingError
+from ftjax.models import ModelLoadError
+from ftjax.run import Run
+from ftjax.tune import lr_find, space, sweep
+from ftjax.tune.report import REPORT
 
 MODES = ("train", "eval", "export", "dry_run", "sweep", "lr_find")
 
@@ -31,26 +43,15 @@ _LR_STEPS = flags.DEFINE_integer("lr_steps", 100, "--mode=lr_find: steps of the 
 _POPULATION = flags.DEFINE_integer("population", 0, "--mode=lr_find: K > 0 trains K constant LRs at once.")
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
+def user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions a user can cause; they end the run with their message, not a traceback."""
-    from ftjax.checkpoint import CheckpointError
-    from ftjax.config import ConfigError
-    from ftjax.data import DataError
-    from ftjax.distributed import DistributedConfigError
-    from ftjax.models import ModelLoadError
-    from ftjax.train import TrainingError
-
     return (ConfigError, DataError, DistributedConfigError, ModelLoadError, TrainingError, CheckpointError,
             FileNotFoundError)
 
 
-def _restore_for_inference(run, workdir: str):
+def _restore_for_inference(run: Run, workdir: str):
     """The params of the best (or --step) checkpoint in `workdir`, placed on the mesh."""
-    from ftjax import checkpoint as checkpoint_lib
-    from ftjax.train import TrainingError
-
-    ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=1, async_save=False,
-                                       primary_host=run.primary)
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=1, async_save=False, primary_host=run.primary)
     step = _STEP.value if _STEP.value is not None else (ckpt.best_step() or ckpt.latest_step())
     if step is None:
         raise TrainingError(f"no checkpoint in {workdir}/checkpoints: train first (--mode=train)")
@@ -59,59 +60,56 @@ def _restore_for_inference(run, workdir: str):
     return step, state["params"]
 
 
-def run_mode(mode: str, cfg, workdir: str) -> dict:
-    from ftjax import train
+def _sweep(cfg, workdir: str) -> dict:
+    if not _SWEEP.value:
+        raise FileNotFoundError("--mode=sweep needs --sweep=configs/sweeps/<name>.py")
+    command = [a for a in sys.argv[1:] if a.startswith("--config")]
+    study = sweep.run_sweep(cfg, space.load_spec(_SWEEP.value), workdir, command=command)
+    print(f"report: {os.path.join(workdir, REPORT)}")
+    return {"study": study}
 
-    if mode == "sweep":
-        from ftjax import sweep
 
-        if not _SWEEP.value:
-            raise FileNotFoundError("--mode=sweep needs --sweep=configs/sweeps/<name>.py")
-        command = [a for a in sys.argv[1:] if a.startswith("--config")]
-        study = sweep.run_sweep(cfg, sweep.load_spec(_SWEEP.value), workdir, command=command)
-        print(f"report: {os.path.join(workdir, sweep.REPORT)}")
-        return {"study": study}
-    if mode == "lr_find":
-        from ftjax import lr_find
+def _lr_find(cfg, workdir: str) -> dict:
+    result = lr_find.lr_find(cfg, workdir, lr_min=_LR_MIN.value, lr_max=_LR_MAX.value, steps=_LR_STEPS.value,
+                             population=_POPULATION.value)
+    s = result["suggestion"]
+    print(f"suggested lr: {s['lr']:.3g} ({s['method']}); plot: {os.path.join(workdir, 'lr_find.png')}")
+    return result
 
-        result = lr_find.lr_find(cfg, workdir, lr_min=_LR_MIN.value, lr_max=_LR_MAX.value, steps=_LR_STEPS.value,
-                                 population=_POPULATION.value)
-        s = result["suggestion"]
-        print(f"suggested lr: {s['lr']:.3g} ({s['method']}); plot: {os.path.join(workdir, 'lr_find.png')}")
-        return result
-    if mode == "train":
-        summary = train.fit(cfg, workdir)
-        for split in ("val", "test"):
-            if split in summary:
-                print(f"{split}: " + " ".join(f"{k}={v:.4f}" for k, v in summary[split].items()))
-        timing = summary["timing"]
-        print(f"train examples/s: {timing['train_examples_per_second']:.1f}   wall: {timing['wall_seconds']:.0f}s")
-        return summary
 
-    run = train.Run(cfg, workdir)
-    if mode == "dry_run":
-        from ftjax import dry_run
+def _train(cfg, workdir: str) -> dict:
+    summary = trainer.train(cfg, workdir)
+    for split in ("val", "test"):
+        if split in summary:
+            print(f"{split}: " + " ".join(f"{k}={v:.4f}" for k, v in summary[split].items()))
+    timing = summary["timing"]
+    print(f"train examples/s: {timing['train_examples_per_second']:.1f}   wall: {timing['wall_seconds']:.0f}s")
+    return summary
 
-        report = dry_run.report(run)
-        print(report)
-        return {"report": report}
 
+def _dry_run(cfg, workdir: str) -> dict:
+    report = dry_run.report(Run(cfg, workdir))
+    print(report)
+    return {"report": report}
+
+
+def _eval(cfg, workdir: str) -> dict:
+    run = Run(cfg, workdir)
     step, params = _restore_for_inference(run, workdir)
-    if mode == "eval":
-        result = {"step": step, "val": run.evaluate("validation", params)}
-        if run.data.has_split("test"):
-            result["test"] = run.evaluate("test", params)
-        if run.primary:
-            with open(os.path.join(workdir, "eval.json"), "w") as f:
-                json.dump(result, f, indent=1)
-        print(json.dumps(result, indent=1))
-        return result
+    result = {"step": step, "val": run.evaluate("validation", params)}
+    if run.data.has_split("test"):
+        result["test"] = run.evaluate("test", params)
+    if run.primary:
+        with open(os.path.join(workdir, "eval.json"), "w") as f:
+            json.dump(result, f, indent=1)
+    print(json.dumps(result, indent=1))
+    return result
 
-    # export: an HF folder (LoRA adapters merged in), plus the adapter alone in PEFT format under adapter/.
-    import jax
 
-    from ftjax import lora, models
-
+def _export(cfg, workdir: str) -> dict:
+    """An HF folder (LoRA adapters merged in), plus the adapter alone in PEFT format under adapter/."""
+    run = Run(cfg, workdir)
+    step, params = _restore_for_inference(run, workdir)
     out = _EXPORT_DIR.value or os.path.join(workdir, "export")
     params = jax.device_get(params)
     if run.primary:
@@ -123,14 +121,20 @@ def run_mode(mode: str, cfg, workdir: str) -> dict:
     return {"step": step, "export_dir": out}
 
 
+MODE_FNS = {"train": _train, "eval": _eval, "export": _export, "dry_run": _dry_run, "sweep": _sweep,
+            "lr_find": _lr_find}
+
+
+def run_mode(mode: str, cfg, workdir: str) -> dict:
+    return MODE_FNS[mode](cfg, workdir)
+
+
 class _QuietLibraries:
     """Drops INFO chatter of orbax and friends (dozens of lines per checkpoint); warnings still show."""
 
     NOISY = ("orbax", "jax/_src", "etils", "tensorstore")
 
     def filter(self, record) -> bool:
-        import logging as std_logging
-
         if "did not provide metrics" in record.getMessage():  # periodic (non-eval) saves have no val metric
             return False
         if record.levelno >= std_logging.WARNING:
@@ -147,7 +151,7 @@ def main(argv) -> None:
     try:
         distributed.init_from_flags()  # before anything touches JAX devices
         run_mode(_MODE.value, _CONFIG.value, _WORKDIR.value)
-    except _user_errors() as e:
+    except user_errors() as e:
         logging.error("%s", e)
         print(f"ftjax: error: {e}", file=sys.stderr)
         sys.exit(2)

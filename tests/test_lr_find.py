@@ -9,7 +9,7 @@ import os
 import numpy as np
 import pytest
 
-from ftjax import lr_find
+from ftjax.tune import lr_find
 from ftjax.config import ConfigError
 from tests import tiny
 
@@ -27,7 +27,11 @@ def test_on_a_quadratic_the_suggestion_is_inside_the_known_good_range():
         return loss
 
     lrs = lr_find.lr_ramp(1e-5, 10.0, 100)
-    losses = lr_find.range_test(step, lrs)
+    recorder = lr_find.RangeTest(members=1)
+    for i, lr in enumerate(lrs):
+        if recorder.record(np.array([step(i, lr)])):
+            break
+    losses = np.stack(recorder.losses)[:, 0]
     assert len(losses) < 100  # it stopped once the loss blew up
     s = lr_find.suggest_lr(lrs, losses)
     assert s["method"] == "steepest descent"

@@ -7,42 +7,22 @@ import math
 import numpy as np
 import pytest
 
-from ftjax.metrics import (
-    ClassificationMetrics,
-    EarlyStopper,
-    MetricWriter,
-    OverfitMonitor,
-    Progress,
-    confusion_metrics,
-    plot_run,
-    read_metrics,
-)
+from ftjax.callbacks import EarlyStopper, MetricWriter, OverfitMonitor, Progress, read_metrics
+from ftjax.callbacks.plots import plot_run
+from ftjax.metrics import confusion_metrics, eval_metrics
 
 
-def test_classification_metrics_match_hand_computed_values_and_ignore_padding():
-    m = ClassificationMetrics(num_labels=4)  # class 3 never appears: excluded from the macro average.
-    # Batch 1 as logits; batch 2 as predicted ids with one padding example (weight 0, bogus label -1).
-    logits = np.eye(4)[[0, 1, 1]] * 5.0
-    m.update(logits, np.array([0, 0, 1]), np.ones(3), loss_sum=3.0)
-    m.update(np.array([1, 0, 2, 2]), np.array([1, 2, 2, -1]), np.array([1, 1, 1, 0]), loss_sum=1.2)
-    out = m.compute()
-    # Confusion [true, pred]: 0->0, 0->1, 1->1, 1->1, 2->0, 2->2.
-    # F1 = 2tp / (2tp + fp + fn): class0 2/4, class1 4/5, class2 2/3.
-    assert out["count"] == 6
-    assert out["accuracy"] == pytest.approx(4 / 6)
-    assert out["macro_f1"] == pytest.approx((0.5 + 0.8 + 2 / 3) / 3)
-    assert out["loss"] == pytest.approx(4.2 / 6)
+def _confusion(labels, preds, weights, num_labels):
+    cm = np.zeros((num_labels, num_labels))
+    np.add.at(cm, (labels, preds), weights)
+    return cm
 
 
 def test_macro_f1_counts_classes_only_predicted_and_uses_weights():
-    m = ClassificationMetrics(3)
-    m.update(np.array([0, 1]), np.array([0, 0]))  # class 1 only predicted: F1 0; class 0: 2/3.
-    assert m.compute()["macro_f1"] == pytest.approx(1 / 3)
-    assert math.isnan(m.compute()["loss"])
-    w = ClassificationMetrics(2)
-    w.update(np.array([0, 1, 1]), np.array([0, 1, 0]), np.array([2.0, 1.0, 0.5]), loss_sum=0.7)
-    out = w.compute()
-    assert out["count"] == 3.5 and out["accuracy"] == pytest.approx(3 / 3.5)
+    # class 1 only predicted: F1 0; class 0: 2/3.
+    assert confusion_metrics(_confusion([0, 0], [0, 1], [1, 1], 3))["macro_f1"] == pytest.approx(1 / 3)
+    out = confusion_metrics(_confusion([0, 1, 0], [0, 1, 1], [2.0, 1.0, 0.5], 2))
+    assert out["accuracy"] == pytest.approx(3 / 3.5)
     # class0: tp 2, fn 0.5 -> 4/4.5; class1: tp 1, fp 0.5 -> 2/2.5.
     assert out["macro_f1"] == pytest.approx((4 / 4.5 + 2 / 2.5) / 2)
 
@@ -52,25 +32,17 @@ def test_macro_f1_matches_sklearn_when_installed():
     rng = np.random.default_rng(0)
     labels, preds = rng.integers(0, 5, 50), rng.integers(0, 4, 50)
     w = rng.integers(0, 3, 50).astype(float)
-    m = ClassificationMetrics(6)
-    m.update(preds, labels, w)
     keep = w > 0
     ref = metrics.f1_score(labels[keep], preds[keep], average="macro", sample_weight=w[keep])
-    assert m.compute()["macro_f1"] == pytest.approx(ref)
+    assert confusion_metrics(_confusion(labels, preds, w, 6))["macro_f1"] == pytest.approx(ref)
 
 
-def test_metrics_merge_and_bad_labels():
-    a, b = ClassificationMetrics(2), ClassificationMetrics(2)
-    a.update(np.array([0]), np.array([0]), loss_sum=1.0)
-    b.update(np.array([0]), np.array([1]), loss_sum=3.0)
-    assert a.merge(b).compute() == {
-        "loss": 2.0,
-        "accuracy": 0.5,
-        "macro_f1": pytest.approx(1 / 3),
-        "count": 2.0,
-    }
-    with pytest.raises(ValueError, match="num_labels"):
-        a.update(np.array([0]), np.array([2]))
+def test_eval_metrics_mean_loss_classification_and_a_capped_perplexity():
+    cm = _confusion([0, 1], [0, 0], [1, 1], 2)
+    assert eval_metrics(3.0, 2.0, cm, "classification") == {
+        "loss": 1.5, "accuracy": 0.5, "macro_f1": pytest.approx(1 / 3)}
+    assert eval_metrics(2.0, 1.0, None, "causal_lm") == {"loss": 2.0, "perplexity": pytest.approx(math.exp(2.0))}
+    assert eval_metrics(1e4, 1.0, None, "causal_lm")["perplexity"] == pytest.approx(math.exp(50.0))
 
 
 def test_confusion_metrics_from_a_device_computed_matrix():

@@ -8,7 +8,8 @@ import os
 import numpy as np
 import pytest
 
-from ftjax import population, train
+from ftjax import trainer
+from ftjax.tune import population
 from tests import tiny
 
 
@@ -31,11 +32,11 @@ def test_population_members_equal_their_solo_runs(model_dir, data_dir, tmp_path)
                                                     "optim.freeze_layers": "embeddings"})
     cfgs = [population.with_overrides(base, m) for m in MEMBERS]
     dirs = [str(tmp_path / f"member_{k}") for k in range(len(cfgs))]
-    summaries = population.fit_population(cfgs, str(tmp_path / "pop"), dirs)
+    summaries = population.train_population(cfgs, str(tmp_path / "pop"), dirs)
     assert [s["status"] for s in summaries] == ["complete"] * 3
     for k, cfg in enumerate(cfgs):
         solo_dir = str(tmp_path / f"solo_{k}")
-        solo = train.fit(cfg, solo_dir)
+        solo = trainer.train(cfg, solo_dir)
         pop_val, solo_val = _curve(dirs[k], "val", "loss"), _curve(solo_dir, "val", "loss")
         assert [s for s, _ in pop_val] == [s for s, _ in solo_val] and len(pop_val) >= 3
         np.testing.assert_allclose([v for _, v in pop_val], [v for _, v in solo_val], rtol=2e-4, atol=1e-5,
@@ -52,8 +53,8 @@ def test_a_stopped_member_keeps_its_state_while_the_others_train(model_dir, data
     base = tiny.tiny_config(model_dir, data_dir, **{"train.eval_every": 3})
     cfgs = [population.with_overrides(base, {"optim.lr": lr}) for lr in (1e-3, 2e-3)]
     dirs = [str(tmp_path / f"m{k}") for k in range(2)]
-    summaries = population.fit_population(cfgs, str(tmp_path / "pop"), dirs,
-                                          on_eval=lambda k, step, val: k == 1 and step >= 3)
+    summaries = population.train_population(cfgs, str(tmp_path / "pop"), dirs,
+                                            should_prune=lambda k, step, val: k == 1 and step >= 3)
     assert summaries[0]["status"] == "complete" and summaries[1]["status"] == "pruned"
     assert [s for s, _ in _curve(dirs[1], "val", "loss")] == [3]
     assert len(_curve(dirs[0], "val", "loss")) > 1

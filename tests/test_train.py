@@ -11,7 +11,10 @@ import numpy as np
 import pytest
 
 from ftjax import params as params_lib
-from ftjax import train
+from ftjax import step as step_lib
+from ftjax import trainer
+from ftjax.loop import TrainingError
+from ftjax.run import Run
 from tests import tiny
 
 
@@ -22,7 +25,7 @@ def _losses(workdir: str) -> list[float]:
 
 
 def _final_params(workdir: str, cfg) -> dict:
-    run = train.Run(cfg, workdir)
+    run = Run(cfg, workdir)
     from ftjax import checkpoint as checkpoint_lib
 
     ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=1, async_save=False)
@@ -34,11 +37,11 @@ def _final_params(workdir: str, cfg) -> dict:
 def test_sharded_step_on_1_and_4_devices_gives_the_same_loss_curve(model_dir, data_dir, tmp_path):
     cfg = tiny.tiny_config(model_dir, data_dir, **{"train.log_every": 1, "model.dropout.hidden": 0.0,
                                                    "model.dropout.attention": 0.0})
-    train.fit(cfg, str(tmp_path / "one"), devices=jax.devices()[:1])
+    trainer.train(cfg, str(tmp_path / "one"), devices=jax.devices()[:1])
     cfg4 = tiny.tiny_config(model_dir, data_dir, **{"train.log_every": 1, "model.dropout.hidden": 0.0,
                                                     "model.dropout.attention": 0.0, "mesh.data": 2,
                                                     "mesh.fsdp": 2})
-    train.fit(cfg4, str(tmp_path / "four"), devices=jax.devices()[:4])
+    trainer.train(cfg4, str(tmp_path / "four"), devices=jax.devices()[:4])
     one, four = _losses(str(tmp_path / "one")), _losses(str(tmp_path / "four"))
     assert len(one) == len(four) > 5
     np.testing.assert_allclose(one, four, rtol=2e-4, atol=2e-5)
@@ -46,7 +49,7 @@ def test_sharded_step_on_1_and_4_devices_gives_the_same_loss_curve(model_dir, da
 
 def _tiny_run(model_dir, data_dir, workdir, **overrides):
     cfg = tiny.tiny_config(model_dir, data_dir, **overrides)
-    return train.Run(cfg, str(workdir))
+    return Run(cfg, str(workdir))
 
 
 def test_gradient_accumulation_equals_one_big_batch(model_dir, data_dir, tmp_path):
@@ -56,8 +59,8 @@ def test_gradient_accumulation_equals_one_big_batch(model_dir, data_dir, tmp_pat
     batch["weights"][-1] = 0.0  # a padding example must not count, however the batch is split.
     results = []
     for accum in (1, 4):
-        step_cfg = train.StepConfig("classification", grad_accum=accum)
-        fn = jax.jit(train.make_train_step(run.graphdef, run.rest, run.optimizer.tx,
+        step_cfg = step_lib.StepConfig("classification", grad_accum=accum)
+        fn = jax.jit(step_lib.make_train_step(run.graphdef, run.rest, run.optimizer.tx,
                                            run.optimizer.trainable_at(0), step_cfg))
         state = jax.tree_util.tree_map(jnp.array, run.state)
         new_state, metrics = fn(state, {k: jnp.asarray(v) for k, v in batch.items()}, run.key)
@@ -73,7 +76,7 @@ def test_frozen_params_are_unchanged_and_get_no_gradient_work(model_dir, data_di
     batch = {k: jnp.asarray(v) for k, v in next(full.data.train_iterator()).items()}
 
     def flops(run):
-        fn = train.make_train_step(run.graphdef, run.rest, run.optimizer.tx, run.optimizer.trainable_at(0),
+        fn = step_lib.make_train_step(run.graphdef, run.rest, run.optimizer.tx, run.optimizer.trainable_at(0),
                                    run.step_cfg)
         compiled = jax.jit(fn).lower(run.state, batch, run.key).compile()
         return compiled.cost_analysis()["flops"], fn
@@ -98,11 +101,11 @@ def test_frozen_params_are_unchanged_and_get_no_gradient_work(model_dir, data_di
 def test_resume_after_interruption_is_bit_identical(model_dir, data_dir, tmp_path):
     overrides = {"train.checkpoint.every": 3, "train.epochs": 2.0}
     cfg = tiny.tiny_config(model_dir, data_dir, **overrides)
-    train.fit(cfg, str(tmp_path / "straight"))
+    trainer.train(cfg, str(tmp_path / "straight"))
     interrupted = str(tmp_path / "interrupted")
-    out = train.fit(cfg, interrupted, stop_after=7)  # checkpoints at 3 and 6: step 7 is redone.
+    out = trainer.train(cfg, interrupted, stop_after=7)  # checkpoints at 3 and 6: step 7 is redone.
     assert out == {"interrupted_at": 7}
-    train.fit(cfg, interrupted)
+    trainer.train(cfg, interrupted)
     a = _final_params(str(tmp_path / "straight"), cfg)
     b = _final_params(interrupted, cfg)
     assert a.keys() == b.keys()
@@ -115,7 +118,7 @@ def test_early_stopping_stops_at_the_right_eval_and_restores_the_best(model_dir,
     # lr high enough to diverge after a while: val loss rises; patience 2 stops two evals after the best.
     cfg = tiny.tiny_config(model_dir, data_dir, **{"train.eval_every": 2, "train.epochs": 6.0,
                                                    "train.early_stop.patience": 2, "optim.lr": 3e-3})
-    summary = train.fit(cfg, str(tmp_path))
+    summary = trainer.train(cfg, str(tmp_path))
     with open(tmp_path / "metrics.jsonl") as f:
         val = [json.loads(line) for line in f]
     val = [(r["step"], r["loss"]) for r in val if r["split"] == "val"]
@@ -131,14 +134,14 @@ def test_early_stopping_stops_at_the_right_eval_and_restores_the_best(model_dir,
 def test_a_workdir_holding_another_model_is_an_error(model_dir, data_dir, tmp_path):
     other = tiny.tiny_bert(str(tmp_path / "other_model"), layers=1)
     cfg = tiny.tiny_config(model_dir, data_dir, **{"train.steps": 2})
-    train.fit(cfg, str(tmp_path / "work"))
+    trainer.train(cfg, str(tmp_path / "work"))
     cfg2 = tiny.tiny_config(other, data_dir, **{"train.steps": 2})
-    with pytest.raises(train.TrainingError, match="holds a run with model="):
-        train.fit(cfg2, str(tmp_path / "work"))
+    with pytest.raises(TrainingError, match="holds a run with model="):
+        trainer.train(cfg2, str(tmp_path / "work"))
 
 
 def test_nan_loss_stops_the_run_naming_the_step_and_last_checkpoint(model_dir, data_dir, tmp_path):
     cfg = tiny.tiny_config(model_dir, data_dir, **{"optim.lr": 1e30, "optim.clip_norm": 0.0,
                                                    "train.checkpoint.every": 1, "optim.schedule.type": "constant"})
-    with pytest.raises(train.TrainingError, match=r"(loss is (nan|inf)|the update made params inf/nan) at step \d+.*Last good checkpoint"):
-        train.fit(cfg, str(tmp_path))
+    with pytest.raises(TrainingError, match=r"(loss is (nan|inf)|the update made params inf/nan) at step \d+.*Last good checkpoint"):
+        trainer.train(cfg, str(tmp_path))

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import os
 import time
 from collections.abc import Callable
@@ -24,9 +23,16 @@ from absl import logging
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from ftjax import config as config_lib
+from ftjax import optim, schedules
 from ftjax import params as params_lib
 from ftjax import sharding as sharding_lib
+from ftjax.callbacks import Pruning
 from ftjax.config import ConfigError
+from ftjax.loop import Callback, fit
+from ftjax.run import Run
+from ftjax.step import StepConfig, make_eval_step, make_train_step
+from ftjax.trainer import open_checkpointer, standard_callbacks
 
 # Fields a population may vary: none changes a shape or the compiled program's structure.
 POPULATION_FIELDS = (
@@ -161,7 +167,8 @@ def _stacked_sharding(s: Any, mesh) -> NamedSharding:
 
 
 class Population:
-    """K members of one run (a shared `train.Run` built from the template config), stepped together.
+    """K members of one run (a shared `Run` built from the template config), stepped together: the
+    Stepper protocol of `ftjax.loop` with K members.
 
     `member_cfgs[k]` is member k's full config; they may differ only in POPULATION_FIELDS. `lr_tables`
     (optional, [K, T] per-step LR) replaces the members' schedules (the LR range test uses it).
@@ -175,30 +182,35 @@ class Population:
         devices: list | None = None,
         lr_tables: np.ndarray | None = None,
     ):
-        from ftjax import config as config_lib
-        from ftjax import optim, train
-
         if not member_cfgs:
             raise PopulationError("population", 0, "needs at least one member")
         check_population_fields(_differing_fields(member_cfgs))
         for cfg in member_cfgs:
             config_lib.validate(cfg)
-        base = member_cfgs[0]
-        self.cfgs, self.size = member_cfgs, len(member_cfgs)
-        self.run = run = train.Run(template_config(base), workdir, devices=devices)
+        self.cfgs, self.members = member_cfgs, len(member_cfgs)
+        self.run = run = Run(template_config(member_cfgs[0]), workdir, devices=devices)
         self.total_steps, self.eval_every = run.total_steps, run.eval_every
+        self.hparams, self.group_names = self._member_hparams(lr_tables)
+        self.toward_pretrained = member_cfgs[0].optim.decay_toward == "pretrained"
+        self._stack_state()
+        self._steps: dict[frozenset, Callable] = {}
+        self._eval = jax.jit(jax.vmap(make_eval_step(run.graphdef, run.rest, run.cfg.model.task), in_axes=(0, None)))
 
-        # Each member's own optimizer, built (and validated) from its config: its LR table and param rows.
+    def _member_hparams(self, lr_tables: np.ndarray | None) -> tuple[dict, list[str]]:
+        """Each member's own optimizer, built (and validated) from its config: its LR table per param
+        group [G, T], and per param its LR multiplier and weight decay."""
+        run = self.run
         tables, mults, decays = [], [], []
-        for k, cfg in enumerate(member_cfgs):
+        for k, cfg in enumerate(self.cfgs):
             opt = optim.build(cfg.optim, run.optimizer.abstract_params, total_steps=run.total_steps,
-                              steps_per_epoch=run.steps_per_epoch, head_pattern=getattr(run.model, "head_pattern", None))
+                              steps_per_epoch=run.steps_per_epoch,
+                              head_pattern=getattr(run.model, "head_pattern", None))
             groups = list(opt.schedule_args)
             if lr_tables is not None:
                 table = np.tile(np.asarray(lr_tables[k], np.float32)[None], (len(groups), 1))
             else:
                 table = np.stack([
-                    optim.lr_curve(optim.SCHEDULE_FNS[kind](args), np.arange(run.total_steps))
+                    schedules.lr_curve(schedules.SCHEDULE_FNS[kind](args), np.arange(run.total_steps))
                     for kind, args in opt.schedule_args.values()
                 ]).astype(np.float32)
             tables.append(table)
@@ -211,29 +223,27 @@ class Population:
             if k == 0:
                 self.group_index = params_lib.map_with_path(
                     lambda p, _, rows=rows, groups=groups: groups.index(rows[p].group), run.state["params"])
-        self.hparams = {
+        hparams = {
             "lr_table": np.stack(tables),
             "lr_mult": _stack(mults),
             "weight_decay": _stack(decays),
-            "label_smoothing": np.asarray([c.train.label_smoothing for c in member_cfgs], np.float32),
+            "label_smoothing": np.asarray([c.train.label_smoothing for c in self.cfgs], np.float32),
         }
-        self.toward_pretrained = base.optim.decay_toward == "pretrained"
-        self.active = np.ones(self.size, bool)
+        return hparams, groups
 
-        mesh = run.mesh
+    def _stack_state(self) -> None:
+        """The template's state stacked K times on a leading member axis (sharded like the template's)."""
+        run = self.run
         member_state = {"step": run.state["step"], "params": run.state["params"],
                         "opt_state": self._tx(self._hp0()).init(run.state["params"])}
-        shardings = jax.tree_util.tree_map(lambda x: _stacked_sharding(getattr(x, "sharding", None), mesh),
+        shardings = jax.tree_util.tree_map(lambda x: _stacked_sharding(getattr(x, "sharding", None), run.mesh),
                                            member_state)
-        with jax.set_mesh(mesh):
-            stacked = jax.tree_util.tree_map(lambda x: jnp.stack([x] * self.size), member_state)
+        with jax.set_mesh(run.mesh):
+            stacked = jax.tree_util.tree_map(lambda x: jnp.stack([x] * self.members), member_state)
         self.state = jax.device_put(stacked, shardings)
         self.state_shardings = shardings
-        self.hp_device = jax.device_put(self.hparams, sharding_lib.replicated(mesh))
+        self.hp_device = jax.device_put(self.hparams, sharding_lib.replicated(run.mesh))
         run.state = None  # the template's own state is not trained; free it.
-        self._steps: dict[frozenset, Callable] = {}
-        eval_fn = train.make_eval_step(run.graphdef, run.rest, base.model.task)
-        self._eval = jax.jit(jax.vmap(eval_fn, in_axes=(0, None)))
 
     def _hp0(self) -> dict:
         return jax.tree_util.tree_map(lambda x: x[0], self.hparams)
@@ -243,14 +253,12 @@ class Population:
                          self.group_index, self.toward_pretrained)
 
     def _step_fn(self, step: int) -> Callable:
-        from ftjax import train
-
         run = self.run
         trainable = run.optimizer.trainable_at(step)
         if trainable not in self._steps:
             def member(state, hp, active, batch, key):
-                step_cfg = train.StepConfig(run.cfg.model.task, run.cfg.train.grad_accum, hp["label_smoothing"])
-                fn = train.make_train_step(run.graphdef, run.rest, self._tx(hp), trainable, step_cfg)
+                step_cfg = StepConfig(run.cfg.model.task, run.cfg.train.grad_accum, hp["label_smoothing"])
+                fn = make_train_step(run.graphdef, run.rest, self._tx(hp), trainable, step_cfg)
                 new, metrics = fn(state, batch, key)
                 new = jax.tree_util.tree_map(lambda n, o: jnp.where(active, n, o), new, state)
                 return new, metrics
@@ -264,39 +272,32 @@ class Population:
             )
         return self._steps[trainable]
 
-    def step(self, step: int, batch: dict) -> dict:
+    def step(self, step: int, batch: dict, active: np.ndarray) -> dict:
         """One optimizer step of every active member on the shared batch; returns device metrics [K]."""
         fn = self._step_fn(step)
         with jax.set_mesh(self.run.mesh):
-            self.state, metrics = fn(self.state, self.hp_device, jnp.asarray(self.active),
+            self.state, metrics = fn(self.state, self.hp_device, jnp.asarray(active),
                                      sharding_lib.shard_batch(batch, self.run.mesh), self.run.key)
         return metrics
 
     def evaluate(self, split: str) -> list[dict[str, float]]:
         """Each member's eval metrics over a whole split (one vmapped eval pass per batch)."""
-        from ftjax import metrics as metrics_lib
-        from ftjax import train
+        return self.run.evaluate_members(self._eval, self.state["params"], split, self.members)
 
-        loss_sum, weight, confusion = np.zeros(self.size), np.zeros(self.size), None
-        with jax.set_mesh(self.run.mesh):
-            for batch in self.run.data.eval_batches(split):
-                out = jax.device_get(self._eval(self.state["params"], sharding_lib.shard_batch(batch, self.run.mesh)))
-                loss_sum += np.asarray(out["loss_sum"], np.float64)
-                weight += np.asarray(out["weight"], np.float64)
-                if "confusion" in out:
-                    c = np.asarray(out["confusion"], np.float64)
-                    confusion = c if confusion is None else confusion + c
-        if not weight.any():
-            raise train.TrainingError(f"the {split} split has no examples to evaluate")
-        results = []
-        for k in range(self.size):
-            r = {"loss": float(loss_sum[k] / weight[k])}
-            if confusion is not None:
-                r.update(metrics_lib.confusion_metrics(confusion[k]))
-            if self.run.cfg.model.task == "causal_lm":
-                r["perplexity"] = float(math.exp(min(r["loss"], 50.0)))
-            results.append(r)
-        return results
+    def params(self, member: int) -> Any:
+        return jax.tree_util.tree_map(lambda x: x[member], self.state["params"])
+
+    def lr_at(self, step: int) -> list[dict[str, float]]:
+        """Each member's base LR per param group at `step` (before per-param multipliers)."""
+        t = min(step, self.hparams["lr_table"].shape[-1] - 1)
+        return [dict(zip(self.group_names, map(float, table[:, t]))) for table in self.hparams["lr_table"]]
+
+    def abstract_state(self) -> Any:
+        return jax.tree_util.tree_map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self.state)
+
+    def precompile(self, step: int) -> None:
+        """Nothing ahead of time: a population compiles its one vmapped step at the first step."""
 
 
 def _differing_fields(cfgs: list[ml_collections.ConfigDict]) -> list[str]:
@@ -313,85 +314,44 @@ def _differing_fields(cfgs: list[ml_collections.ConfigDict]) -> list[str]:
     return sorted({k for f in flats[1:] for k in f if f.get(k) != flats[0].get(k)})
 
 
-def fit_population(
+def train_population(
     member_cfgs: list[ml_collections.ConfigDict],
     workdir: str,
     member_dirs: list[str],
     *,
-    on_eval: Callable[[int, int, dict], bool] | None = None,
+    should_prune: Callable[[int, int, dict], bool] | None = None,
     metric: str = "loss",
     mode: str = "min",
     devices: list | None = None,
 ) -> list[dict[str, Any]]:
-    """Trains the members together; returns one summary per member (as train.fit's, plus "status").
+    """Trains the members together through the one loop; returns one summary per member (with "status").
 
-    `on_eval(member, step, val) -> stop` is called for each active member at each eval (pruning); a member
-    also stops on its own early-stopping rule or a NaN loss. Stopped members keep their state and no longer
-    count (their results are final). Each member's metrics.jsonl and summary.json go to member_dirs[k].
+    `should_prune(member, step, val) -> stop` is asked for each active member at each eval; a member also
+    stops on its own early-stopping rule or a NaN loss. Stopped members keep their state and no longer
+    count. Each member's metrics.jsonl and summary.json go to member_dirs[k]; the population's
+    checkpoints (all members, for SIGTERM and exact resume) to WORKDIR/checkpoints.
     """
-    from ftjax import metrics as metrics_lib
-
     t_start = time.time()
     pop = Population(member_cfgs, workdir, devices=devices)
-    run, K = pop.run, pop.size
-    t = member_cfgs[0].train
-    writers = [metrics_lib.MetricWriter(d, enabled=run.primary) for d in member_dirs]
+    run = pop.run
     for cfg, d in zip(member_cfgs, member_dirs):
+        os.makedirs(d, exist_ok=True)
         with open(os.path.join(d, "config.json"), "w") as f:
             f.write(cfg.to_json_best_effort(indent=1))
-    es = t.early_stop
-    stoppers = [metrics_lib.EarlyStopper(metric, mode, es.patience, es.min_delta) for _ in range(K)]
-    status = ["running"] * K
-    best_val: list[dict | None] = [None] * K
-    progress = metrics_lib.Progress(pop.total_steps, 0, enabled=run.primary and t.progress)
-    batches = run.data.train_iterator()
-    window = np.zeros(K)
-    n_window = 0
-    step = 0
-    while step < pop.total_steps and pop.active.any():
-        metrics = pop.step(step, next(batches))
-        step += 1
-        m = jax.device_get(metrics)
-        losses = np.asarray(m["loss"], np.float64)
-        for k in np.flatnonzero(pop.active):
-            if not math.isfinite(losses[k]):
-                pop.active[k], status[k] = False, "failed"
-                logging.warning("population member %d: loss is %s at step %d; it stops", k, losses[k], step)
-        window += np.where(np.isfinite(losses), losses, 0.0)
-        n_window += 1
-        progress.update(step, float(np.asarray(m["examples"])[0]), float(np.nanmean(losses[pop.active]))
-                        if pop.active.any() else None)
-        if step % t.log_every == 0 or step == pop.total_steps:
-            for k in np.flatnonzero(pop.active):
-                writers[k].write(step, "train", {"loss": window[k] / n_window,
-                                                 "grad_norm": float(np.asarray(m["grad_norm"])[k])})
-            window[:], n_window = 0.0, 0
-        if step % pop.eval_every == 0 or step == pop.total_steps:
-            vals = pop.evaluate("validation")
-            for k in np.flatnonzero(pop.active):
-                writers[k].write(step, "val", vals[k])
-                improved, stop = stoppers[k].update(step, vals[k])
-                if improved:
-                    best_val[k] = {**vals[k], "step": step}
-                if on_eval is not None and on_eval(k, step, vals[k]):
-                    pop.active[k], status[k] = False, "pruned"
-                elif stop:
-                    pop.active[k], status[k] = False, "stopped_early"
-            progress.write(f"step {step}: " + " ".join(
-                f"m{k}:{metric}={vals[k][metric]:.4f}" for k in range(K) if status[k] != "failed"))
-    progress.close()
-    wall = time.time() - t_start
+    ckpt = open_checkpointer(run, None)
+    extra: list[Callback] = [Pruning(should_prune)] if should_prune is not None else []
+    cbs = standard_callbacks(run, ckpt, member_dirs, metric=metric, mode=mode, solo=False, extra=extra)
+    loop = fit(pop, run.data.train_iterator, cbs)
+    ckpt.close()
+    early = next(cb for cb in cbs if type(cb).__name__ == "EarlyStopping")
     summaries = []
-    for k in range(K):
-        if status[k] == "running":
-            status[k] = "complete"
-        bv = best_val[k] or {}
-        summary = {"status": status[k], "steps": step, "best_step": bv.get("step"),
-                   "stopped_early": status[k] == "stopped_early",
-                   "val": {k2: v for k2, v in bv.items() if k2 != "step"},
-                   "best_val": {metric: stoppers[k].best_value},
-                   "timing": {"wall_seconds": wall, "population_size": K}}
-        writers[k].close()
+    for k in range(pop.members):
+        best = early.best_results[k] or {}
+        summary = {"status": loop.status[k], "steps": loop.step,
+                   "best_step": early.stoppers[k].best_step,
+                   "stopped_early": loop.status[k] == "stopped_early",
+                   "val": best, "best_val": {metric: early.stoppers[k].best_value},
+                   "timing": {"wall_seconds": time.time() - t_start, "population_size": pop.members}}
         if run.primary:
             with open(os.path.join(member_dirs[k], "summary.json"), "w") as f:
                 json.dump(summary, f, indent=1, default=float)

@@ -8,12 +8,17 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Callable
 
+import matplotlib
 import numpy as np
 from absl import logging
 
 from ftjax.config import ConfigError
+from ftjax.loop import Callback, Loop, fit
+from ftjax.tune.population import Population, with_overrides
+
+matplotlib.use("Agg")  # files only, no display; before pyplot is imported
+import matplotlib.pyplot as plt  # noqa: E402
 
 
 def lr_ramp(lr_min: float, lr_max: float, steps: int) -> np.ndarray:
@@ -34,22 +39,31 @@ def smooth(losses: np.ndarray, beta: float = 0.98) -> np.ndarray:
     return out
 
 
-def range_test(step_fn: Callable[[int, float], float], lrs: np.ndarray, *, diverge: float = 4.0,
-               beta: float = 0.98) -> np.ndarray:
-    """Calls step_fn(i, lrs[i]) -> loss for each LR until the smoothed loss exceeds `diverge` x its minimum
-    (or is not finite); returns the losses seen."""
-    losses: list[float] = []
-    best = math.inf
-    for i, lr in enumerate(lrs):
-        loss = float(step_fn(i, float(lr)))
-        losses.append(loss)
-        if not math.isfinite(loss):
-            break
-        s = smooth(np.asarray(losses), beta)[-1]
-        best = min(best, s)
-        if i > 2 and s > diverge * best:
-            break
-    return np.asarray(losses)
+class RangeTest(Callback):
+    """Records each member's training loss per step. With `diverge` set (the ramp), stops the loop once
+    the smoothed loss exceeds `diverge` x its minimum or a loss is not finite."""
+
+    def __init__(self, members: int, diverge: float | None = 4.0, beta: float = 0.98):
+        self.diverge, self.beta = diverge, beta
+        self.losses: list[np.ndarray] = []
+        self._best, self._stopped = math.inf, False
+
+    def record(self, losses: np.ndarray) -> bool:
+        """Adds one step's losses; True when the (single-member) ramp has diverged."""
+        self.losses.append(np.asarray(losses, np.float64))
+        if self.diverge is None:
+            return False
+        curve = np.asarray([x[0] for x in self.losses])
+        if not math.isfinite(curve[-1]):
+            return True
+        s = smooth(curve, self.beta)[-1]
+        self._best = min(self._best, s)
+        return len(curve) > 3 and s > self.diverge * self._best
+
+    def on_step(self, loop: Loop, step: int, metrics: dict[str, np.ndarray]) -> None:
+        if not self._stopped and self.record(metrics["loss"]):
+            self._stopped = True
+            loop.request_stop("diverged")
 
 
 def suggest_lr(lrs: np.ndarray, losses: np.ndarray, beta: float = 0.98) -> dict:
@@ -72,11 +86,6 @@ def suggest_lr(lrs: np.ndarray, losses: np.ndarray, beta: float = 0.98) -> dict:
 
 
 def plot(lrs: np.ndarray, losses: np.ndarray, suggestion: dict, png: str, title: str = "LR range test") -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     n = len(losses)
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(lrs[:n], losses, alpha=0.35, label="loss")
@@ -104,11 +113,8 @@ def lr_find(cfg, workdir: str, *, lr_min: float = 1e-7, lr_max: float = 1.0, ste
     population=0: one run, LR ramped exponentially from lr_min to lr_max over `steps` steps (stops at
     divergence). population=K: K members at constant log-spaced LRs in [lr_min, lr_max], `steps` steps
     each in one vmapped step; the suggestion is the LR with the lowest loss over the last fifth of the steps.
+    Both are a `Population` stepped by the one loop with a `RangeTest` callback.
     """
-    import jax
-
-    from ftjax.population import Population, with_overrides
-
     if population < 0:
         raise ConfigError("lr_find.population", population, ">= 0")
     c = with_overrides(cfg, {"train.steps": int(steps), "optim.schedule.type": "constant",
@@ -116,26 +122,25 @@ def lr_find(cfg, workdir: str, *, lr_min: float = 1e-7, lr_max: float = 1.0, ste
     os.makedirs(workdir, exist_ok=True)
     if population == 0:
         lrs = lr_ramp(lr_min, lr_max, steps)
-        pop = Population([c], workdir, devices=devices, lr_tables=lrs[None])
-        batches = pop.run.data.train_iterator()
-        losses = range_test(lambda i, lr: float(jax.device_get(pop.step(i, next(batches))["loss"])[0]), lrs)
+        tables, members, diverge = lrs[None], [c], 4.0
+    else:
+        lrs = np.geomspace(lr_min, lr_max, population) if population > 1 else np.array([lr_min])
+        tables, members, diverge = np.repeat(lrs[:, None], steps, 1), [c] * population, None
+    pop = Population(members, workdir, devices=devices, lr_tables=tables)
+    recorder = RangeTest(len(members), diverge)
+    fit(pop, pop.run.data.train_iterator, [recorder])
+    history = np.stack(recorder.losses)  # [steps seen, K]
+    if population == 0:
+        losses = history[:, 0]
         suggestion = suggest_lr(lrs, losses)
         title = f"LR range test: {len(losses)} steps, exponential ramp"
     else:
-        lrs = np.geomspace(lr_min, lr_max, population) if population > 1 else np.array([lr_min])
-        pop = Population([c] * population, workdir, devices=devices,
-                         lr_tables=np.repeat(lrs[:, None], steps, 1))
-        batches = pop.run.data.train_iterator()
-        history = []
-        for i in range(steps):
-            history.append(np.asarray(jax.device_get(pop.step(i, next(batches))["loss"]), float))
-        tail = np.stack(history)[-max(1, steps // 5):]
+        tail = history[-max(1, steps // 5):]
         losses = np.where(np.isfinite(tail).all(0), tail.mean(0), np.inf)
         i = int(np.argmin(losses))
         suggestion = {"lr": float(lrs[i]), "method": f"lowest loss after {steps} steps", "steepest": None,
                       "min_over_10": float(lrs[i] / 10)}
         title = f"LR sweep: {population} members, {steps} steps each at constant LR"
-    lrs = np.asarray(lrs)
     plot(lrs, np.where(np.isfinite(losses), losses, np.nan), suggestion, os.path.join(workdir, "lr_find.png"),
          title)
     result = {"suggestion": suggestion, "lrs": lrs[:len(losses)].tolist(),

@@ -1,0 +1,97 @@
+"""PNG plots of a run's curves (loss, eval metrics, LR per group, generalization gap), from metrics.jsonl."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+
+matplotlib.use("Agg")  # files only, no display; before pyplot is imported
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+from ftjax.callbacks.metric_log import read_metrics
+
+
+def _series(records: list[dict], split: str, name: str) -> tuple[np.ndarray, np.ndarray]:
+    pts = [(r["step"], r[name]) for r in records if r["split"] == split and name in r]
+    steps = np.array([p[0] for p in pts], np.float64)
+    values = np.array([p[1] for p in pts], np.float64)
+    return steps, values
+
+
+def _keys(records: list[dict], split: str) -> list[str]:
+    names: dict[str, None] = {}
+    for r in records:
+        if r["split"] == split:
+            names.update({k: None for k in r if k not in ("step", "split")})
+    return list(names)
+
+
+def plot_run(workdir: str | Path) -> list[Path]:
+    """Writes workdir/plots/{loss,metrics,lr,gap}.png from metrics.jsonl; returns the files written.
+
+    A plot whose data is absent (no val split, no lr lines) is skipped, not drawn empty.
+    """
+    records = read_metrics(workdir)
+    out_dir = Path(workdir) / "plots"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+
+    def save(fig, name: str, title: str, ylabel: str) -> None:
+        ax = fig.axes[0]
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
+        fig.tight_layout()
+        fig.savefig(out_dir / name, dpi=100)
+        plt.close(fig)
+        written.append(out_dir / name)
+
+    train_steps, train_loss = _series(records, "train", "loss")
+    val_steps, val_loss = _series(records, "val", "loss")
+    test_steps, test_loss = _series(records, "test", "loss")
+    if train_steps.size or val_steps.size or test_steps.size:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        if train_steps.size:
+            ax.plot(train_steps, train_loss, label="train", lw=1)
+        if val_steps.size:
+            ax.plot(val_steps, val_loss, "o-", label="val", ms=4)
+        if test_steps.size:
+            ax.plot(test_steps, test_loss, "*", label="test", ms=12)
+        save(fig, "loss.png", "loss", "loss")
+
+    skip = {"loss", "count"}
+    val_names = [k for k in _keys(records, "val") if k not in skip]
+    if val_names:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for name in val_names:
+            steps, values = _series(records, "val", name)
+            line = ax.plot(steps, values, "o-", label=f"val {name}", ms=4)[0]
+            t_steps, t_values = _series(records, "test", name)
+            if t_steps.size:
+                ax.plot(t_steps, t_values, "*", color=line.get_color(), label=f"test {name}", ms=12)
+        save(fig, "metrics.png", "eval metrics", "value")
+
+    groups = _keys(records, "lr")
+    if groups:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for group in groups:
+            ax.plot(*_series(records, "lr", group), label=group)
+        save(fig, "lr.png", "learning rate per param group", "lr")
+
+    gap_steps, gap = _series(records, "gap", "val_minus_train_loss")  # logged by the trainer, if so.
+    if not gap_steps.size and train_steps.size and val_steps.size:
+        # Train loss (logged every log_every steps) interpolated at the eval steps.
+        gap_steps, gap = val_steps, val_loss - np.interp(val_steps, train_steps, train_loss)
+    if gap_steps.size:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        ax.axhline(0.0, color="gray", lw=1)
+        ax.plot(gap_steps, gap, "o-", label="val loss - train loss", ms=4)
+        save(fig, "gap.png", "generalization gap (rising = overfitting)", "loss gap")
+    return written
+

@@ -1,0 +1,50 @@
+"""Language-model samples at each evaluation: a few validation prompts generated with each member's
+current params, written to MEMBER_DIR/samples/step_<step>.jsonl so a person can read what changed."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import numpy as np
+from absl import logging
+
+from ftjax import params as params_lib
+from ftjax.generate import generate
+from ftjax.loop import Callback, Loop
+
+
+class LMSamples(Callback):
+    def __init__(self, run: Any, member_dirs: list[str], prompts: list[str], max_new_tokens: int,
+                 enabled: bool = True):
+        self.run, self.member_dirs = run, member_dirs  # run: graphdef, rest, tokenizer, mesh
+        self.prompts, self.max_new_tokens, self.enabled = list(prompts), max_new_tokens, enabled
+
+    def on_eval(self, loop: Loop, split: str, results: list[dict[str, float]]) -> None:
+        if split != "validation" or not self.prompts:
+            return
+        for k in np.flatnonzero(loop.active):
+            self.write(int(k), loop.step, loop.stepper.params(int(k)))
+
+    def write(self, member: int, step: int, params: Any) -> str | None:
+        """Generates from the prompts with `params`; returns the file written (None: not process 0, or
+        generation failed, which is reported and does not stop training)."""
+        run = self.run
+        model = params_lib.merge(run.graphdef, params, run.rest)
+        try:
+            with jax.set_mesh(run.mesh):
+                outputs = generate(model, run.tokenizer, self.prompts, max_new_tokens=self.max_new_tokens)
+        except Exception as e:  # noqa: BLE001 (samples are a diagnostic: a failure is reported, the run goes on)
+            logging.warning("samples: generation failed at step %d (%s: %s); training goes on", step,
+                            type(e).__name__, e)
+            return None
+        if not self.enabled:
+            return None
+        path = os.path.join(self.member_dirs[member], "samples", f"step_{step:06d}.jsonl")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            f.writelines(json.dumps({"step": step, "prompt": p, "generation": str(out)}) + "\n"
+                         for p, out in zip(self.prompts, outputs))
+        return path

@@ -1,0 +1,189 @@
+"""The training and eval steps: pure functions of (state, batch, key), jit-compiled by their callers.
+
+`make_train_step` differentiates only the trainable params (the frozen ones are closed over), sums
+gradients over micro-batches with `lax.scan`, draws dropout keys from `fold_in(seed, step)` inside the
+step, and applies the optax chain. `make_eval_step` returns the sums an evaluation adds up.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from ftjax import params as params_lib
+
+State = dict[str, Any]  # {"step": int32 scalar, "params": nested dict, "opt_state": optax state}
+
+INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "pixel_values", "segment_ids")
+
+# ----------------------------------------------------------------------------------------------------
+# Losses: (logits, batch) -> per-example loss [B] (already averaged over tokens for token tasks).
+
+
+def classification_loss(logits: jax.Array, batch: dict, label_smoothing: float = 0.0) -> jax.Array:
+    logits = logits.astype(jnp.float32)
+    num_classes = logits.shape[-1]
+    labels = jax.nn.one_hot(batch["labels"], num_classes)
+    if not isinstance(label_smoothing, (int, float)) or label_smoothing:  # a traced rate: population mode
+        labels = optax.smooth_labels(labels, label_smoothing)
+    return optax.softmax_cross_entropy(logits, labels)
+
+
+def token_loss_sum(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per-example (sum of token losses, number of labelled tokens); label -100 is ignored, as in HF."""
+    logits = logits.astype(jnp.float32)
+    valid = labels != -100
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(valid, labels, 0))
+    loss = jnp.where(valid, loss, 0.0)
+    return loss.sum(-1), valid.sum(-1).astype(jnp.float32)
+
+
+def causal_lm_loss_sum(
+    logits: jax.Array, labels: jax.Array, segment_ids: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array]:
+    """token_loss_sum with HF's shift: logits at t predict labels[t + 1] (labels are the input ids, -100
+    where no loss); with packed rows (segment_ids) never across a document boundary."""
+    targets = jnp.concatenate([labels[:, 1:], jnp.full_like(labels[:, :1], -100)], axis=1)
+    if segment_ids is not None:
+        same = segment_ids[:, 1:] == segment_ids[:, :-1]
+        same = jnp.concatenate([same, jnp.zeros_like(same[:, :1])], axis=1)
+        targets = jnp.where(same, targets, -100)
+    return token_loss_sum(logits, targets)
+
+
+def model_inputs(batch: dict) -> dict:
+    return {k: batch[k] for k in INPUT_KEYS if k in batch}
+
+
+def loss_and_weight(logits: jax.Array, batch: dict, task: str, label_smoothing: float) -> tuple[jax.Array, jax.Array]:
+    """(weighted loss sum, weight sum) of a batch; the step's loss is their ratio over all micro-batches."""
+    w = batch["weights"].astype(jnp.float32)
+    if task == "causal_lm":
+        loss_sum, tokens = causal_lm_loss_sum(logits, batch["labels"], batch.get("segment_ids"))
+        return (loss_sum * w).sum(), (tokens * w).sum()
+    if task in ("token_classification", "masked_lm"):
+        loss_sum, tokens = token_loss_sum(logits, batch["labels"])
+        return (loss_sum * w).sum(), (tokens * w).sum()
+    per_example = classification_loss(logits, batch, label_smoothing)
+    return (per_example * w).sum(), w.sum()
+
+
+# ----------------------------------------------------------------------------------------------------
+# The step.
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    task: str
+    grad_accum: int = 1
+    label_smoothing: float = 0.0
+
+
+def _split_micro(batch: dict, grad_accum: int) -> dict:
+    """[B, ...] -> [A, B/A, ...] taking rows a, a+A, ... for micro-batch a, so each device keeps its rows."""
+    def split(x):
+        b = x.shape[0]
+        return x.reshape((b // grad_accum, grad_accum) + x.shape[1:]).swapaxes(0, 1)
+
+    return {k: split(v) for k, v in batch.items()}
+
+
+def make_train_step(
+    graphdef: nnx.GraphDef,
+    rest: nnx.State,
+    tx: optax.GradientTransformation,
+    trainable: frozenset[str],
+    step_cfg: StepConfig,
+) -> Callable[[State, dict, jax.Array], tuple[State, dict]]:
+    """A pure `train_step(state, batch, key) -> (state, metrics)`; jit it with shardings and donation.
+
+    Only params whose path is in `trainable` are differentiated; the others enter the loss as constants,
+    so XLA never computes their gradients (nor the activations' gradients below the lowest trainable op).
+    """
+
+    def is_trainable(path: str) -> bool:
+        return path in trainable
+
+    def loss_fn(train_params, frozen_params, micro, key):
+        model = params_lib.merge(graphdef, params_lib.combine(train_params, frozen_params), rest)
+        out = model(**model_inputs(micro), deterministic=False, rngs=nnx.Rngs(dropout=key))
+        loss_sum, weight = loss_and_weight(out["logits"], micro, step_cfg.task, step_cfg.label_smoothing)
+        return loss_sum, weight
+
+    def train_step(state: State, batch: dict, key: jax.Array) -> tuple[State, dict]:
+        train_params, frozen_params = params_lib.partition(state["params"], is_trainable)
+        step_key = jax.random.fold_in(key, state["step"])
+        loss_sum_fn = lambda tp, mb, k: loss_fn(tp, frozen_params, mb, k)
+
+        if step_cfg.grad_accum == 1:
+            (loss_sum, weight), grads = jax.value_and_grad(loss_sum_fn, has_aux=True)(train_params, batch, step_key)
+        else:
+            micro = _split_micro(batch, step_cfg.grad_accum)
+
+            def body(carry, xs):
+                grads_acc, loss_acc, weight_acc = carry
+                index, mb = xs
+                (loss_sum, weight), grads = jax.value_and_grad(loss_sum_fn, has_aux=True)(
+                    train_params, mb, jax.random.fold_in(step_key, index)
+                )
+                grads_acc = jax.tree_util.tree_map(jnp.add, grads_acc, grads)
+                return (grads_acc, loss_acc + loss_sum, weight_acc + weight), None
+
+            zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), train_params)
+            init = (zeros, jnp.float32(0.0), jnp.float32(0.0))
+            (grads, loss_sum, weight), _ = jax.lax.scan(
+                body, init, (jnp.arange(step_cfg.grad_accum), micro)
+            )
+        denom = jnp.maximum(weight, 1.0)
+        grads = jax.tree_util.tree_map(lambda g, p: (g / denom).astype(p.dtype), grads, train_params)
+        grad_norm = optax.tree.norm(grads)
+        # The optimizer sees the full tree; frozen leaves get zeros, which set_to_zero / the unfreeze gate
+        # never read, so XLA drops them.
+        full_grads = params_lib.combine(grads, jax.tree_util.tree_map(jnp.zeros_like, frozen_params))
+        updates, opt_state = tx.update(full_grads, state["opt_state"], state["params"])
+        train_updates, _ = params_lib.partition(updates, is_trainable)
+        new_train = optax.apply_updates(train_params, train_updates)
+        new_state = {
+            "step": state["step"] + 1,
+            "params": params_lib.combine(new_train, frozen_params),
+            "opt_state": opt_state,
+        }
+        metrics = {
+            "loss": loss_sum / denom,
+            "grad_norm": grad_norm,
+            # Checked on the host before any later checkpoint: a saved state never holds inf/NaN params.
+            "param_norm": optax.tree.norm(new_train),
+            "examples": batch["weights"].sum(),
+        }
+        return new_state, metrics
+
+    return train_step
+
+
+def make_eval_step(graphdef: nnx.GraphDef, rest: nnx.State, task: str) -> Callable[[Any, dict], dict]:
+    """`eval_step(params, batch) -> {"loss_sum", "weight"(, "confusion")}` with dropout off."""
+
+    def eval_step(params, batch):
+        model = params_lib.merge(graphdef, params, rest)
+        out = model(**model_inputs(batch), deterministic=True)
+        logits = out["logits"]
+        loss_sum, weight = loss_and_weight(logits, batch, task, 0.0)
+        result = {"loss_sum": loss_sum, "weight": weight}
+        if task in ("classification", "image_classification"):
+            # A [C, C] confusion matrix (rows: label, cols: prediction) is all the host needs for
+            # accuracy and macro-F1, and being replicated it is readable on every process.
+            num_classes = logits.shape[-1]
+            w = batch["weights"].astype(jnp.float32)
+            truth = jax.nn.one_hot(batch["labels"], num_classes) * w[:, None]
+            pred = jax.nn.one_hot(jnp.argmax(logits, -1), num_classes)
+            result["confusion"] = truth.T @ pred
+        return result
+
+    return eval_step
+
