@@ -18,7 +18,8 @@ import numpy as np
 
 
 def build_step(model, lora_rank: int, batch: dict, steps: int):
-    from ftjax import lora, optim, train
+    from ftjax import lora, optim
+    from ftjax import step as step_lib
     from ftjax import params as params_lib
     from ftjax.config import default_config
 
@@ -32,7 +33,7 @@ def build_step(model, lora_rank: int, batch: dict, steps: int):
     head = lora.optim_head_pattern(model) if lora_rank else model.head_pattern
     opt = optim.build(o, params, total_steps=steps + 1, steps_per_epoch=steps + 1, head_pattern=head)
     state = {"step": jnp.int32(0), "params": params, "opt_state": opt.tx.init(params)}
-    fn = train.make_train_step(graphdef, rest, opt.tx, opt.trainable_at(0), train.StepConfig("causal_lm"))
+    fn = step_lib.make_train_step(graphdef, rest, opt.tx, opt.trainable_at(0), step_lib.StepConfig("causal_lm"))
     jitted = jax.jit(fn, donate_argnums=(0,))
     t0 = time.perf_counter()
     compiled = jitted.lower(state, batch, jax.random.key(0)).compile()

@@ -5,7 +5,7 @@ on the MiniLM recipe (configs/minilm_food_reviews.py), shortened.
     python benchmarks/population_vs_sequential.py --k 4 --max_examples 64 --max_len 64 --batch 16  # smoke
 
 Both sides include everything a sweep pays per trial: model load, data, compilation, training, evaluation
-(the sequential side also checkpoints, as train.fit does). Prints the times, their ratio (sequential /
+(the sequential side also checkpoints, as trainer.train does). Prints the times, their ratio (sequential /
 population; the aim is >= 3x for K=8) and the largest difference of the members' final val loss from the
 sequential runs'. Writes a JSON line to --out when given.
 """
@@ -39,7 +39,8 @@ def main() -> None:
     import numpy as np
 
     from configs.minilm_food_reviews import get_config
-    from ftjax import population, train
+    from ftjax import trainer
+    from ftjax.tune import population
 
     base = get_config()
     if args.model_dir:
@@ -56,12 +57,12 @@ def main() -> None:
     root = tempfile.mkdtemp(prefix="ftjax_popbench_")
 
     t0 = time.time()
-    summaries = population.fit_population(cfgs, os.path.join(root, "pop"),
+    summaries = population.train_population(cfgs, os.path.join(root, "pop"),
                                           [os.path.join(root, f"member_{k}") for k in range(args.k)])
     t_pop = time.time() - t0
 
     t0 = time.time()
-    solo = [train.fit(c, os.path.join(root, f"solo_{k}")) for k, c in enumerate(cfgs)]
+    solo = [trainer.train(c, os.path.join(root, f"solo_{k}")) for k, c in enumerate(cfgs)]
     t_seq = time.time() - t0
 
     diff = max(abs(s["val"]["loss"] - o["val"]["loss"]) for s, o in zip(summaries, solo))

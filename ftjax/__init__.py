@@ -2,11 +2,3 @@
 
 __version__ = "0.1.0"
 
-
-def __getattr__(name: str):
-    """Lazy exports (importing ftjax stays cheap): ftjax.generate -> ftjax.generate.generate."""
-    if name == "generate":
-        import importlib
-
-        return importlib.import_module("ftjax.generate").generate
-    raise AttributeError(f"module 'ftjax' has no attribute {name!r}")

@@ -6,8 +6,6 @@ eos. Prompts are left-padded and positions count real tokens only, as transforme
 from __future__ import annotations
 
 import functools
-import sys
-import types
 from collections.abc import Sequence
 from typing import Any
 
@@ -156,13 +154,3 @@ def generate(
     decoded = [tokenizer.decode(row[length:].tolist(), skip_special_tokens=True) for row in out]
     return decoded[0] if single else decoded
 
-
-class _CallableModule(types.ModuleType):
-    """Importing ftjax.generate binds the package attribute `ftjax.generate` to this module, which would shadow
-    the lazily exported function; a callable module keeps `ftjax.generate(model, tokenizer, ...)` working."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> str | list[str]:
-        return generate(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

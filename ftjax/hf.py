@@ -14,6 +14,10 @@ from typing import Any
 from urllib.parse import urlparse
 
 import numpy as np
+from huggingface_hub import snapshot_download
+from safetensors import SafetensorError
+from safetensors.numpy import load_file, save_file
+from transformers import AutoConfig, AutoTokenizer
 
 SAFETENSORS = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -86,8 +90,6 @@ def resolve(name_or_path: str) -> str:
             f"{name_or_path!r} is not a local folder and the Hugging Face hub cannot be reached (no network); "
             "pass a local HF folder (e.g. one made with save_pretrained)"
         )
-    from huggingface_hub import snapshot_download
-
     patterns = ["*.json", "*.safetensors", "*.txt", "*.model", "merges.txt", "vocab.*"]
     return snapshot_download(str(name_or_path), allow_patterns=patterns + ([f"{PYTORCH_BIN}*"]))
 
@@ -112,8 +114,6 @@ def read_config_json(folder: str) -> dict[str, Any]:
 def load_config(folder: str) -> Any:
     """The transformers PretrainedConfig of a local HF folder (AutoConfig; never trust_remote_code)."""
     read_config_json(folder)
-    from transformers import AutoConfig
-
     try:
         return AutoConfig.from_pretrained(folder, trust_remote_code=False)
     except (ValueError, KeyError) as e:
@@ -122,9 +122,6 @@ def load_config(folder: str) -> Any:
 
 def _read_safetensors(path: str) -> dict[str, np.ndarray]:
     """All tensors of one .safetensors file as numpy arrays, with a clear error for damaged files."""
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
-
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         head = f.read(8)
@@ -149,7 +146,7 @@ def _read_safetensors(path: str) -> dict[str, np.ndarray]:
 
 
 def _read_torch_bin(path: str) -> dict[str, np.ndarray]:
-    import torch
+    import torch  # optional (the torch extra): only a pytorch_model.bin needs it.
 
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
@@ -200,8 +197,6 @@ def load_weights(folder: str, allow_pickle: bool = False) -> tuple[dict[str, np.
 
 def save_weights(state: dict[str, np.ndarray], folder: str) -> str:
     """Writes one model.safetensors (contiguous numpy arrays, bf16 via ml_dtypes); returns its path."""
-    from safetensors.numpy import save_file
-
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, SAFETENSORS)
     save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, path, metadata={"format": "pt"})
@@ -211,8 +206,6 @@ def save_weights(state: dict[str, np.ndarray], folder: str) -> str:
 def load_tokenizer(name_or_path: str) -> Any:
     """The transformers tokenizer saved in an HF folder (or hub id when online)."""
     folder = resolve(name_or_path)
-    from transformers import AutoTokenizer
-
     try:
         return AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
     except (OSError, ValueError) as e:

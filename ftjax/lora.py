@@ -18,13 +18,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from safetensors.numpy import save_file
 
+from ftjax import models
 from ftjax import params as params_lib
 from ftjax.config import ConfigError
+from ftjax.models.common import AXES
 
 LORA_LEAVES = ("lora_a", "lora_b")
 LORA_PARAM_PATTERN = r"(?:.*/)?lora_[ab]"  # fullmatches the adapter params' paths
-_AXES = "logical_axes"  # ftjax.models.common.AXES (not imported: models imports heavy deps)
 # PEFT task_type for each ftjax task (adapter_config.json).
 PEFT_TASK_TYPES = {
     "causal_lm": "CAUSAL_LM",
@@ -59,12 +61,12 @@ class LoRALinear(nnx.Module):
         ):
             setattr(self, name, getattr(base, name))
         din, dout = base.in_features, base.out_features
-        axes = tuple(base.kernel.get_metadata().get(_AXES) or (None, None))
+        axes = tuple(base.kernel.get_metadata().get(AXES) or (None, None))
         # PEFT: nn.init.kaiming_uniform_(lora_A.weight, a=sqrt(5)) on [r, in]: U(-1/sqrt(in), 1/sqrt(in)).
         bound = 1.0 / math.sqrt(din)
         a = jax.random.uniform(key, (din, rank), jnp.float32, -bound, bound).astype(base.param_dtype)
-        self.lora_a = nnx.Param(a, **{_AXES: (axes[0], None)})
-        self.lora_b = nnx.Param(jnp.zeros((rank, dout), base.param_dtype), **{_AXES: (None, axes[1])})
+        self.lora_a = nnx.Param(a, **{AXES: (axes[0], None)})
+        self.lora_b = nnx.Param(jnp.zeros((rank, dout), base.param_dtype), **{AXES: (None, axes[1])})
         self.rank, self.alpha, self.dropout_rate, self.index = (
             int(rank),
             float(alpha),
@@ -92,7 +94,8 @@ _WRAPPED: dict[type, type] = {}
 
 
 def _with_lora_call(cls: type) -> type:
-    """A subclass of the model class whose call sets the adapters' dropout key during a training call."""
+    """A subclass of the model class whose call sets the adapters' dropout key during a training call, and
+    whose `export_params` (what models.save_pretrained writes) merges the adapters into the kernels."""
     if getattr(cls, "_lora_wrapped", False):
         return cls
     if cls not in _WRAPPED:  # one class per model class, so graphdefs stay equal (and jit caches hit).
@@ -105,7 +108,12 @@ def _with_lora_call(cls: type) -> type:
             finally:
                 _DROPOUT_KEY.reset(token)
 
-        namespace = {"__call__": __call__, "__module__": cls.__module__, "_lora_wrapped": True}
+        namespace = {
+            "__call__": __call__,
+            "export_params": merged_params,
+            "__module__": cls.__module__,
+            "_lora_wrapped": True,
+        }
         _WRAPPED[cls] = type(cls)(f"LoRA{cls.__name__}", (cls,), namespace)
     return _WRAPPED[cls]
 
@@ -119,11 +127,6 @@ def _get(cfg: Any, key: str, default: Any) -> Any:
 
 def module_path(path: tuple) -> str:
     return "/".join(str(p) for p in path)
-
-
-def linear_paths(model: nnx.Module) -> list[str]:
-    """'/'-joined paths of every nnx.Linear (or LoRALinear) in the model, e.g. "bert/.../query"."""
-    return [module_path(p) for p, n in nnx.iter_graph(model) if isinstance(n, (nnx.Linear, LoRALinear)) and p]
 
 
 def apply_lora(model: nnx.Module, lora_cfg: Any, seed: int = 0) -> nnx.Module:
@@ -183,17 +186,22 @@ def _key(node: dict, part: str) -> Any:
     return int(part) if part.isdigit() and int(part) in node else part
 
 
+def _adapted(model: nnx.Module, params: dict | None, caller: str) -> tuple[dict[str, LoRALinear], dict, dict]:
+    """(the LoRA modules, `params` or the model's own values, those flattened); an error without adapters."""
+    modules = lora_modules(model)
+    if not modules:
+        raise ValueError(f"{caller}: the model has no LoRA adapters (call ftjax.lora.apply_lora first)")
+    if params is None:
+        params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    return modules, params, params_lib.flatten(params)
+
+
 def merged_params(model: nnx.Module, params: dict | None = None) -> dict:
     """The params with each adapter folded into its kernel (W + alpha/r * A @ B) and lora_* leaves dropped.
 
     `params` defaults to the model's own values (a nested dict as from `ftjax.params.split`).
     """
-    if params is None:
-        params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    modules = lora_modules(model)
-    if not modules:
-        raise ValueError("merged_params: the model has no LoRA adapters (call ftjax.lora.apply_lora first)")
-    flat = params_lib.flatten(params)
+    modules, params, flat = _adapted(model, params, "merged_params")
     if not any(is_lora_param(p) for p in flat):
         return params  # already merged
     out = {}
@@ -223,18 +231,6 @@ def _unflatten(flat: dict[str, Any], like: dict) -> dict:
     return out
 
 
-def adapter_params(params: dict) -> dict:
-    """Only the lora_a / lora_b leaves of a params tree (a sparse nested dict)."""
-    return params_lib.partition(params, is_lora_param)[0]
-
-
-def export_merged(model: nnx.Module, out_dir: str, tokenizer: Any = None, params: dict | None = None) -> str:
-    """An ordinary HF folder (adapters merged into the kernels) that transformers loads; returns out_dir."""
-    from ftjax import models
-
-    return models.save_pretrained(model, out_dir, tokenizer=tokenizer, params=merged_params(model, params))
-
-
 def _hf_module(path: str) -> str:
     return path.replace("/", ".")
 
@@ -252,16 +248,7 @@ def export_peft(
     target_modules lists the adapted modules' full names. `also_trained` (param paths trained besides the
     adapters, e.g. a new classifier head) are saved too, their modules listed in modules_to_save.
     """
-    from safetensors.numpy import save_file
-
-    from ftjax import models
-
-    if params is None:
-        params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    modules = lora_modules(model)
-    if not modules:
-        raise ValueError("export_peft: the model has no LoRA adapters (call ftjax.lora.apply_lora first)")
-    flat = params_lib.flatten(params)
+    modules, params, flat = _adapted(model, params, "export_peft")
     tensors: dict[str, np.ndarray] = {}
     for mod in modules:
         name = f"base_model.model.{_hf_module(mod)}"

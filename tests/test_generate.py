@@ -10,9 +10,8 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-import ftjax
 from ftjax import models
-from ftjax.generate import generate_ids
+from ftjax.generate import generate, generate_ids
 from tests.tiny import MINILM
 
 VOCAB = 64
@@ -78,14 +77,14 @@ def test_string_api_matches_transformers_with_a_real_tokenizer(tmp_path):
     tokenizer = transformers.AutoTokenizer.from_pretrained(MINILM)
     ref, model = pair("qwen2", str(tmp_path), vocab=tokenizer.vocab_size)
     texts = ["the coffee was", "a very long prompt about the snack box and its price"]
-    got = ftjax.generate(model, tokenizer, texts, max_new_tokens=5)
+    got = generate(model, tokenizer, texts, max_new_tokens=5)
     enc = tokenizer(texts, padding=True, padding_side="left", return_tensors="pt")
     with torch.no_grad():
         out = ref.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], do_sample=False, max_new_tokens=5, pad_token_id=tokenizer.pad_token_id)
     expected = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
     assert got == expected
     assert all(g for g in got)
-    assert ftjax.generate(model, tokenizer, texts[0], max_new_tokens=5) == expected[0]
+    assert generate(model, tokenizer, texts[0], max_new_tokens=5) == expected[0]
 
 
 def test_cached_decoding_equals_a_full_forward(tmp_path):

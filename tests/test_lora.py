@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import safetensors.numpy
+import torch
+import transformers
+from flax import nnx
 
-from ftjax import lora, optim, train
+from ftjax import lora, models, optim
 from ftjax import params as params_lib
 from ftjax import sharding as sharding_lib
 from ftjax.config import ConfigError, default_config
+from ftjax.run import Run
 from tests.test_lm_data import CORPUS, tiny_llama
 
 IDS = np.array([[5, 17, 42, 99, 3, 250, 7, 8, 61, 12]], np.int32)
@@ -36,7 +43,7 @@ def trained(tmp_path_factory):
     c.train.batch_size = 2
     c.train.steps = 3
     c.train.compilation_cache = ""
-    run = train.Run(c, str(root / "work"), devices=jax.devices()[:1])
+    run = Run(c, str(root / "work"), devices=jax.devices()[:1])
     before = jax.device_get(run.state["params"])
     batches = run.data.train_iterator()
     for step in range(3):
@@ -80,23 +87,24 @@ def test_optimizer_state_exists_only_for_adapters(trained):
     assert run.optimizer.state_bytes() < 2 * 4 * adapter_elems + 1024
 
 
-def test_merged_export_has_the_lora_models_logits(trained):
-    import torch
-    import transformers
-
-    from ftjax import models
-
+def test_save_pretrained_merges_the_adapters_and_keeps_the_lora_models_logits(trained):
     run, _, after, _, root = trained
     want = _logits(run, after)
-    out = lora.export_merged(run.model, str(root / "merged"), tokenizer=run.tokenizer, params=after)
+    # models.save_pretrained (what --mode=export calls) writes the adapters merged into the kernels.
+    out = models.save_pretrained(run.model, str(root / "merged"), tokenizer=run.tokenizer, params=after)
     merged = models.from_pretrained(out, task="causal_lm")
-    assert not [p for p in params_lib.flatten(nnx_params(merged)) if lora.is_lora_param(p)]
+    loaded = params_lib.flatten(nnx_params(merged))
+    assert not [p for p in loaded if lora.is_lora_param(p)]
     np.testing.assert_allclose(np.asarray(merged(input_ids=jnp.asarray(IDS))["logits"]), want, atol=2e-5)
-    # models.save_pretrained (what --mode=export calls) merges the adapters too.
-    saved = models.from_pretrained(
-        models.save_pretrained(run.model, str(root / "saved"), params=after), "causal_lm"
-    )
-    np.testing.assert_allclose(np.asarray(saved(input_ids=jnp.asarray(IDS))["logits"]), want, atol=2e-5)
+    # lora.merged_params: W + alpha/r * A @ B for the adapted kernels, the other params as they are.
+    expected = params_lib.flatten(lora.merged_params(run.model, after))
+    assert set(expected) == set(loaded)
+    q = "model/layers/0/self_attn/q_proj/kernel"
+    flat = params_lib.flatten(after)
+    delta = (8.0 / 4) * flat[q.replace("kernel", "lora_a")] @ flat[q.replace("kernel", "lora_b")]
+    np.testing.assert_allclose(expected[q], flat[q] + delta, atol=1e-6)
+    for path, value in expected.items():
+        np.testing.assert_allclose(loaded[path], value, atol=1e-6, err_msg=path)
     hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     with torch.no_grad():
         got = hf(input_ids=torch.tensor(IDS, dtype=torch.long)).logits.numpy()
@@ -108,12 +116,6 @@ def nnx_params(model):
 
 
 def test_peft_export_loads_in_peft_with_equal_logits(trained):
-    import json
-
-    import safetensors.numpy
-    import torch
-    import transformers
-
     run, _, after, model_dir, root = trained
     out = lora.export_peft(run.model, str(root / "adapter"), params=after, base_model_name_or_path=model_dir)
     with open(f"{out}/adapter_config.json") as f:
@@ -132,8 +134,6 @@ def test_peft_export_loads_in_peft_with_equal_logits(trained):
 
 
 def test_lora_dropout_is_random_in_training_and_off_in_eval(trained):
-    from flax import nnx
-
     run, _, after, _, _ = trained
     model = params_lib.merge(run.graphdef, after, run.rest)
     ids = jnp.asarray(IDS)
@@ -146,10 +146,6 @@ def test_lora_dropout_is_random_in_training_and_off_in_eval(trained):
 
 
 def test_encoder_lora_trains_adapters_and_the_new_head():
-    import transformers
-
-    from ftjax import models
-
     cfg = transformers.BertConfig(
         vocab_size=64,
         hidden_size=16,
@@ -179,11 +175,6 @@ def test_encoder_lora_trains_adapters_and_the_new_head():
 
 
 def test_gpt2_conv1d_adapter_loads_in_peft(tmp_path):
-    import torch
-    import transformers
-
-    from ftjax import models
-
     peft = pytest.importorskip("peft")
     torch.manual_seed(0)
     cfg = transformers.GPT2Config(vocab_size=300, n_embd=32, n_layer=2, n_head=4, n_positions=64)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from ftjax import trainer
+from ftjax.callbacks import Pruning, StopAfter
 from ftjax.tune import population
 from tests import tiny
 
@@ -54,10 +55,26 @@ def test_a_stopped_member_keeps_its_state_while_the_others_train(model_dir, data
     cfgs = [population.with_overrides(base, {"optim.lr": lr}) for lr in (1e-3, 2e-3)]
     dirs = [str(tmp_path / f"m{k}") for k in range(2)]
     summaries = population.train_population(cfgs, str(tmp_path / "pop"), dirs,
-                                            should_prune=lambda k, step, val: k == 1 and step >= 3)
+                                            callbacks=[Pruning(lambda k, step, val: k == 1 and step >= 3)])
     assert summaries[0]["status"] == "complete" and summaries[1]["status"] == "pruned"
     assert [s for s, _ in _curve(dirs[1], "val", "loss")] == [3]
     assert len(_curve(dirs[0], "val", "loss")) > 1
+
+
+def test_an_interrupted_population_resumes_bit_identically(model_dir, data_dir, tmp_path):
+    base = tiny.tiny_config(model_dir, data_dir, **{"train.eval_every": 3, "train.log_every": 1,
+                                                    "train.checkpoint.every": 2})
+    cfgs = [population.with_overrides(base, m) for m in MEMBERS[:2]]
+    straight = [str(tmp_path / f"straight_{k}") for k in range(2)]
+    population.train_population(cfgs, str(tmp_path / "pop_straight"), straight)
+    resumed = [str(tmp_path / f"resumed_{k}") for k in range(2)]
+    out = population.train_population(cfgs, str(tmp_path / "pop_resumed"), resumed, callbacks=[StopAfter(5)])
+    assert out[0] == {"interrupted_at": 5}  # checkpoints at 2, 3 (eval) and 4: step 5 is redone
+    summaries = population.train_population(cfgs, str(tmp_path / "pop_resumed"), resumed)
+    assert [s["status"] for s in summaries] == ["complete"] * 2
+    for a, b in zip(straight, resumed):
+        assert _curve(a, "train", "loss") == _curve(b, "train", "loss")
+        assert _curve(a, "val", "loss") == _curve(b, "val", "loss")
 
 
 @pytest.mark.parametrize("field,value,match", [

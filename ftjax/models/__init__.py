@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 import re
 import zlib
 from typing import Any
@@ -18,10 +19,18 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from flax import nnx
+from transformers.models.auto import modeling_auto
 
 from ftjax import hf
 from ftjax import params as params_lib
-from ftjax.hf import CheckpointError, HubOfflineError, ModelFolderError, ModelLoadError, UnsupportedModelError
+from ftjax.config import TASKS
+from ftjax.hf import (
+    CheckpointError,
+    HubOfflineError,
+    ModelFolderError,
+    ModelLoadError,
+    UnsupportedModelError,
+)
 from ftjax.models import registry
 from ftjax.models.common import Ctx, HFModel
 from ftjax.models.registry import Family
@@ -40,7 +49,6 @@ __all__ = [
     "supported_model_types",
 ]
 
-TASKS = ("base", "classification", "token_classification", "masked_lm", "image_classification", "causal_lm")
 DROPOUT_KEYS = ("hidden", "attention", "classifier")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 _AUTO_MAPPINGS = {
@@ -52,6 +60,7 @@ _AUTO_MAPPINGS = {
     "causal_lm": "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES",
 }
 _RENAMED_LEAVES = {"kernel": "weight", "embedding": "weight", "scale": "weight"}
+_KERNEL_PERMUTATIONS = {2: (1, 0), 4: (2, 3, 1, 0)}  # kernel rank -> axes of the HF tensor in ftjax's layout.
 
 supported_model_types = registry.supported_model_types
 
@@ -119,32 +128,17 @@ def _hf_key(path: str) -> str:
     return ".".join(parts)
 
 
-def _untransposed(family: Family, path: str) -> bool:
-    """The family stores this kernel in HF already as [in, out] (GPT-2 Conv1D): no transpose either way."""
-    return any(re.fullmatch(p, path) for p in family.untransposed)
+def _relayout(family: Family, path: str, array: np.ndarray, to_hf: bool) -> np.ndarray:
+    """A kernel between the HF and the ftjax layout: Linear [out, in] <-> [in, out]; Conv OIHW <-> HWIO.
+    Other params, and kernels HF already stores as [in, out] (family.untransposed: GPT-2 Conv1D), pass as is."""
+    perm = _KERNEL_PERMUTATIONS.get(array.ndim)
+    if perm is None or not path.endswith("/kernel") or any(re.fullmatch(p, path) for p in family.untransposed):
+        return array
+    return array.transpose(tuple(np.argsort(perm)) if to_hf else perm)
 
 
-def _to_model_layout(path: str, array: np.ndarray, keep: bool = False) -> np.ndarray:
-    """HF tensor -> ftjax layout: Linear [out, in] -> [in, out]; Conv OIHW -> HWIO; `keep`: as is."""
-    if path.endswith("/kernel") and not keep:
-        if array.ndim == 2:
-            return array.T
-        if array.ndim == 4:
-            return array.transpose(2, 3, 1, 0)
-    return array
-
-
-def _to_hf_layout(path: str, array: np.ndarray, keep: bool = False) -> np.ndarray:
-    if path.endswith("/kernel") and not keep:
-        if array.ndim == 2:
-            return array.T
-        if array.ndim == 4:
-            return array.transpose(3, 2, 0, 1)
-    return array
-
-
-def _hf_shape(path: str, shape: tuple, keep: bool = False) -> tuple:
-    return tuple(_to_hf_layout(path, np.empty(shape, np.int8), keep).shape)
+def _hf_shape(family: Family, path: str, shape: tuple) -> tuple:
+    return tuple(_relayout(family, path, np.empty(shape, np.int8), to_hf=True).shape)
 
 
 def _init_value(path: str, shape: tuple, dtype: Any, std: float, seed: int) -> jax.Array:
@@ -201,12 +195,12 @@ def _build(
             initialized.append(path)
             values[path] = _init_value(path, shape, param_dtype, template.init_range, seed)
             continue
-        array, keep = np.asarray(ckpt.pop(key)), _untransposed(family, path)
-        if tuple(array.shape) != _hf_shape(path, shape, keep):
+        array, hf_shape = np.asarray(ckpt.pop(key)), _hf_shape(family, path, shape)
+        if tuple(array.shape) != hf_shape:
             mismatched.append(f"tensor {key!r} has shape {tuple(array.shape)} in the checkpoint, but the model "
-                              f"expects {_hf_shape(path, shape, keep)}")
+                              f"expects {hf_shape}")
             continue
-        values[path] = jnp.asarray(_to_model_layout(path, array, keep), dtype=param_dtype)
+        values[path] = jnp.asarray(_relayout(family, path, array, to_hf=False), dtype=param_dtype)
     if mismatched:
         raise CheckpointError(
             f"{where} does not fit config.json with task={task!r}: {'; '.join(mismatched)}. Check num_labels "
@@ -272,8 +266,6 @@ def from_pretrained(
 
 def hf_architecture(model_type: str, task: str) -> str:
     """The transformers class name (e.g. BertForSequenceClassification) for a model_type and task."""
-    from transformers.models.auto import modeling_auto
-
     names = getattr(modeling_auto, _AUTO_MAPPINGS[task])
     if model_type not in names:
         raise UnsupportedModelError(f"transformers has no {task} class for model_type {model_type!r}")
@@ -286,24 +278,19 @@ def hf_state_dict(model: HFModel, params: dict | None = None) -> dict[str, np.nd
         params = nnx.state(model, nnx.Param).to_pure_dict()
     out, family = {}, registry.get(model.hf_config.model_type)
     for path, value in params_lib.flatten(params).items():
-        out[_hf_key(path)] = _to_hf_layout(path, np.asarray(jax.device_get(value)), _untransposed(family, path))
+        out[_hf_key(path)] = _relayout(family, path, np.asarray(jax.device_get(value)), to_hf=True)
     return out
 
 
 def save_pretrained(model: HFModel, out_dir: str, tokenizer: Any = None, params: dict | None = None) -> str:
     """Writes an HF folder (config.json with id2label, model.safetensors, tokenizer files) that
     transformers loads with the AutoModelFor... class of the model's task. `params` (a nested dict from
-    `ftjax.params.split`) replaces the module's own values, e.g. the trained ones. Returns out_dir."""
-    import os
-
+    `ftjax.params.split`) replaces the module's own values, e.g. the trained ones; a LoRA model is saved
+    with its adapters merged (W + alpha/r * A @ B, see `HFModel.export_params`). Returns out_dir."""
     os.makedirs(out_dir, exist_ok=True)
     cfg = copy.deepcopy(model.hf_config)
     cfg.architectures = [hf_architecture(cfg.model_type, model.task)]
-    from ftjax import lora  # a LoRA model is saved with its adapters merged (W + alpha/r * A @ B)
-
-    if lora.lora_modules(model):
-        params = lora.merged_params(model, params)
-    state = hf_state_dict(model, params)
+    state = hf_state_dict(model, model.export_params(params))
     dtypes = {str(v.dtype) for v in state.values()}
     if len(dtypes) == 1 and hasattr(cfg, "dtype"):
         cfg.dtype = dtypes.pop()

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ftjax.hf import UnsupportedModelError
 from ftjax.models import common
 from ftjax.models.common import Ctx, Dropout, HFModel
 from ftjax.models.registry import Family
@@ -206,12 +207,21 @@ class BertTask(HFModel):
 
 
 TASKS = ("base", "classification", "token_classification", "masked_lm")
+HEAD_PATTERNS = {
+    "base": r"pooler/.*",
+    "classification": r"classifier/.*|bert/pooler/.*",
+    "token_classification": r"classifier/.*",
+    "masked_lm": r"cls/.*",
+}
+DROPOUT_FIELDS = {  # also RoBERTa's (roberta.py).
+    "hidden": "hidden_dropout_prob",
+    "attention": "attention_probs_dropout_prob",
+    "classifier": "classifier_dropout",
+}
 
 
 def check_config(cfg: Any, task: str) -> None:
     """Rejects BERT-style config features the NNX code does not implement (instead of silently differing)."""
-    from ftjax.hf import UnsupportedModelError
-
     kind = getattr(cfg, "position_embedding_type", "absolute") or "absolute"
     if kind != "absolute":
         raise UnsupportedModelError(f"config.json: position_embedding_type={kind!r} is not supported; only 'absolute'")
@@ -234,17 +244,8 @@ FAMILY = Family(
     tasks=TASKS,
     prefix="bert",
     build=build,
-    head_patterns={
-        "base": r"pooler/.*",
-        "classification": r"classifier/.*|bert/pooler/.*",
-        "token_classification": r"classifier/.*",
-        "masked_lm": r"cls/.*",
-    },
-    dropout_fields={
-        "hidden": "hidden_dropout_prob",
-        "attention": "attention_probs_dropout_prob",
-        "classifier": "classifier_dropout",
-    },
+    head_patterns=HEAD_PATTERNS,
+    dropout_fields=DROPOUT_FIELDS,
     ignore_keys=(r"(bert\.)?embeddings\.position_ids", r"cls\.predictions\.decoder\.(weight|bias)"),
     check_config=check_config,
 )

@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ftjax.hf import UnsupportedModelError
+
 NO_HEAD = r"(?!x)x"  # head_pattern of a task without a head (matches no param path).
 AXES = "logical_axes"  # metadata key on every nnx.Param: a tuple of logical axis names (or None) per dim.
 
@@ -29,8 +31,6 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
 
 
 def activation(name: str) -> Callable[[jax.Array], jax.Array]:
-    from ftjax.hf import UnsupportedModelError
-
     if name not in ACTIVATIONS:
         raise UnsupportedModelError(
             f"config.json: activation {name!r} is not implemented; supported: {', '.join(sorted(ACTIVATIONS))}"
@@ -258,6 +258,11 @@ class HFModel(nnx.Module):
                 axes = node.get_metadata().get(AXES)
                 out["/".join(str(p) for p in path)] = tuple(axes) if axes else (None,) * node.get_value().ndim
         return out
+
+    def export_params(self, params: dict | None = None) -> dict:
+        """The values an HF checkpoint of this model holds: `params` (a nested dict as from
+        `ftjax.params.split`) or the module's own. A LoRA model (ftjax.lora) returns them merged."""
+        return nnx.state(self, nnx.Param).to_pure_dict() if params is None else params
 
     def _set_info(self, family: str, task: str, head_pattern: str, hf_config: Any) -> None:
         self.family, self.task, self.head_pattern = family, task, head_pattern

@@ -1,6 +1,6 @@
 """Pieces shared by the decoder families (gpt2.py, llama.py, qwen.py): causal/padding/segment/sliding-window
-masks, grouped-query attention with an optional KV cache, rotary embeddings (default, linear, llama3) and
-HF's last-non-pad-token pooling for sequence classification.
+masks, grouped-query attention with an optional KV cache, rotary embeddings (default, linear, llama3), and
+`DecoderTask`, the task models' shared call (heads, HF's last-non-pad-token pooling, LM logits).
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ import numpy as np
 from flax import nnx
 
 from ftjax.hf import UnsupportedModelError
+from ftjax.models import common
+from ftjax.models.common import Ctx, HFModel
 
 ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -222,3 +224,65 @@ def run_decoder_layers(layers, x, inputs: DecoderInputs, cache, extra, *, remat:
                                    deterministic=deterministic, rngs=rngs)
             new_cache.append(layer_cache)
     return x, new_cache
+
+
+class DecoderTask(HFModel):
+    """Shared call of the decoder task models: base (last_hidden_state), causal_lm (logits over the
+    vocabulary at every position) and classification (logits of the last non-pad token)."""
+
+    backbone_name = "model"  # attribute holding the backbone in task models (HF base_model_prefix).
+    embedding_name = "embed_tokens"  # the backbone's token embedding (the lm_head when tied).
+
+    def _backbone(self) -> nnx.Module:
+        return getattr(self, self.backbone_name) if self.task != "base" else self
+
+    def init_cache(self, batch: int, length: int, dtype: Any = None) -> list:
+        """An empty KV cache for `batch` sequences of up to `length` tokens (for ftjax.generate)."""
+        backbone = self._backbone()
+        kv_heads, dim = backbone.kv_shape
+        return init_cache(backbone.num_layers, batch, length, kv_heads, dim, dtype or backbone.dtype)
+
+    def _init_heads(self, cfg: Any, task: str, ctx: Ctx, tied_default: bool) -> None:
+        """HF's heads: lm_head for causal_lm (absent when the config ties it to the embedding), score (no
+        bias) and the pad id that finds the last token for classification."""
+        self.tied = bool(getattr(cfg, "tie_word_embeddings", tied_default))
+        if task == "causal_lm" and not self.tied:
+            self.lm_head = common.linear(cfg.hidden_size, cfg.vocab_size, ctx, ("embed", "vocab"), use_bias=False)
+        if task == "classification":
+            self.score = common.linear(cfg.hidden_size, cfg.num_labels, ctx, ("embed", None), use_bias=False)
+            self.pad_token_id = None if cfg.pad_token_id is None else int(cfg.pad_token_id)
+
+    def _forward(self, inputs, cache, *, deterministic, rngs):
+        return getattr(self, self.backbone_name)(inputs, cache, deterministic=deterministic, rngs=rngs)
+
+    def _lm_logits(self, x):
+        embedding = getattr(getattr(self, self.backbone_name), self.embedding_name)
+        return embedding.attend(x) if self.tied else self.lm_head(x)
+
+    def _set_info(self, family: str, task: str, head_pattern: str, hf_config: Any) -> None:
+        super()._set_info(family, task, head_pattern, hf_config)
+        if task == "causal_lm" and getattr(self, "tied", False):  # the tied lm_head is the input embedding.
+            self.head_pattern = rf"{self.backbone_name}/{self.embedding_name}/.*"
+
+    def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
+                 pixel_values=None, segment_ids=None, cache=None, cache_index=None, logits_to_keep: int = 0, *,
+                 deterministic: bool = True, rngs: nnx.Rngs | None = None) -> dict:
+        """token_type_ids / pixel_values are accepted (the trainer's uniform call) and ignored.
+        segment_ids [B, L] (0 = padding): packed sequences; attention stays inside a segment and positions
+        restart per segment. cache (from init_cache) + cache_index: incremental decoding; the attention_mask
+        then covers all cache slots and the result holds the updated "cache"."""
+        del token_type_ids, pixel_values
+        if cache is not None and self.task == "classification":
+            raise ValueError("a KV cache is only supported for task causal_lm or base")
+        inputs = DecoderInputs(input_ids, attention_mask, position_ids, segment_ids, cache, cache_index)
+        x, cache = self._forward(inputs, cache, deterministic=deterministic, rngs=rngs)
+        if self.task == "base":
+            out = {"last_hidden_state": x}
+        elif self.task == "causal_lm":
+            out = {"logits": self._lm_logits(keep_last(x, logits_to_keep))}
+        else:
+            logits = self.score(x)
+            out = {"logits": last_token_logits(logits, inputs.input_ids, self.pad_token_id)}
+        if cache is not None:
+            out["cache"] = cache
+        return out

@@ -10,6 +10,7 @@ from typing import Any
 import jax
 from flax import nnx
 
+from ftjax.hf import UnsupportedModelError
 from ftjax.models import common
 from ftjax.models.common import Ctx, Dropout, HFModel
 from ftjax.models.registry import Family
@@ -141,8 +142,6 @@ class DistilBertTask(HFModel):
 
 
 def check_config(cfg: Any, task: str) -> None:
-    from ftjax.hf import UnsupportedModelError
-
     if task == "masked_lm" and getattr(cfg, "tie_word_embeddings", True) is False:
         raise UnsupportedModelError("config.json: masked_lm needs tie_word_embeddings=true (an untied "
                                     "vocab_projector is not implemented)")

@@ -8,9 +8,10 @@ from typing import Any
 
 from flax import nnx
 
+from ftjax.hf import UnsupportedModelError
 from ftjax.models import common, decoder
 from ftjax.models.common import Ctx, Dropout, HFModel
-from ftjax.models.llama import DecoderTask
+from ftjax.models.decoder import DecoderTask
 from ftjax.models.registry import Family
 
 
@@ -117,8 +118,6 @@ class GPT2Task(DecoderTask):
 
 
 def check_config(cfg: Any, task: str) -> None:
-    from ftjax.hf import UnsupportedModelError
-
     if getattr(cfg, "add_cross_attention", False):
         raise UnsupportedModelError("config.json: add_cross_attention GPT-2 models are not supported")
     if cfg.hidden_size % cfg.num_attention_heads:

@@ -12,8 +12,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ftjax.hf import UnsupportedModelError
 from ftjax.models import common, decoder
 from ftjax.models.common import Ctx, Dropout, HFModel
+from ftjax.models.decoder import DecoderTask
 from ftjax.models.registry import Family
 
 
@@ -145,69 +147,6 @@ class LlamaModel(nnx.Module):
         return self.norm(x), cache
 
 
-class DecoderTask(HFModel):
-    """Shared call of the decoder task models: base (last_hidden_state), causal_lm (logits over the
-    vocabulary at every position) and classification (logits of the last non-pad token)."""
-
-    backbone_name = "model"  # attribute holding the backbone in task models (HF base_model_prefix).
-    embedding_name = "embed_tokens"  # the backbone's token embedding (the lm_head when tied).
-
-    def _backbone(self) -> nnx.Module:
-        return getattr(self, self.backbone_name) if self.task != "base" else self
-
-    def init_cache(self, batch: int, length: int, dtype: Any = None) -> list:
-        """An empty KV cache for `batch` sequences of up to `length` tokens (for ftjax.generate)."""
-        backbone = self._backbone()
-        kv_heads, dim = backbone.kv_shape
-        return decoder.init_cache(backbone.num_layers, batch, length, kv_heads, dim, dtype or backbone.dtype)
-
-    def _init_heads(self, cfg: Any, task: str, ctx: Ctx, tied_default: bool) -> None:
-        """HF's heads: lm_head for causal_lm (absent when the config ties it to the embedding), score (no
-        bias) and the pad id that finds the last token for classification."""
-        self.tied = bool(getattr(cfg, "tie_word_embeddings", tied_default))
-        if task == "causal_lm" and not self.tied:
-            self.lm_head = common.linear(cfg.hidden_size, cfg.vocab_size, ctx, ("embed", "vocab"), use_bias=False)
-        if task == "classification":
-            self.score = common.linear(cfg.hidden_size, cfg.num_labels, ctx, ("embed", None), use_bias=False)
-            self.pad_token_id = None if cfg.pad_token_id is None else int(cfg.pad_token_id)
-
-    def _forward(self, inputs, cache, *, deterministic, rngs):
-        return getattr(self, self.backbone_name)(inputs, cache, deterministic=deterministic, rngs=rngs)
-
-    def _lm_logits(self, x):
-        embedding = getattr(getattr(self, self.backbone_name), self.embedding_name)
-        return embedding.attend(x) if self.tied else self.lm_head(x)
-
-    def _set_info(self, family: str, task: str, head_pattern: str, hf_config: Any) -> None:
-        super()._set_info(family, task, head_pattern, hf_config)
-        if task == "causal_lm" and getattr(self, "tied", False):  # the tied lm_head is the input embedding.
-            self.head_pattern = rf"{self.backbone_name}/{self.embedding_name}/.*"
-
-
-    def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
-                 pixel_values=None, segment_ids=None, cache=None, cache_index=None, logits_to_keep: int = 0, *,
-                 deterministic: bool = True, rngs: nnx.Rngs | None = None) -> dict:
-        """token_type_ids / pixel_values are accepted (the trainer's uniform call) and ignored.
-        segment_ids [B, L] (0 = padding): packed sequences; attention stays inside a segment and positions
-        restart per segment. cache (from init_cache) + cache_index: incremental decoding; the attention_mask
-        then covers all cache slots and the result holds the updated "cache"."""
-        del token_type_ids, pixel_values
-        if cache is not None and self.task == "classification":
-            raise ValueError("a KV cache is only supported for task causal_lm or base")
-        inputs = decoder.DecoderInputs(input_ids, attention_mask, position_ids, segment_ids, cache, cache_index)
-        x, cache = self._forward(inputs, cache, deterministic=deterministic, rngs=rngs)
-        if self.task == "base":
-            out = {"last_hidden_state": x}
-        elif self.task == "causal_lm":
-            out = {"logits": self._lm_logits(decoder.keep_last(x, logits_to_keep))}
-        else:
-            logits = self.score(x)
-            out = {"logits": decoder.last_token_logits(logits, inputs.input_ids, self.pad_token_id)}
-        if cache is not None:
-            out["cache"] = cache
-        return out
-
-
 class LlamaBase(LlamaModel, DecoderTask):
     """task "base": HF LlamaModel itself (params without prefix)."""
 
@@ -231,8 +170,6 @@ class LlamaTask(DecoderTask):
 
 def check_config(cfg: Any, task: str) -> None:
     """Rejects config features the NNX code does not implement (instead of silently differing)."""
-    from ftjax.hf import UnsupportedModelError
-
     decoder.check_rope(cfg, head_dim(cfg))
     if cfg.num_attention_heads % cfg.num_key_value_heads:
         raise UnsupportedModelError(f"config.json: num_attention_heads={cfg.num_attention_heads} is not a multiple "
@@ -245,18 +182,14 @@ def build(cfg: Any, task: str, ctx: Ctx) -> HFModel:
     return LlamaBase(cfg, ctx) if task == "base" else LlamaTask(cfg, task, ctx)
 
 
-TASKS = ("base", "causal_lm", "classification")
-HEAD_PATTERNS = {"base": common.NO_HEAD, "causal_lm": r"lm_head/.*", "classification": r"score/.*"}
-IGNORE_KEYS = (r"(model\.)?layers\.\d+\.self_attn\.rotary_emb\.inv_freq", r"(model\.)?rotary_emb\.inv_freq")
-
 FAMILY = Family(
     name="llama",
     model_types=("llama", "mistral"),
-    tasks=TASKS,
+    tasks=("base", "causal_lm", "classification"),
     prefix="model",
     build=build,
-    head_patterns=HEAD_PATTERNS,
+    head_patterns={"base": common.NO_HEAD, "causal_lm": r"lm_head/.*", "classification": r"score/.*"},
     dropout_fields={"attention": "attention_dropout"},
-    ignore_keys=IGNORE_KEYS,
+    ignore_keys=(r"(model\.)?layers\.\d+\.self_attn\.rotary_emb\.inv_freq", r"(model\.)?rotary_emb\.inv_freq"),
     check_config=check_config,
 )

@@ -4,17 +4,9 @@ RMSNorm, and per-layer sliding windows from layer_types; param paths mirror HF Q
 
 from __future__ import annotations
 
-from ftjax.models import llama
-from ftjax.models.registry import Family
+import dataclasses
 
-FAMILY = Family(
-    name="qwen",
-    model_types=("qwen2", "qwen3"),
-    tasks=llama.TASKS,
-    prefix="model",
-    build=llama.build,
-    head_patterns=llama.HEAD_PATTERNS,
-    dropout_fields={"attention": "attention_dropout"},
-    ignore_keys=llama.IGNORE_KEYS,
-    check_config=llama.check_config,
-)
+from ftjax.models import llama
+
+# Everything but the names is Llama's: llama.arch_for and llama.layer_windows read the Qwen config fields.
+FAMILY = dataclasses.replace(llama.FAMILY, name="qwen", model_types=("qwen2", "qwen3"))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import os
 import pkgutil
 from collections.abc import Callable
 from typing import Any
@@ -16,7 +17,7 @@ from absl import logging
 
 from ftjax.hf import UnsupportedModelError
 
-_NOT_FAMILIES = {"common", "registry"}
+_NOT_FAMILIES = {"common", "decoder", "registry"}
 _FAMILIES: dict[str, Family] = {}
 _DISCOVERED = False
 _BROKEN: dict[str, str] = {}  # family module -> why it failed to import (named in "not supported" errors).
@@ -57,13 +58,11 @@ def _discover() -> None:
     global _DISCOVERED
     if _DISCOVERED:
         return
-    import ftjax.models as package
-
-    for info in pkgutil.iter_modules(package.__path__):
+    for info in pkgutil.iter_modules([os.path.dirname(__file__)]):
         if info.name.startswith("_") or info.name in _NOT_FAMILIES:
             continue
         try:
-            module = importlib.import_module(f"ftjax.models.{info.name}")
+            module = importlib.import_module(f"{__package__}.{info.name}")
         except Exception as e:  # noqa: BLE001 -- one broken family file must not take the others down.
             _BROKEN[info.name] = f"{type(e).__name__}: {e}"
             logging.warning("ftjax.models: family module %s failed to import: %s", info.name, _BROKEN[info.name])

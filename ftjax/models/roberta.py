@@ -11,7 +11,15 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ftjax.models import common
-from ftjax.models.bert import BertBase, BertModel, check_config, classifier_rate
+from ftjax.models.bert import (
+    DROPOUT_FIELDS,
+    HEAD_PATTERNS,
+    TASKS,
+    BertBase,
+    BertModel,
+    check_config,
+    classifier_rate,
+)
 from ftjax.models.common import Ctx, Dropout, HFModel
 from ftjax.models.registry import Family
 
@@ -76,20 +84,12 @@ def build(cfg: Any, task: str, ctx: Ctx) -> HFModel:
 FAMILY = Family(
     name="roberta",
     model_types=("roberta", "xlm-roberta"),
-    tasks=("base", "classification", "token_classification", "masked_lm"),
+    tasks=TASKS,
     prefix="roberta",
     build=build,
-    head_patterns={
-        "base": r"pooler/.*",
-        "classification": r"classifier/.*",
-        "token_classification": r"classifier/.*",
-        "masked_lm": r"lm_head/.*",
-    },
-    dropout_fields={
-        "hidden": "hidden_dropout_prob",
-        "attention": "attention_probs_dropout_prob",
-        "classifier": "classifier_dropout",
-    },
+    # The base model is BERT's (pooler included); the task heads sit elsewhere than BERT's.
+    head_patterns={**HEAD_PATTERNS, "classification": r"classifier/.*", "masked_lm": r"lm_head/.*"},
+    dropout_fields=DROPOUT_FIELDS,
     ignore_keys=(r"(roberta\.)?embeddings\.position_ids", r"lm_head\.decoder\.(weight|bias)"),
     check_config=check_config,
 )

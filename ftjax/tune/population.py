@@ -27,9 +27,9 @@ from ftjax import config as config_lib
 from ftjax import optim, schedules
 from ftjax import params as params_lib
 from ftjax import sharding as sharding_lib
-from ftjax.callbacks import Pruning
+from ftjax.callbacks import EarlyStopping
 from ftjax.config import ConfigError
-from ftjax.loop import Callback, fit
+from ftjax.loop import STOPPED_EARLY, Callback, fit
 from ftjax.run import Run
 from ftjax.step import StepConfig, make_eval_step, make_train_step
 from ftjax.trainer import open_checkpointer, standard_callbacks
@@ -319,17 +319,17 @@ def train_population(
     workdir: str,
     member_dirs: list[str],
     *,
-    should_prune: Callable[[int, int, dict], bool] | None = None,
+    callbacks: list[Callback] = (),
     metric: str = "loss",
     mode: str = "min",
     devices: list | None = None,
 ) -> list[dict[str, Any]]:
     """Trains the members together through the one loop; returns one summary per member (with "status").
 
-    `should_prune(member, step, val) -> stop` is asked for each active member at each eval; a member also
-    stops on its own early-stopping rule or a NaN loss. Stopped members keep their state and no longer
-    count. Each member's metrics.jsonl and summary.json go to member_dirs[k]; the population's
-    checkpoints (all members, for SIGTERM and exact resume) to WORKDIR/checkpoints.
+    A member stops on its own early-stopping rule (by `metric`, `mode`), a NaN loss, or a `callbacks`
+    entry (e.g. `Pruning`); stopped members keep their state and no longer count. Each member's
+    metrics.jsonl and summary.json go to member_dirs[k]; the population's checkpoints (all members: SIGTERM
+    save and exact resume, like a solo run) to WORKDIR/checkpoints, so rerunning the call resumes.
     """
     t_start = time.time()
     pop = Population(member_cfgs, workdir, devices=devices)
@@ -339,18 +339,18 @@ def train_population(
         with open(os.path.join(d, "config.json"), "w") as f:
             f.write(cfg.to_json_best_effort(indent=1))
     ckpt = open_checkpointer(run, None)
-    extra: list[Callback] = [Pruning(should_prune)] if should_prune is not None else []
-    cbs = standard_callbacks(run, ckpt, member_dirs, metric=metric, mode=mode, solo=False, extra=extra)
+    cbs = standard_callbacks(run, ckpt, member_dirs, metric=metric, mode=mode, solo=False, extra=list(callbacks))
     loop = fit(pop, run.data.train_iterator, cbs)
     ckpt.close()
-    early = next(cb for cb in cbs if type(cb).__name__ == "EarlyStopping")
+    if loop.interrupted:
+        return [{"interrupted_at": loop.step} for _ in member_dirs]
+    early = next(cb for cb in cbs if isinstance(cb, EarlyStopping))
     summaries = []
     for k in range(pop.members):
-        best = early.best_results[k] or {}
         summary = {"status": loop.status[k], "steps": loop.step,
                    "best_step": early.stoppers[k].best_step,
-                   "stopped_early": loop.status[k] == "stopped_early",
-                   "val": best, "best_val": {metric: early.stoppers[k].best_value},
+                   "stopped_early": loop.status[k] == STOPPED_EARLY,
+                   "val": early.best_results[k] or {}, "best_val": {metric: early.stoppers[k].best_value},
                    "timing": {"wall_seconds": time.time() - t_start, "population_size": pop.members}}
         if run.primary:
             with open(os.path.join(member_dirs[k], "summary.json"), "w") as f:
