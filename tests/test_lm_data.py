@@ -11,9 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ftjax import train
+from ftjax import step as step_lib
+from ftjax import trainer
 from ftjax.config import default_config
-from ftjax.data import lm
+from ftjax.data import packing
 
 CORPUS = [
     "the cat sat on the mat and looked at the dog",
@@ -87,14 +88,14 @@ def tok():
     return tiny_tokenizer()
 
 
-def _doc(ids, labels=None) -> lm.Document:
+def _doc(ids, labels=None) -> packing.Document:
     ids = np.asarray(ids, np.int32)
-    return lm.Document(ids, ids.copy() if labels is None else np.asarray(labels, np.int32))
+    return packing.Document(ids, ids.copy() if labels is None else np.asarray(labels, np.int32))
 
 
 def test_pack_text_fills_rows_and_restarts_positions_per_document():
     docs = [_doc(range(10, 15)), _doc(range(20, 27)), _doc(range(30, 34))]
-    p = lm.pack(docs, 8, split_long=True, pad_id=0)
+    p = packing.pack(docs, 8, split_long=True, pad_id=0)
     # 16 tokens in rows of 8: doc 2 is split across rows 0 and 1 (a new segment there).
     assert p.input_ids.tolist() == [[10, 11, 12, 13, 14, 20, 21, 22], [23, 24, 25, 26, 30, 31, 32, 33]]
     assert p.segment_ids.tolist() == [[1, 1, 1, 1, 1, 2, 2, 2], [1, 1, 1, 1, 2, 2, 2, 2]]
@@ -103,14 +104,14 @@ def test_pack_text_fills_rows_and_restarts_positions_per_document():
 
 
 def test_pack_instruct_keeps_examples_whole_and_drops_unlearnable_ones():
-    ignore = lm.IGNORE
+    ignore = packing.IGNORE
     docs = [
         _doc([1, 2, 3, 4], [ignore, ignore, 3, 4]),
         _doc([5, 6, 7], [ignore, 6, 7]),
         _doc([8, 9, 10], [ignore, ignore, ignore]),  # no completion token: dropped
         _doc(list(range(40, 52)), [ignore] * 2 + list(range(42, 52))),  # longer than 6: cut to 6
     ]
-    p = lm.pack(docs, 6, split_long=False, pad_id=99)
+    p = packing.pack(docs, 6, split_long=False, pad_id=99)
     assert p.input_ids.tolist() == [[1, 2, 3, 4, 99, 99], [5, 6, 7, 99, 99, 99], [40, 41, 42, 43, 44, 45]]
     assert p.segment_ids.tolist() == [[1, 1, 1, 1, 0, 0], [1, 1, 1, 0, 0, 0], [1] * 6]
     assert p.labels[0].tolist() == [ignore, ignore, 3, 4, ignore, ignore]
@@ -123,10 +124,10 @@ def test_packed_row_gives_each_document_the_logits_it_gets_alone(llama_dir):
     model = models.from_pretrained(llama_dir, task="causal_lm")
     rng = np.random.default_rng(0)
     docs = [_doc(rng.integers(2, 300, n)) for n in (5, 7, 4)]
-    p = lm.pack(docs, 20, split_long=False, pad_id=1)
+    p = packing.pack(docs, 20, split_long=False, pad_id=1)
     assert p.segment_ids[0].max() == 3
-    batch = lm.PackedBatcher(p, 1, slice(0, 1))(np.array([0]))
-    packed = model(**train.model_inputs(batch))["logits"][0]
+    batch = packing.PackedBatcher(p, 1, slice(0, 1))(np.array([0]))
+    packed = model(**step_lib.model_inputs(batch))["logits"][0]
     start = 0
     for doc in docs:
         alone = model(input_ids=jnp.asarray(doc.ids)[None])["logits"][0]
@@ -134,12 +135,12 @@ def test_packed_row_gives_each_document_the_logits_it_gets_alone(llama_dir):
         start += len(doc.ids)
 
     # The loss of the packed row is the sum of the documents' own (shifted) losses: none across boundaries.
-    loss_sum, tokens = train.causal_lm_loss_sum(packed[None], batch["labels"], batch["segment_ids"])
+    loss_sum, tokens = step_lib.causal_lm_loss_sum(packed[None], batch["labels"], batch["segment_ids"])
     want, count = 0.0, 0
     start = 0
     for doc in docs:
         alone = model(input_ids=jnp.asarray(doc.ids)[None])["logits"]
-        s, n = train.causal_lm_loss_sum(alone, jnp.asarray(doc.labels)[None])
+        s, n = step_lib.causal_lm_loss_sum(alone, jnp.asarray(doc.labels)[None])
         want, count, start = want + float(s[0]), count + int(n[0]), start + len(doc.ids)
     assert float(tokens[0]) == count == sum(len(d.ids) - 1 for d in docs)
     np.testing.assert_allclose(float(loss_sum[0]), want, rtol=1e-5)
@@ -154,7 +155,7 @@ def test_causal_lm_loss_matches_transformers_shift(llama_dir):
     model = models.from_pretrained(llama_dir, task="causal_lm")
     ids = np.random.default_rng(1).integers(2, 300, (1, 9))
     logits = model(input_ids=jnp.asarray(ids))["logits"]
-    loss_sum, tokens = train.causal_lm_loss_sum(logits, jnp.asarray(ids))
+    loss_sum, tokens = step_lib.causal_lm_loss_sum(logits, jnp.asarray(ids))
     hf = transformers.AutoModelForCausalLM.from_pretrained(llama_dir).eval()
     with torch.no_grad():
         want = float(hf(input_ids=torch.tensor(ids), labels=torch.tensor(ids)).loss)
@@ -177,7 +178,7 @@ def _labelled_segments(batches) -> list[list[int]]:
     """Labelled token ids of each (row, segment) of all batches; checks labels are ids or -100."""
     out = []
     for b in batches:
-        keep = b["labels"] != lm.IGNORE
+        keep = b["labels"] != packing.IGNORE
         assert (b["labels"][keep] == b["input_ids"][keep]).all()
         assert not keep[b["segment_ids"] == 0].any(), "padding takes loss"
         for r in np.flatnonzero(b["weights"]):
@@ -244,6 +245,32 @@ def test_text_files_pack_every_token_with_segment_ids(tmp_path, tok):
     assert b["input_ids"].shape == (4, 32) and (b["attention_mask"] == (b["segment_ids"] > 0)).all()
 
 
+
+def test_documents_are_held_out_with_the_example_rows_and_sample_prompts_come_from_them(tmp_path, tok):
+    from ftjax import data
+    from ftjax.data import batching
+
+    rows = [{"prompt": f"question {i}:", "completion": f" the cat {i}"} for i in range(20)]
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = _cfg(f"files:{path}", num_samples=3)
+    cfg.train.seed, cfg.data.validation_fraction = 5, 0.25
+    bundle = data.build(cfg, tok)
+    held, _ = batching.holdout_indices(20, 0.25, 5)  # the same rows ftjax.data holds out of example data
+    assert bundle.sample_prompts == [rows[i]["prompt"] for i in held[:3]]
+
+
+def test_causal_lm_batch_must_split_evenly_over_processes(tmp_path, tok):
+    from ftjax import data
+    from ftjax.config import ConfigError
+
+    (tmp_path / "corpus.txt").write_text("\n".join(CORPUS * 3))
+    cfg = _cfg(f"files:{tmp_path / 'corpus.txt'}", documents="line")
+    cfg.train.batch_size = 3
+    with pytest.raises(ConfigError, match="train.batch_size"):
+        data.build(cfg, tok, process_index=0, process_count=2)
+
+
 RECIPES = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs")
 
 
@@ -275,7 +302,7 @@ def test_recipe_trains_two_steps_and_writes_samples(recipe, tmp_path, llama_dir)
     cfg.train.checkpoint.async_save = False
     cfg.data.lm.num_samples = 2
     cfg.data.lm.sample_max_new_tokens = 4
-    summary = train.fit(cfg, str(tmp_path / "work"), devices=jax.devices()[:1])
+    summary = trainer.train(cfg, str(tmp_path / "work"), devices=jax.devices()[:1])
     assert summary["steps"] == 2 and np.isfinite(summary["val"]["loss"])
     assert summary["val"]["perplexity"] == pytest.approx(np.exp(summary["val"]["loss"]), rel=1e-5)
     samples = os.listdir(tmp_path / "work" / "samples")

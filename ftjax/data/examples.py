@@ -1,0 +1,179 @@
+"""One example per row (classification, masked_lm, image_classification): tokenise texts or index images
+once, and batch them padded to a few length buckets."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import ml_collections
+import numpy as np
+from absl import logging
+
+from ftjax.config import ConfigError
+from ftjax.data import batching, image, splits, text
+from ftjax.data.bundle import DataBundle, Maker, assemble
+from ftjax.data.errors import DataError
+from ftjax.data.sources import RawSplit
+from ftjax.data.splits import Layout
+
+LABELLED_TASKS = ("classification", "image_classification")
+
+
+def build(
+    cfg: ml_collections.ConfigDict, tokenizer: Any, *, process_index: int = 0, process_count: int = 1
+) -> DataBundle:
+    """The DataBundle of a text or image task: cfg.data's splits, tokenised (or indexed) once."""
+    d, t, task = cfg.data, cfg.train, cfg.model.task
+    rows = splits.layout(t, process_index, process_count)
+    if task == "token_classification":
+        raise DataError(
+            "model.task='token_classification' needs per-token labels, which ftjax.data does not "
+            "read yet; use classification, masked_lm, causal_lm or image_classification"
+        )
+    is_image = task == "image_classification"
+    if not is_image and tokenizer is None:
+        raise DataError(f"model.task={task!r} is a text task: build() needs the model's tokenizer")
+
+    raw = splits.read(d, splits.roles(d))
+    labelled = task in LABELLED_TASKS
+    # Labels: names from the full train split (so max_examples never shrinks the label set).
+    names = _label_names(cfg, raw["train"]) if labelled else []
+    source_names = raw["train"].label_names is not None
+    splits.hold_out(raw, d, t.seed)
+    labels = {r: np.zeros(len(s), np.int32) for r, s in raw.items()}
+    if labelled:
+        labels = {r: _labels(d, s, names, source_names) for r, s in raw.items()}
+    stats: dict[str, Any] = {"examples": {r: len(s) for r, s in raw.items()}}
+    if is_image:
+        lengths, makers = _image_makers(d, raw, labels, rows)
+        buckets: tuple[int, ...] = ()
+        threads = min(8, os.cpu_count() or 1)
+    else:
+        lengths, makers, buckets = _text_makers(d, t.seed, tokenizer, raw, labels, rows, stats)
+        threads = 2
+    bundle = assemble(
+        lengths=lengths,
+        makers=makers,
+        layout=rows,
+        seed=t.seed,
+        grouping=d.length_grouping,
+        threads=threads,
+        label_names=names,
+        bucket_lengths=buckets,
+        stats=stats,
+    )
+    logging.info(
+        "data: %s; %d steps/epoch of %d; labels %s; %s",
+        stats["examples"],
+        bundle.steps_per_epoch,
+        rows.batch,
+        names[:20],
+        {k: v for k, v in stats.items() if k != "examples"},
+    )
+    return bundle
+
+
+def _label_names(cfg: ml_collections.ConfigDict, train: RawSplit) -> list[str]:
+    """id -> class name: the source's own (e.g. a tfds ClassLabel), else the labels seen in train."""
+    d = cfg.data
+    values = text.column(train, "label_field", d.label_field)
+    if train.label_names is not None:
+        names = list(train.label_names)
+    else:
+        names = text.label_names(values, train.origin, d.label_field)
+    if cfg.model.num_labels is not None and cfg.model.num_labels < len(names):
+        raise ConfigError(
+            "model.num_labels",
+            cfg.model.num_labels,
+            f"the data has {len(names)} labels ({names[:10]}); use None or >= {len(names)}",
+        )
+    return names
+
+
+def _labels(
+    d: ml_collections.ConfigDict, split: RawSplit, names: list[str], source_names: bool
+) -> np.ndarray:
+    """Class ids of a split's labels (source_names: the labels are already the source's ids)."""
+    values = text.column(split, "label_field", d.label_field)
+    return text.encode_labels(values, names, split.origin, d.label_field, source_names)
+
+
+def _image_makers(
+    d: ml_collections.ConfigDict, raw: dict[str, RawSplit], labels: dict[str, np.ndarray], rows: Layout
+) -> tuple[dict[str, np.ndarray], dict[str, Maker]]:
+    mean, std = tuple(d.image_mean), tuple(d.image_std)
+
+    def to_pixels(value: Any) -> np.ndarray:
+        return image.pixel_values(value, d.image_size, mean, std, d.image_field)
+
+    lengths = {r: np.ones(len(s), np.int32) for r, s in raw.items()}
+    makers: dict[str, Maker] = {}
+    for role, split in raw.items():
+        images = text.column(split, "image_field", d.image_field)
+        makers[role] = batching.ImageBatcher(images, labels[role], to_pixels, d.image_size, rows.rows(role))
+    return lengths, makers
+
+
+def _text_makers(
+    d: ml_collections.ConfigDict,
+    seed: int,
+    tokenizer: Any,
+    raw: dict[str, RawSplit],
+    labels: dict[str, np.ndarray],
+    rows: Layout,
+    stats: dict[str, Any],
+) -> tuple[dict[str, np.ndarray], dict[str, Maker], tuple[int, ...]]:
+    """Tokenises every split once; adds truncation, length and padding figures to `stats`."""
+    tokens = {}
+    for role, split in raw.items():
+        texts = text.column(split, "text_field", d.text_field)
+        pairs = text.column(split, "text_pair_field", d.text_pair_field) if d.text_pair_field else None
+        tokens[role] = text.tokenize(tokenizer, texts, pairs, d.max_len)
+    lengths = {r: tok.lengths for r, tok in tokens.items()}
+    train_lengths = lengths["train"]
+    buckets = batching.choose_buckets(train_lengths, d.buckets, d.max_len)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    makers: dict[str, Maker] = {
+        role: batching.TextBatcher(tokens[role], labels[role], buckets, pad_id, rows.rows(role))
+        for role in raw
+    }
+    real, padded = batching.padded_tokens(
+        batching.train_plan(train_lengths, rows.batch, seed, 0, d.length_grouping), train_lengths, buckets
+    )
+    real_r, padded_r = batching.padded_tokens(
+        batching.train_plan(train_lengths, rows.batch, seed, 0, 0), train_lengths, buckets
+    )
+    stats.update(
+        truncated={r: tok.truncated for r, tok in tokens.items()},
+        truncated_tokens={r: tok.truncated_tokens for r, tok in tokens.items()},
+        empty_texts={r: tok.empty_texts for r, tok in tokens.items()},
+        train_tokens={
+            "mean": float(train_lengths.mean()),
+            "p50": int(np.percentile(train_lengths, 50)),
+            "p95": int(np.percentile(train_lengths, 95)),
+            "max": int(train_lengths.max()),
+        },
+        bucket_lengths=list(buckets),
+        real_token_fraction=real / padded,
+        real_token_fraction_ungrouped=real_r / padded_r,
+    )
+    for role, tok in tokens.items():
+        _warn_text(role, tok, len(raw[role]), d.max_len)
+    return lengths, makers, buckets
+
+
+def _warn_text(role: str, tok: text.Tokens, n: int, max_len: int) -> None:
+    if tok.truncated:
+        logging.warning(
+            "data: %d of %d %s examples (%.1f%%) are longer than data.max_len=%d and were truncated "
+            "(%d tokens cut)",
+            tok.truncated,
+            n,
+            role,
+            100.0 * tok.truncated / n,
+            max_len,
+            tok.truncated_tokens,
+        )
+    if tok.empty_texts:
+        logging.warning("data: %d %s examples have an empty text cell (read as '')", tok.empty_texts, role)
