@@ -13,7 +13,15 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+import jax
+import numpy as np
 from absl import flags, logging
+from jax.experimental import multihost_utils
+
+try:  # A private JAX helper (TPU chips on the PCI bus); when it moves, `_on_tpu_vm` assumes no TPU.
+    from jax._src import hardware_utils
+except ImportError:
+    hardware_utils = None
 
 COORDINATOR_ADDRESS = flags.DEFINE_string(
     "coordinator_address", None,
@@ -96,13 +104,143 @@ def first_slurm_host(nodelist: str) -> str:
 
 def _on_tpu_vm() -> bool:
     """True on a Cloud TPU VM (TPU chips on the PCI bus and libtpu installed), without starting JAX."""
+    if hardware_utils is None:
+        return False
     try:
-        from jax._src import hardware_utils
-
         chips, _ = hardware_utils.num_available_tpu_chips_and_device_id()
-    except Exception:  # noqa: BLE001 - a private JAX helper: when it moves, assume no TPU.
+    except Exception:  # noqa: BLE001 - a private JAX helper: when it changes, assume no TPU.
         return False
     return chips > 0 and (importlib.util.find_spec("libtpu") is not None or "TPU_LIBRARY_PATH" in os.environ)
+
+
+@dataclasses.dataclass
+class _Settings:
+    """The settings while `resolve` fills them in, each with the flag or variable it came from (for errors)."""
+
+    source: str | None
+    coordinator: str | None
+    num_processes: int | None
+    process_id: int | None
+    coord_name: str
+    count_name: str
+    id_name: str
+    local_device_ids: tuple[int, ...] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Cluster:
+    """What a scheduler's environment says: this task's place in the job."""
+
+    kind: str  # "slurm" | "ompi"
+    count: int
+    task_id: int
+    nodes: int
+    local_id: str | None
+    count_var: str
+    id_var: str
+    local_var: str
+
+
+def _explicit_settings(coordinator, num_processes, process_id, env: Mapping[str, str]) -> _Settings:
+    """Step 1: the arguments (flags), then the JAX_* variables for what the flags leave unset."""
+    source = "flags" if any(v is not None for v in (coordinator, num_processes, process_id)) else None
+
+    def from_env(current, var, parse):
+        nonlocal source
+        if current is None and env.get(var, "").strip():
+            source = source or "env"
+            return parse(env[var], var)
+        return current
+
+    coordinator = from_env(coordinator, "JAX_COORDINATOR_ADDRESS", lambda v, n: v.strip())
+    num_processes = from_env(num_processes, "JAX_NUM_PROCESSES", _int_setting)
+    process_id = from_env(process_id, "JAX_PROCESS_ID", _int_setting)
+    flags_first = source == "flags"
+    return _Settings(source, coordinator, num_processes, process_id,
+                     coord_name="--coordinator_address" if flags_first else "JAX_COORDINATOR_ADDRESS",
+                     count_name="--num_processes" if flags_first else "JAX_NUM_PROCESSES",
+                     id_name="--process_id" if flags_first else "JAX_PROCESS_ID")
+
+
+def _slurm_cluster(env: Mapping[str, str]) -> _Cluster | None:
+    if "SLURM_PROCID" not in env or "SLURM_NTASKS" not in env:
+        return None
+    count = _int_setting(env["SLURM_NTASKS"], "SLURM_NTASKS")
+    task_id = _int_setting(env["SLURM_PROCID"], "SLURM_PROCID")
+    nodes = _int_setting(env.get("SLURM_NNODES", env.get("SLURM_JOB_NUM_NODES", count)), "SLURM_NNODES")
+    return _Cluster("slurm", count, task_id, nodes, env.get("SLURM_LOCALID"), "SLURM_NTASKS", "SLURM_PROCID",
+                    "SLURM_LOCALID")
+
+
+def _ompi_cluster(env: Mapping[str, str]) -> _Cluster | None:
+    if "OMPI_COMM_WORLD_SIZE" not in env or "OMPI_COMM_WORLD_RANK" not in env:
+        return None
+    count = _int_setting(env["OMPI_COMM_WORLD_SIZE"], "OMPI_COMM_WORLD_SIZE")
+    task_id = _int_setting(env["OMPI_COMM_WORLD_RANK"], "OMPI_COMM_WORLD_RANK")
+    nodes = count // max(_int_setting(env.get("OMPI_COMM_WORLD_LOCAL_SIZE", 1), "OMPI_COMM_WORLD_LOCAL_SIZE"), 1)
+    return _Cluster("ompi", count, task_id, nodes, env.get("OMPI_COMM_WORLD_LOCAL_RANK"), "OMPI_COMM_WORLD_SIZE",
+                    "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_LOCAL_RANK")
+
+
+def _slurm_coordinator(env: Mapping[str, str]) -> str:
+    """process 0's address under SLURM: the first host of the nodelist and a port derived from the job id."""
+    nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST")
+    if not nodelist:
+        raise DistributedConfigError(
+            "SLURM_NTASKS/SLURM_PROCID are set but neither SLURM_STEP_NODELIST nor SLURM_JOB_NODELIST "
+            "is: run under srun, or pass --coordinator_address=HOST:PORT")
+    port = env.get("JAX_COORDINATOR_PORT") or str(
+        _int_setting(env.get("SLURM_JOB_ID", 0), "SLURM_JOB_ID") % 2**12 + _PORT_BASE)
+    return f"{first_slurm_host(nodelist)}:{port}"
+
+
+def _apply_cluster(s: _Settings, cluster: _Cluster, env: Mapping[str, str]) -> None:
+    """Step 2 (SLURM or Open MPI): the scheduler fills in what is still unset."""
+    wants_cluster = s.num_processes is None and cluster.count > 1
+    if not (wants_cluster or ((s.num_processes or 0) > 1 and s.process_id is None)):
+        return
+    s.source = s.source or cluster.kind
+    if s.num_processes is None:
+        s.num_processes, s.count_name = cluster.count, cluster.count_var
+    if s.process_id is None:
+        s.process_id, s.id_name = cluster.task_id, cluster.id_var
+    # More tasks than nodes: one process per accelerator (JAX's convention), else all local devices.
+    if cluster.count > cluster.nodes and cluster.local_id is not None and "JAX_LOCAL_DEVICE_IDS" not in env:
+        s.local_device_ids = (_int_setting(cluster.local_id, cluster.local_var),)
+    if s.coordinator is None and cluster.kind == "slurm" and (s.num_processes or 1) > 1:
+        s.coordinator, s.coord_name = _slurm_coordinator(env), "SLURM nodelist + port"
+
+
+def _checked_plan(s: _Settings, on_tpu: bool | None) -> Plan:
+    """Step 3: a clear message for each way the settings can be incomplete or inconsistent."""
+    count, pid = s.num_processes, s.process_id
+    if count is None:
+        if s.source == "flags" and s.coordinator is not None and (on_tpu if on_tpu is not None else _on_tpu_vm()):
+            return Plan("tpu", None, pid, check_coordinator(s.coordinator, s.coord_name))
+        given = "--process_id/JAX_PROCESS_ID" if pid is not None else "--coordinator_address/JAX_COORDINATOR_ADDRESS"
+        raise DistributedConfigError(
+            f"{given} is set but the number of processes is not: also pass --num_processes=N "
+            "(or set JAX_NUM_PROCESSES), or remove it for a single-process run")
+    if count < 1:
+        raise DistributedConfigError(f"{s.count_name}={count} must be >= 1")
+    if count == 1:
+        if pid not in (None, 0):
+            raise DistributedConfigError(
+                f"{s.id_name}={pid} but {s.count_name}=1: a single process has id 0; fix {s.id_name} or "
+                f"raise {s.count_name}")
+        return Plan("single")
+    if pid is None:
+        raise DistributedConfigError(
+            f"{s.count_name}={count} but this process's id is not set: pass --process_id=I "
+            f"(0 <= I < {count}) or set JAX_PROCESS_ID")
+    if not 0 <= pid < count:
+        raise DistributedConfigError(
+            f"{s.id_name}={pid} is out of range for {s.count_name}={count}: ids run from 0 to {count - 1}")
+    if s.coordinator is None:
+        raise DistributedConfigError(
+            f"{s.count_name}={count} needs a coordinator: pass --coordinator_address=HOST:PORT (process 0's "
+            "host and a free port, the same on every process) or set JAX_COORDINATOR_ADDRESS")
+    return Plan(s.source, count, pid, check_coordinator(s.coordinator, s.coord_name), s.local_device_ids)
 
 
 def resolve(
@@ -119,94 +257,15 @@ def resolve(
     `--coordinator_address` combines with OMPI_COMM_WORLD_SIZE/RANK. Nothing set -> a single process.
     """
     env = os.environ if env is None else env
-    source = "flags" if any(v is not None for v in (coordinator, num_processes, process_id)) else None
-
-    def from_env(current, var, parse):
-        nonlocal source
-        if current is None and env.get(var, "").strip():
-            source = source or "env"
-            return parse(env[var], var)
-        return current
-
-    coordinator = from_env(coordinator, "JAX_COORDINATOR_ADDRESS", lambda v, n: v.strip())
-    num_processes = from_env(num_processes, "JAX_NUM_PROCESSES", _int_setting)
-    process_id = from_env(process_id, "JAX_PROCESS_ID", _int_setting)
-    count_name = "--num_processes" if source == "flags" else "JAX_NUM_PROCESSES"
-    id_name = "--process_id" if source == "flags" else "JAX_PROCESS_ID"
-    coord_name = "--coordinator_address" if source == "flags" else "JAX_COORDINATOR_ADDRESS"
-    local_device_ids = None
-
-    # A cluster scheduler fills in what is still unset.
-    cluster = None
-    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
-        cluster = "slurm"
-        cluster_count = _int_setting(env["SLURM_NTASKS"], "SLURM_NTASKS")
-        cluster_id = _int_setting(env["SLURM_PROCID"], "SLURM_PROCID")
-        nodes = _int_setting(env.get("SLURM_NNODES", env.get("SLURM_JOB_NUM_NODES", cluster_count)), "SLURM_NNODES")
-        local_id = env.get("SLURM_LOCALID")
-        local_vars = ("SLURM_NTASKS", "SLURM_PROCID")
-    elif "OMPI_COMM_WORLD_SIZE" in env and "OMPI_COMM_WORLD_RANK" in env:
-        cluster = "ompi"
-        cluster_count = _int_setting(env["OMPI_COMM_WORLD_SIZE"], "OMPI_COMM_WORLD_SIZE")
-        cluster_id = _int_setting(env["OMPI_COMM_WORLD_RANK"], "OMPI_COMM_WORLD_RANK")
-        nodes = cluster_count // max(_int_setting(env.get("OMPI_COMM_WORLD_LOCAL_SIZE", 1), "OMPI_COMM_WORLD_LOCAL_SIZE"), 1)
-        local_id = env.get("OMPI_COMM_WORLD_LOCAL_RANK")
-        local_vars = ("OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK")
-    wants_cluster = (num_processes is None and cluster_count > 1) if cluster else False
-    if cluster and (wants_cluster or ((num_processes or 0) > 1 and process_id is None)):
-        source = source or cluster
-        if num_processes is None:
-            num_processes, count_name = cluster_count, local_vars[0]
-        if process_id is None:
-            process_id, id_name = cluster_id, local_vars[1]
-        # More tasks than nodes: one process per accelerator (JAX's convention), else all local devices.
-        if cluster_count > nodes and local_id is not None and "JAX_LOCAL_DEVICE_IDS" not in env:
-            local_device_ids = (_int_setting(local_id, "SLURM_LOCALID" if cluster == "slurm" else
-                                             "OMPI_COMM_WORLD_LOCAL_RANK"),)
-        if coordinator is None and cluster == "slurm" and (num_processes or 1) > 1:
-            nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST")
-            if not nodelist:
-                raise DistributedConfigError(
-                    "SLURM_NTASKS/SLURM_PROCID are set but neither SLURM_STEP_NODELIST nor SLURM_JOB_NODELIST "
-                    "is: run under srun, or pass --coordinator_address=HOST:PORT")
-            port = env.get("JAX_COORDINATOR_PORT") or str(
-                _int_setting(env.get("SLURM_JOB_ID", 0), "SLURM_JOB_ID") % 2**12 + _PORT_BASE)
-            coordinator, coord_name = f"{first_slurm_host(nodelist)}:{port}", "SLURM nodelist + port"
-
-    if source is None:
+    settings = _explicit_settings(coordinator, num_processes, process_id, env)
+    cluster = _slurm_cluster(env) or _ompi_cluster(env)
+    if cluster is not None:
+        _apply_cluster(settings, cluster, env)
+    if settings.source is None:  # Nothing set: a TPU VM's workers find each other, anything else is single.
         if on_tpu if on_tpu is not None else _on_tpu_vm():
             return Plan("tpu", num_processes=None, process_id=None)
         return Plan("single")
-
-    # Checks: a clear message for each way the settings can be incomplete or inconsistent.
-    if num_processes is None:
-        if source == "flags" and coordinator is not None and (on_tpu if on_tpu is not None else _on_tpu_vm()):
-            return Plan("tpu", None, process_id, check_coordinator(coordinator, coord_name))
-        given = "--process_id/JAX_PROCESS_ID" if process_id is not None else "--coordinator_address/JAX_COORDINATOR_ADDRESS"
-        raise DistributedConfigError(
-            f"{given} is set but the number of processes is not: also pass --num_processes=N "
-            "(or set JAX_NUM_PROCESSES), or remove it for a single-process run")
-    if num_processes < 1:
-        raise DistributedConfigError(f"{count_name}={num_processes} must be >= 1")
-    if num_processes == 1:
-        if process_id not in (None, 0):
-            raise DistributedConfigError(
-                f"{id_name}={process_id} but {count_name}=1: a single process has id 0; fix {id_name} or "
-                f"raise {count_name}")
-        return Plan("single")
-    if process_id is None:
-        raise DistributedConfigError(
-            f"{count_name}={num_processes} but this process's id is not set: pass --process_id=I "
-            f"(0 <= I < {num_processes}) or set JAX_PROCESS_ID")
-    if not 0 <= process_id < num_processes:
-        raise DistributedConfigError(
-            f"{id_name}={process_id} is out of range for {count_name}={num_processes}: ids run from 0 to "
-            f"{num_processes - 1}")
-    if coordinator is None:
-        raise DistributedConfigError(
-            f"{count_name}={num_processes} needs a coordinator: pass --coordinator_address=HOST:PORT (process 0's "
-            "host and a free port, the same on every process) or set JAX_COORDINATOR_ADDRESS")
-    return Plan(source, num_processes, process_id, check_coordinator(coordinator, coord_name), local_device_ids)
+    return _checked_plan(settings, on_tpu)
 
 
 def init_from_flags_or_env(
@@ -220,8 +279,6 @@ def init_from_flags_or_env(
 ) -> dict[str, Any]:
     """Starts JAX's multi-process runtime if the flags or the environment ask for it; a single process
     with nothing set does nothing. Must run before any JAX computation. Returns what was done."""
-    import jax
-
     plan = resolve(coordinator, num_processes, process_id, env=env)
     done: dict[str, Any] = {**dataclasses.asdict(plan), "initialized": False, "cpu_devices": None}
     if local_device_count is not None:
@@ -273,30 +330,19 @@ def init_from_flags() -> dict[str, Any]:
 
 def is_primary() -> bool:
     """True on process 0, the only one that writes logs, plots, summaries and exports."""
-    import jax
-
     return jax.process_index() == 0
 
 
 def sync_flag(local_flag: bool) -> bool:
     """True on every process if `local_flag` is True on any (e.g. one host got SIGTERM); all processes
     must call it at the same step. A single process returns `local_flag` without any collective."""
-    import jax
-
     if jax.process_count() == 1:
         return bool(local_flag)
-    import numpy as np
-    from jax.experimental import multihost_utils
-
     gathered = multihost_utils.process_allgather(np.asarray(bool(local_flag), dtype=np.int32))
     return bool(np.any(gathered))
 
 
 def barrier(name: str) -> None:
     """Waits until every process reaches this point (no-op for one process)."""
-    import jax
-
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
         multihost_utils.sync_global_devices(name)

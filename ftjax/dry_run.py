@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import jax
+
 from ftjax import params as params_lib
 from ftjax import sharding as sharding_lib
 
@@ -17,8 +19,6 @@ def step_memory(run: Any) -> dict[str, int] | None:
     """Per-device bytes of the compiled train step at the longest bucket and the configured global batch
     (XLA's memory_analysis: exact for this program): arguments (params + optimizer state + batch), temp
     (activations kept for the backward pass, gradients, workspace). None if the backend reports nothing."""
-    import jax
-
     batch = next(run.data.train_iterator())
     longest = max(run.data.bucket_lengths or (0,))
     abstract = {}

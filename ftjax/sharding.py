@@ -15,6 +15,7 @@ from typing import Any
 import jax
 import numpy as np
 from absl import logging
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -66,8 +67,6 @@ def make_mesh(mesh_cfg: Any, devices: Sequence[jax.Device] | None = None) -> Mes
     sizes = config_lib.resolve_mesh_shape(mesh_cfg, len(devices))
     shape = tuple(sizes[a] for a in MESH_AXES)
     try:
-        from jax.experimental import mesh_utils
-
         grid = mesh_utils.create_device_mesh(shape, devices=devices, allow_split_physical_axes=True)
     except Exception:  # noqa: BLE001 - CPU/odd topologies: plain row-major order is fine.
         grid = np.asarray(devices).reshape(shape)

@@ -12,7 +12,8 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from ftjax import params as params_lib
-from ftjax import sharding, train
+from ftjax import sharding
+from ftjax import step as step_lib
 
 transformers = pytest.importorskip("transformers")
 
@@ -127,7 +128,7 @@ def _two_steps(model, task: str, mesh) -> tuple[list[float], dict]:
                  "opt_state": jax.jit(tx.init)(params)}
     state_shardings = jax.tree_util.tree_map(lambda x: x.sharding, state)
     trainable = frozenset(params_lib.flatten(params))
-    step = jax.jit(train.make_train_step(graphdef, rest, tx, trainable, train.StepConfig(task)),
+    step = jax.jit(step_lib.make_train_step(graphdef, rest, tx, trainable, step_lib.StepConfig(task)),
                    in_shardings=(state_shardings, sharding.batch_sharding(mesh), sharding.replicated(mesh)),
                    out_shardings=(state_shardings, sharding.replicated(mesh)))
     losses = []

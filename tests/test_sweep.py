@@ -16,9 +16,12 @@ import textwrap
 import optuna
 import pytest
 
-from ftjax import sweep, train
+from ftjax import trainer
 from ftjax.config import ConfigError, default_config
-from ftjax.population import PopulationError
+from ftjax.tune import space, sweep
+from ftjax.tune.population import PopulationError
+from ftjax.tune.report import REPORT
+from ftjax.tune.study import open_study, storage_url
 from tests import tiny
 
 S = optuna.trial.TrialState
@@ -28,11 +31,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = {"train.steps": 4, "train.eval_every": 2, "train.log_every": 1}
 
 
-def _spec(**kw) -> sweep.SweepSpec:
-    raw = {"space": {"optim.lr": sweep.loguniform(1e-4, 3e-3), "train.label_smoothing": sweep.choice(0.0, 0.1)},
+def _spec(**kw) -> space.SweepSpec:
+    raw = {"space": {"optim.lr": space.loguniform(1e-4, 3e-3), "train.label_smoothing": space.choice(0.0, 0.1)},
            "metric": "accuracy", "mode": "max", "sampler": "random", "n_trials": 3}
     raw.update(kw)
-    return sweep.make_spec(raw)
+    return space.make_spec(raw)
 
 
 def _dead_pid() -> int:
@@ -47,18 +50,18 @@ def test_a_small_sweep_resumes_after_interruption_without_repeating_trials_and_r
     cfg = tiny.tiny_config(model_dir, data_dir, **FAST)
     spec, wd = _spec(), str(tmp_path / "sweep")
     sweep.run_sweep(cfg, spec, wd, stop_after_trials=1)
-    first = sweep.open_study(spec, wd, seed_offset=1)  # (seed 0 would draw trial 0's point again)
+    first = open_study(spec, wd, seed_offset=1)  # (seed 0 would draw trial 0's point again)
     assert [t.state for t in first.get_trials()] == [S.COMPLETE]
     trial0_summary = os.path.join(wd, "trial_0", "summary.json")
     mtime0 = os.path.getmtime(trial0_summary)
 
     # A worker dies in the middle of trial 1 (after its step-2 eval and checkpoint).
     trial = first.ask()
-    values = {f: sweep.suggest(trial, f, d) for f, d in spec.space.items()}
+    values = {f: space.suggest(trial, f, d) for f, d in spec.space.items()}
     crashed_dir = os.path.join(wd, f"trial_{trial.number}")
     for key, value in {"host": socket.gethostname(), "pid": _dead_pid(), "workdir": crashed_dir}.items():
         trial.set_user_attr(key, value)
-    assert train.fit(sweep._trial_config(cfg, spec, values), crashed_dir, stop_after=2) == {"interrupted_at": 2}
+    assert trainer.train(sweep.trial_config(cfg, spec, values), crashed_dir, stop_after=2) == {"interrupted_at": 2}
     ckpt2 = os.path.join(crashed_dir, "checkpoints", "2")
     ckpt2_mtime = os.path.getmtime(ckpt2)
 
@@ -78,7 +81,7 @@ def test_a_small_sweep_resumes_after_interruption_without_repeating_trials_and_r
     with open(os.path.join(moved, "summary.json")) as f:
         assert json.load(f)["steps"] == 4
 
-    with open(os.path.join(wd, sweep.REPORT)) as f:
+    with open(os.path.join(wd, REPORT)) as f:
         report = f.read()
     best = study.best_trial
     assert f"Trial {best.number}: accuracy" in report
@@ -94,11 +97,11 @@ def test_a_small_sweep_resumes_after_interruption_without_repeating_trials_and_r
 def test_a_poor_trial_is_pruned_at_an_eval_point(model_dir, data_dir, tmp_path):
     # Constant LR (no warmup): the poor trial's Adam steps of size ~1 wreck the model before the first eval.
     cfg = tiny.tiny_config(model_dir, data_dir, **{**FAST, "train.steps": 6, "optim.schedule.type": "constant"})
-    spec = _spec(space={"optim.lr": sweep.loguniform(1e-4, 1.0)}, metric="loss", mode="min", n_trials=2,
+    spec = _spec(space={"optim.lr": space.loguniform(1e-4, 1.0)}, metric="loss", mode="min", n_trials=2,
                  pruner="median", pruner_startup_trials=1)
     wd = str(tmp_path / "sweep")
     os.makedirs(wd)
-    study = sweep.open_study(spec, wd)
+    study = open_study(spec, wd)
     study.enqueue_trial({"optim.lr": 1e-3})
     study.enqueue_trial({"optim.lr": 1.0})  # blows the loss up: worse than trial 0 at its first eval
     study = sweep.run_sweep(cfg, spec, wd)
@@ -109,8 +112,8 @@ def test_a_poor_trial_is_pruned_at_an_eval_point(model_dir, data_dir, tmp_path):
 
 def test_a_population_sweep_runs_its_trials_together(model_dir, data_dir, tmp_path):
     cfg = tiny.tiny_config(model_dir, data_dir, **FAST)
-    spec = _spec(population=3, n_trials=3, space={"optim.lr": sweep.loguniform(1e-4, 3e-3),
-                                                  "optim.weight_decay": sweep.uniform(0.0, 0.1)})
+    spec = _spec(population=3, n_trials=3, space={"optim.lr": space.loguniform(1e-4, 3e-3),
+                                                  "optim.weight_decay": space.uniform(0.0, 0.1)})
     study = sweep.run_sweep(cfg, spec, str(tmp_path))
     trials = study.get_trials()
     assert [t.state for t in trials] == [S.COMPLETE] * 3
@@ -122,35 +125,52 @@ def test_a_population_sweep_runs_its_trials_together(model_dir, data_dir, tmp_pa
 
 def test_a_grid_sweep_covers_the_grid_once(model_dir, data_dir, tmp_path):
     cfg = tiny.tiny_config(model_dir, data_dir, **{**FAST, "train.steps": 2})
-    spec = _spec(sampler="grid", n_trials=10, space={"optim.schedule.type": sweep.choice("constant", "warmup_cosine")})
+    spec = _spec(sampler="grid", n_trials=10, space={"optim.schedule.type": space.choice("constant", "warmup_cosine")})
     study = sweep.run_sweep(cfg, spec, str(tmp_path))
     assert sorted(t.params["optim.schedule.type"] for t in study.get_trials()) == ["constant", "warmup_cosine"]
 
 
 @pytest.mark.parametrize("raw,error,match", [
-    ({"space": {}}, sweep.SweepError, "sweep.space=.*is empty"),
-    ({"space": {"optim.learning_rate": sweep.loguniform(1e-5, 1e-3)}}, ConfigError,
+    ({"space": {}}, space.SweepError, "sweep.space=.*is empty"),
+    ({"space": {"optim.learning_rate": space.loguniform(1e-5, 1e-3)}}, ConfigError,
      "optim.learning_rate.*not a field of the config"),
-    ({"space": {"optim.lr": sweep.loguniform(1e-3, 1e-5)}}, sweep.SweepError, "low=0.001 > high=1e-05"),
-    ({"space": {"train.batch_size": sweep.choice(16, 32)}, "population": 4}, PopulationError,
+    ({"space": {"optim.lr": space.loguniform(1e-3, 1e-5)}}, space.SweepError, "low=0.001 > high=1e-05"),
+    ({"space": {"train.batch_size": space.choice(16, 32)}, "population": 4}, PopulationError,
      "train.batch_size.*changes shapes"),
-    ({"space": {"model.dropout.hidden": sweep.uniform(0.0, 0.2)}, "population": 4}, PopulationError,
+    ({"space": {"model.dropout.hidden": space.uniform(0.0, 0.2)}, "population": 4}, PopulationError,
      "model.dropout.hidden.*static Python float"),
-    ({"space": {"optim.lr": sweep.loguniform(1e-5, 1e-3)}, "metric": "bleu"}, sweep.SweepError, "sweep.metric"),
-    ({"space": {"optim.lr": sweep.loguniform(1e-5, 1e-3)}, "sampler": "cmaes"}, sweep.SweepError, "sweep.sampler"),
-    ({"space": {"optim.lr": sweep.loguniform(0.0, 1e-3)}}, sweep.SweepError, "log range needs low > 0"),
+    ({"space": {"optim.lr": space.loguniform(1e-5, 1e-3)}, "metric": "bleu"}, space.SweepError, "sweep.metric"),
+    ({"space": {"optim.lr": space.loguniform(1e-5, 1e-3)}, "sampler": "cmaes"}, space.SweepError, "sweep.sampler"),
+    ({"space": {"optim.lr": space.loguniform(0.0, 1e-3)}}, space.SweepError, "log range needs low > 0"),
 ])
 def test_bad_sweep_specs_are_clear_errors(raw, error, match):
     cfg = default_config()
     with pytest.raises(error, match=match):
-        sweep.validate_spec(sweep.make_spec(raw), cfg)
+        space.validate_spec(space.make_spec(raw), cfg)
 
 
 def test_an_unknown_spec_key_and_a_missing_file_are_clear_errors(tmp_path):
-    with pytest.raises(sweep.SweepError, match="sweep.trials=.*unknown key"):
-        sweep.make_spec({"space": {}, "trials": 3})
+    with pytest.raises(space.SweepError, match="sweep.trials=.*unknown key"):
+        space.make_spec({"space": {}, "trials": 3})
     with pytest.raises(FileNotFoundError, match="configs/sweeps/<name>.py"):
-        sweep.load_spec(str(tmp_path / "nope.py"))
+        space.load_spec(str(tmp_path / "nope.py"))
+
+
+@pytest.mark.parametrize("name", ["minilm_sequential", "minilm_population"])
+def test_the_shipped_sweep_files_load_and_validate(name):
+    spec = space.load_spec(os.path.join(ROOT, "configs", "sweeps", f"{name}.py"))
+    space.validate_spec(spec, default_config())
+    assert spec.space and spec.metric == "accuracy"
+
+
+def test_declaring_a_search_space_needs_no_optuna():
+    # optuna is the `sweep` extra: a sweep file (and anything that only reads one) must import without it.
+    code = ("import sys; sys.modules['optuna'] = None\n"
+            "from ftjax.tune import space\n"
+            "space.make_spec({'space': {'optim.lr': space.loguniform(1e-5, 1e-3)}})")
+    result = subprocess.run([sys.executable, "-c", code], check=False, cwd=ROOT, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -219,9 +239,9 @@ def test_two_workers_share_one_postgresql_sweep(model_dir, data_dir, tmp_path):
                 return tiny.tiny_config({model_dir!r}, {data_dir!r}, **{{"train.steps": 2, "train.eval_every": 2}})
         """))
         sweep_file.write_text(textwrap.dedent(f"""
-            from ftjax import sweep
+            from ftjax.tune import space
             def get_sweep(arg=None):
-                return dict(space={{"optim.lr": sweep.loguniform(1e-4, 3e-3)}}, sampler="random", n_trials=4,
+                return dict(space={{"optim.lr": space.loguniform(1e-4, 3e-3)}}, sampler="random", n_trials=4,
                             metric="accuracy", mode="max", storage={url!r}, study_name="two_workers")
         """))
         env = {**os.environ, "PYTHONPATH": ROOT}
@@ -232,7 +252,7 @@ def test_two_workers_share_one_postgresql_sweep(model_dir, data_dir, tmp_path):
         outputs = [w.communicate(timeout=600)[0] for w in workers]
         for w, out in zip(workers, outputs):
             assert w.returncode == 0, out[-3000:]
-        study = optuna.load_study(study_name="two_workers", storage=sweep.storage_url(sweep.make_spec(
+        study = optuna.load_study(study_name="two_workers", storage=storage_url(space.make_spec(
             {"space": {}, "storage": url}), str(tmp_path)))
         trials = study.get_trials()
         complete = [t for t in trials if t.state == S.COMPLETE]
@@ -240,7 +260,7 @@ def test_two_workers_share_one_postgresql_sweep(model_dir, data_dir, tmp_path):
         assert len({t.user_attrs["pid"] for t in complete}) == 2, "both workers ran trials"
         assert len({t.number for t in complete}) == len(complete)
         for i in range(2):
-            assert os.path.exists(tmp_path / f"worker{i}" / sweep.REPORT)
+            assert os.path.exists(tmp_path / f"worker{i}" / REPORT)
     finally:
         if stop:
             subprocess.run(stop, check=False, capture_output=True, timeout=60)

@@ -6,20 +6,20 @@
 arg: "k=N" population size (default 8), "n=N" trials (default 32).
 """
 
-from ftjax import sweep
 from ftjax.config import parse_recipe_arg
+from ftjax.tune import space
 
 
 def get_sweep(arg=None):
     args = parse_recipe_arg(arg)
     return dict(  # noqa: C408 - reads like the other recipes' keyword style
         space={
-            "optim.lr": sweep.loguniform(1e-5, 3e-4),
-            "optim.weight_decay": sweep.uniform(0.0, 0.1),
-            "optim.schedule.type": sweep.choice("warmup_linear", "warmup_cosine"),
-            "optim.schedule.warmup": sweep.uniform(0.0, 0.2),
-            "optim.layer_lr_decay": sweep.uniform(0.7, 1.0),
-            "train.label_smoothing": sweep.choice(0.0, 0.1),
+            "optim.lr": space.loguniform(1e-5, 3e-4),
+            "optim.weight_decay": space.uniform(0.0, 0.1),
+            "optim.schedule.type": space.choice("warmup_linear", "warmup_cosine"),
+            "optim.schedule.warmup": space.uniform(0.0, 0.2),
+            "optim.layer_lr_decay": space.uniform(0.7, 1.0),
+            "train.label_smoothing": space.choice(0.0, 0.1),
         },
         metric="accuracy",
         mode="max",

@@ -7,20 +7,20 @@ recipe, one trial at a time; TPE with Hyperband pruning at each eval.
 Several machines share one sweep with arg "storage=postgresql://USER:PW@HOST/DB" (same command on each).
 """
 
-from ftjax import sweep
 from ftjax.config import parse_recipe_arg
+from ftjax.tune import space
 
 
 def get_sweep(arg=None):
     args = parse_recipe_arg(arg)
     return dict(  # noqa: C408 - reads like the other recipes' keyword style
         space={
-            "optim.lr": sweep.loguniform(1e-5, 3e-4),
-            "train.batch_size": sweep.choice(16, 32, 64),
-            "optim.freeze_layers": sweep.choice("", "embeddings", "embeddings,0-1", "embeddings,0-3"),
-            "model.dropout.hidden": sweep.uniform(0.0, 0.2),
-            "train.epochs": sweep.int_range(1, 4),
-            "optim.weight_decay": sweep.uniform(0.0, 0.1),
+            "optim.lr": space.loguniform(1e-5, 3e-4),
+            "train.batch_size": space.choice(16, 32, 64),
+            "optim.freeze_layers": space.choice("", "embeddings", "embeddings,0-1", "embeddings,0-3"),
+            "model.dropout.hidden": space.uniform(0.0, 0.2),
+            "train.epochs": space.int_range(1, 4),
+            "optim.weight_decay": space.uniform(0.0, 0.1),
         },
         metric="accuracy",
         mode="max",

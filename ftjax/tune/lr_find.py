@@ -5,20 +5,19 @@ K members train at K log-spaced constant LRs at once and the loss after N steps 
 
 from __future__ import annotations
 
-import json
 import math
-import os
 
 import matplotlib
 import numpy as np
 from absl import logging
 
+from ftjax import fileio
 from ftjax.config import ConfigError
 from ftjax.loop import Callback, Loop, fit
 from ftjax.tune.population import Population, with_overrides
 
 matplotlib.use("Agg")  # files only, no display; before pyplot is imported
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 
 def lr_ramp(lr_min: float, lr_max: float, steps: int) -> np.ndarray:
@@ -101,8 +100,7 @@ def plot(lrs: np.ndarray, losses: np.ndarray, suggestion: dict, png: str, title:
     ax.set_title(title)
     ax.legend()
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(png)), exist_ok=True)
-    fig.savefig(png, dpi=90)
+    fileio.save_figure(fig, png, dpi=90)
     plt.close(fig)
 
 
@@ -119,7 +117,7 @@ def lr_find(cfg, workdir: str, *, lr_min: float = 1e-7, lr_max: float = 1.0, ste
         raise ConfigError("lr_find.population", population, ">= 0")
     c = with_overrides(cfg, {"train.steps": int(steps), "optim.schedule.type": "constant",
                              "optim.schedule.warmup": 0, "optim.lr": 1.0})
-    os.makedirs(workdir, exist_ok=True)
+    fileio.path(workdir).mkdir(parents=True, exist_ok=True)
     if population == 0:
         lrs = lr_ramp(lr_min, lr_max, steps)
         tables, members, diverge = lrs[None], [c], 4.0
@@ -141,11 +139,10 @@ def lr_find(cfg, workdir: str, *, lr_min: float = 1e-7, lr_max: float = 1.0, ste
         suggestion = {"lr": float(lrs[i]), "method": f"lowest loss after {steps} steps", "steepest": None,
                       "min_over_10": float(lrs[i] / 10)}
         title = f"LR sweep: {population} members, {steps} steps each at constant LR"
-    plot(lrs, np.where(np.isfinite(losses), losses, np.nan), suggestion, os.path.join(workdir, "lr_find.png"),
+    plot(lrs, np.where(np.isfinite(losses), losses, np.nan), suggestion, fileio.path(workdir) / "lr_find.png",
          title)
     result = {"suggestion": suggestion, "lrs": lrs[:len(losses)].tolist(),
               "losses": [float(x) if math.isfinite(x) else None for x in losses], "population": population}
-    with open(os.path.join(workdir, "lr_find.json"), "w") as f:
-        json.dump(result, f, indent=1)
+    fileio.write_json(fileio.path(workdir) / "lr_find.json", result)
     logging.info("lr_find: suggested lr %.3g (%s)", suggestion["lr"], suggestion["method"])
     return result

@@ -8,8 +8,6 @@ label smoothing enter the step as arrays, so member k follows exactly the run it
 from __future__ import annotations
 
 import copy
-import json
-import os
 import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -19,12 +17,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from absl import logging
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from ftjax import config as config_lib
-from ftjax import optim, schedules
+from ftjax import fileio, optim, schedules
 from ftjax import params as params_lib
 from ftjax import sharding as sharding_lib
 from ftjax.callbacks import EarlyStopping
@@ -32,7 +29,8 @@ from ftjax.config import ConfigError
 from ftjax.loop import STOPPED_EARLY, Callback, fit
 from ftjax.run import Run
 from ftjax.step import StepConfig, make_eval_step, make_train_step
-from ftjax.trainer import open_checkpointer, standard_callbacks
+from ftjax.trainer import hold_workdir, open_checkpointer, standard_callbacks
+from ftjax.workdir import flatten
 
 # Fields a population may vary: none changes a shape or the compiled program's structure.
 POPULATION_FIELDS = (
@@ -332,12 +330,18 @@ def train_population(
     save and exact resume, like a solo run) to WORKDIR/checkpoints, so rerunning the call resumes.
     """
     t_start = time.time()
+    lock = hold_workdir(workdir)
+    try:
+        return _train_population(member_cfgs, workdir, member_dirs, callbacks, metric, mode, devices, t_start)
+    finally:
+        lock.release()
+
+
+def _train_population(member_cfgs, workdir, member_dirs, callbacks, metric, mode, devices, t_start):
     pop = Population(member_cfgs, workdir, devices=devices)
     run = pop.run
     for cfg, d in zip(member_cfgs, member_dirs):
-        os.makedirs(d, exist_ok=True)
-        with open(os.path.join(d, "config.json"), "w") as f:
-            f.write(cfg.to_json_best_effort(indent=1))
+        fileio.write_json(fileio.path(d) / "config.json", flatten(cfg))
     ckpt = open_checkpointer(run, None)
     cbs = standard_callbacks(run, ckpt, member_dirs, metric=metric, mode=mode, solo=False, extra=list(callbacks))
     loop = fit(pop, run.data.train_iterator, cbs)
@@ -353,7 +357,6 @@ def train_population(
                    "val": early.best_results[k] or {}, "best_val": {metric: early.stoppers[k].best_value},
                    "timing": {"wall_seconds": time.time() - t_start, "population_size": pop.members}}
         if run.primary:
-            with open(os.path.join(member_dirs[k], "summary.json"), "w") as f:
-                json.dump(summary, f, indent=1, default=float)
+            fileio.write_json(fileio.path(member_dirs[k]) / "summary.json", summary)
         summaries.append(summary)
     return summaries
