@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 from typing import Any, Self
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
+
+from ftjax import fileio
 
 
 class CheckpointError(ValueError):
@@ -74,19 +76,21 @@ class Checkpointer:
 
     Every process must call save/restore (each writes/reads its own array shards); process
     `primary_host` (an index, the same on all processes; a bool means process 0) writes the JSON items
-    and directories. Saves are atomic: orbax writes into
+    and directories. `read_only` opens a run's checkpoints for eval/export: nothing is created, cleaned
+    up or deleted there (a training run may be saving beside it). Saves are atomic: orbax writes into
     `<step>.orbax-checkpoint-tmp-*` and renames it when complete; leftovers of a crashed save are
     ignored and removed when the next Checkpointer opens the directory.
     """
 
     def __init__(
         self,
-        directory: str | Path,
+        directory: fileio.PathLike,
         keep: int,
         best_metric: str | None = None,
         best_mode: str = "min",
         async_save: bool = True,
         primary_host: int | bool = 0,
+        read_only: bool = False,
     ):
         if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
             raise ValueError(
@@ -101,7 +105,9 @@ class Checkpointer:
                 f"Checkpointer primary_host={primary_host!r} is invalid: it is the process index (int) that "
                 "writes metadata, normally 0; every process must still call save/restore"
             )
-        self.directory = Path(directory).absolute()
+        self.directory = fileio.path(directory)
+        if read_only and not self.directory.exists():
+            raise CheckpointError(f"no checkpoint in {self.directory}: train first (--mode=train)")
         self.best_metric = best_metric
         self.best_mode = best_mode
         keep_policies: list[Any] = [policies.LatestN(n=keep)]
@@ -121,8 +127,12 @@ class Checkpointer:
             preservation_policy=policies.AnyPreservationPolicy(keep_policies),
             best_fn=best_fn,
             best_mode=best_mode,
-            enable_async_checkpointing=async_save,
-            cleanup_tmp_directories=True,
+            enable_async_checkpointing=async_save and not read_only,
+            # A reader (eval/export beside a training run) never deletes or creates anything: an in-flight
+            # save's temp folder belongs to the trainer.
+            cleanup_tmp_directories=not read_only,
+            read_only=read_only,
+            create=not read_only,
             multiprocessing_options=ocp.options.MultiprocessingOptions(primary_host=primary_host),
         )
         try:
@@ -244,7 +254,7 @@ class Checkpointer:
             "or a jax.Array"
         )
 
-    def _corrupt(self, step_dir: Path, e: BaseException) -> CheckpointError:
+    def _corrupt(self, step_dir: epath.Path, e: BaseException) -> CheckpointError:
         return CheckpointError(
             f"checkpoint {step_dir} is unreadable ({type(e).__name__}: {_first_line(e)}). Delete that step "
             f"directory to resume from an earlier step (saved: {self.all_steps()}), or choose another workdir"

@@ -4,6 +4,7 @@ so a crash or a kill never leaves a torn JSON file or a half-written export behi
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import uuid
@@ -83,3 +84,10 @@ def atomic_dir(target: PathLike) -> Iterator[epath.Path]:
     tmp.rename(target)
     if old is not None:
         old.rmtree()
+
+
+def save_figure(fig: Any, p: PathLike, dpi: int = 100) -> None:
+    """A matplotlib figure as a PNG at `p` (local or gs://), written atomically."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    write_bytes(p, buffer.getvalue())

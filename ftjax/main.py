@@ -10,14 +10,23 @@ import json
 import logging as std_logging
 import os
 import sys
+from typing import Any
 
 import jax
 from absl import app, flags, logging
+from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from ftjax import distributed  # registers --coordinator_address, --num_processes, --process_id, --cpu_devices
-from ftjax import dry_run, lora, models, trainer
-from ftjax.checkpoint import CheckpointError, Checkpointer
+from ftjax import (
+    distributed,  # registers --coordinator_address, --num_processes, --process_id, --cpu_devices
+    dry_run,
+    fileio,
+    lora,
+    models,
+    trainer,
+)
+from ftjax import workdir as workdir_lib
+from ftjax.checkpoint import Checkpointer, CheckpointError
 from ftjax.config import ConfigError
 from ftjax.data import DataError
 from ftjax.distributed import DistributedConfigError
@@ -40,27 +49,44 @@ _SWEEP = flags.DEFINE_string("sweep", None, "--mode=sweep: search space file con
 _LR_MIN = flags.DEFINE_float("lr_min", 1e-7, "--mode=lr_find: first (lowest) learning rate.")
 _LR_MAX = flags.DEFINE_float("lr_max", 1.0, "--mode=lr_find: last (highest) learning rate.")
 _LR_STEPS = flags.DEFINE_integer("lr_steps", 100, "--mode=lr_find: steps of the ramp (per member).")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "--mode=export: replace a non-empty --export_dir.")
 _POPULATION = flags.DEFINE_integer("population", 0, "--mode=lr_find: K > 0 trains K constant LRs at once.")
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions a user can cause; they end the run with their message, not a traceback."""
     return (ConfigError, DataError, DistributedConfigError, ModelLoadError, TrainingError, CheckpointError,
-            FileNotFoundError)
+            FileNotFoundError, FileExistsError, NotADirectoryError)
 
 
-def _restore_for_inference(run: Run, workdir: str):
-    """The params of the best (or --step) checkpoint in `workdir`, placed on the mesh."""
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=1, async_save=False, primary_host=run.primary)
-    step = _STEP.value if _STEP.value is not None else (ckpt.best_step() or ckpt.latest_step())
-    if step is None:
-        raise TrainingError(f"no checkpoint in {workdir}/checkpoints: train first (--mode=train)")
-    state, _ = ckpt.restore(step, run.abstract_state())
-    ckpt.close()
-    return step, state["params"]
+def _restore_for_inference(run: Run, workdir: str) -> tuple[int, str, Any]:
+    """(step, why that step, params) of the best checkpoint by the early-stopping metric (or --step),
+    opened read-only: a training run writing beside it loses nothing."""
+    es = run.cfg.train.early_stop
+    ckpt = Checkpointer(fileio.path(workdir) / "checkpoints", keep=1, best_metric=f"val_{es.metric}",
+                        best_mode=es.mode, async_save=False, primary_host=run.primary, read_only=True)
+    try:
+        if _STEP.value is not None:
+            step, why = _STEP.value, "--step"
+        elif (step := ckpt.best_step()) is not None:
+            why = f"best val_{es.metric} ({es.mode})"
+        else:
+            step, why = ckpt.latest_step(), "latest (no checkpoint has a val metric)"
+        if step is None:
+            raise TrainingError(f"no checkpoint in {ckpt.directory}: train first (--mode=train)")
+        state, _ = ckpt.restore(step, run.abstract_state())
+    finally:
+        ckpt.close()
+    print(f"checkpoint: step {step}, {why}")
+    return step, why, state["params"]
 
 
 def _sweep(cfg, workdir: str) -> dict:
+    if jax.process_count() > 1:
+        raise DistributedConfigError(
+            f"--mode=sweep runs in one process, not {jax.process_count()}: start each sweep worker as its own "
+            "single-process job on the same sweep storage (a postgresql:// study shares the trials)"
+        )
     if not _SWEEP.value:
         raise FileNotFoundError("--mode=sweep needs --sweep=configs/sweeps/<name>.py")
     command = [a for a in sys.argv[1:] if a.startswith("--config")]
@@ -88,37 +114,41 @@ def _train(cfg, workdir: str) -> dict:
 
 
 def _dry_run(cfg, workdir: str) -> dict:
-    report = dry_run.report(Run(cfg, workdir))
+    report = dry_run.report(Run(cfg, workdir, purpose="eval"))
     print(report)
     return {"report": report}
 
 
 def _eval(cfg, workdir: str) -> dict:
-    run = Run(cfg, workdir)
-    step, params = _restore_for_inference(run, workdir)
-    result = {"step": step, "val": run.evaluate("validation", params)}
+    run = Run(cfg, workdir, purpose="eval")
+    step, why, params = _restore_for_inference(run, workdir)
+    result = {"step": step, "checkpoint": why, "val": run.evaluate("validation", params)}
     if run.data.has_split("test"):
         result["test"] = run.evaluate("test", params)
     if run.primary:
-        with open(os.path.join(workdir, "eval.json"), "w") as f:
-            json.dump(result, f, indent=1)
+        fileio.write_json(fileio.path(workdir) / "eval.json", result)
     print(json.dumps(result, indent=1))
     return result
 
 
 def _export(cfg, workdir: str) -> dict:
     """An HF folder (LoRA adapters merged in), plus the adapter alone in PEFT format under adapter/."""
-    run = Run(cfg, workdir)
-    step, params = _restore_for_inference(run, workdir)
-    out = _EXPORT_DIR.value or os.path.join(workdir, "export")
-    params = jax.device_get(params)
+    run = Run(cfg, workdir, purpose="export")
+    step, why, params = _restore_for_inference(run, workdir)
+    out = _EXPORT_DIR.value or str(fileio.path(workdir) / "export")
+    # With params sharded over several hosts no process holds them whole: gather them to every process.
+    params = multihost_utils.process_allgather(params, tiled=True) if jax.process_count() > 1 else (
+        jax.device_get(params))
+    record = {"workdir": str(fileio.path(workdir)), "step": step, "checkpoint": why}
     if run.primary:
-        models.save_pretrained(run.model, out, tokenizer=run.tokenizer, params=params)
+        models.save_pretrained(run.model, out, tokenizer=run.tokenizer, params=params,
+                               overwrite=_OVERWRITE.value)
         if cfg.optim.lora.rank:
-            lora.export_peft(run.model, os.path.join(out, "adapter"), params,
-                             base_model_name_or_path=cfg.model.name_or_path)
-    print(f"exported step {step} to {out}")
-    return {"step": step, "export_dir": out}
+            lora.export_peft(run.model, fileio.path(out) / "adapter", params,
+                             base_model_name_or_path=cfg.model.name_or_path, overwrite=True)
+        fileio.write_json(fileio.path(out) / "ftjax_export.json", record)
+    print(f"exported step {step} ({why}) to {out}")
+    return {**record, "export_dir": out}
 
 
 MODE_FNS = {"train": _train, "eval": _eval, "export": _export, "dry_run": _dry_run, "sweep": _sweep,
@@ -146,11 +176,14 @@ def main(argv) -> None:
     logging.get_absl_handler().addFilter(_QuietLibraries())
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if _CONFIG.value is None or _WORKDIR.value is None:
-        raise app.UsageError("--config and --workdir are required")
+    if _WORKDIR.value is None:
+        raise app.UsageError("--workdir is required")
+    if _CONFIG.value is None and _MODE.value not in ("eval", "export", "dry_run"):
+        raise app.UsageError(f"--mode={_MODE.value} needs --config (eval, export and dry_run read WORKDIR/run.json)")
     try:
         distributed.init_from_flags()  # before anything touches JAX devices
-        run_mode(_MODE.value, _CONFIG.value, _WORKDIR.value)
+        cfg = _CONFIG.value if _CONFIG.value is not None else workdir_lib.saved_config(_WORKDIR.value)
+        run_mode(_MODE.value, cfg, _WORKDIR.value)
     except user_errors() as e:
         logging.error("%s", e)
         print(f"ftjax: error: {e}", file=sys.stderr)

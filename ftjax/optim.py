@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from ftjax import fileio
 from ftjax import params as params_lib
 from ftjax.config import OPTIMIZERS, ConfigError, validate
 from ftjax.param_table import FROZEN, Group, ParamInfo, build_table
@@ -232,7 +232,7 @@ class Optimizer:
         t = self.total_steps
         return sorted({round(i * t / n) for i in range(n + 1)})
 
-    def plot_lr(self, png_path: str) -> None:
+    def plot_lr(self, png_path: fileio.PathLike) -> None:
         """A PNG of each group's LR over the run (dashed: its lowest layer under LLRD; dotted: unfreezing)."""
         import matplotlib
 
@@ -264,8 +264,7 @@ class Optimizer:
         ax.set_title(f"{self.config.name}, {self.config.schedule.type}")
         ax.legend(fontsize="small")
         fig.tight_layout()
-        os.makedirs(os.path.dirname(os.path.abspath(png_path)), exist_ok=True)
-        fig.savefig(png_path, dpi=100)
+        fileio.save_figure(fig, png_path)
         plt.close(fig)
 
 

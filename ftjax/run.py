@@ -4,7 +4,6 @@ the compiled train/eval steps. Steppers (solo, population) and the CLI modes sta
 from __future__ import annotations
 
 import concurrent.futures
-import json
 import math
 import os
 import time
@@ -18,10 +17,11 @@ from absl import logging
 
 from ftjax import config as config_lib
 from ftjax import data as data_lib
-from ftjax import distributed, lora, models, optim
+from ftjax import distributed, fileio, hf, lora, models, optim
 from ftjax import metrics as metrics_lib
 from ftjax import params as params_lib
 from ftjax import sharding as sharding_lib
+from ftjax import workdir as workdir_lib
 from ftjax.loop import TrainingError
 from ftjax.step import StepConfig, make_eval_step, make_train_step
 
@@ -63,31 +63,67 @@ def check_batch_sizes(train_cfg: Any, data_parallel: int) -> None:
         )
 
 
-class Run:
-    """Mesh, data, model, optimizer and state of one fine-tune (or of a population's shared template)."""
+# Families whose learned absolute position table caps the sequence length (RoPE families have no table).
+_POSITION_OFFSET = {"bert": 0, "distilbert": 0, "gpt2": 0, "roberta": 2, "xlm-roberta": 2, "camembert": 2}
 
-    def __init__(self, cfg: Any, workdir: str, *, devices: list | None = None):
+
+def check_model_fits(cfg: Any) -> None:
+    """The model folder holds a config (checked before the tokenizer, whose errors would mislead), and
+    data.max_len fits its learned position table (past it, the lookup would read garbage or NaN)."""
+    folder = hf.resolve(cfg.model.name_or_path)
+    config = hf.read_config_json(folder)
+    model_type = config["model_type"]
+    positions = config.get("max_position_embeddings", config.get("n_positions"))
+    if model_type in _POSITION_OFFSET and positions and cfg.model.task != "image_classification":
+        usable = int(positions) - _POSITION_OFFSET[model_type]
+        if cfg.data.max_len > usable:
+            raise config_lib.ConfigError(
+                "data.max_len", cfg.data.max_len,
+                f"{cfg.model.name_or_path} ({model_type}) has {usable} positions: set data.max_len <= {usable}",
+            )
+
+
+class Run:
+    """Mesh, data, model, optimizer and state of one fine-tune (or of a population's shared template).
+
+    purpose "train" builds the data and records the run in WORKDIR/run.json under the resume policy
+    (ftjax.workdir); "eval" builds the data and records nothing; "export" reads no data at all (labels and
+    steps per epoch come from run.json), so a workdir can be exported without its training data.
+    """
+
+    def __init__(self, cfg: Any, workdir: str, *, devices: list | None = None, purpose: str = "train"):
+        if purpose not in ("train", "eval", "export"):
+            raise ValueError(f"Run purpose={purpose!r}: 'train', 'eval' or 'export'")
         config_lib.validate(cfg)
-        self.cfg, self.workdir = cfg, workdir
+        workdir_lib.check_workdir_path(workdir)
+        self.cfg, self.workdir, self.purpose = cfg, workdir, purpose
         self.primary = distributed.is_primary()
-        os.makedirs(workdir, exist_ok=True)
+        fileio.path(workdir).mkdir(parents=True, exist_ok=True)
         setup_compilation_cache(cfg.train.compilation_cache)
         self.mesh = sharding_lib.make_mesh(cfg.mesh, devices)
         sharding_lib.log_mesh(self.mesh)
         check_batch_sizes(cfg.train, sharding_lib.data_parallel_size(self.mesh))
+        check_model_fits(cfg)
         image = cfg.model.task == "image_classification"
         self.tokenizer = None if image else models.load_tokenizer(cfg.model.name_or_path)
-        self.data = data_lib.build(
-            cfg, self.tokenizer, process_index=jax.process_index(), process_count=jax.process_count()
-        )
-        self._check_workdir()
+        if purpose == "export":
+            self.data = None
+            saved = workdir_lib.read_run(workdir) or {}
+            self.label_names = list(saved.get("labels", []))
+            self.steps_per_epoch = int(saved.get("steps_per_epoch", 1))
+        else:
+            self.data = data_lib.build(
+                cfg, self.tokenizer, process_index=jax.process_index(), process_count=jax.process_count()
+            )
+            self.label_names, self.steps_per_epoch = list(self.data.label_names), self.data.steps_per_epoch
         self.model, head_pattern = self._load_model()
         self.graphdef, params, self.rest = params_lib.split(self.model)
-        self.steps_per_epoch = self.data.steps_per_epoch
         self.total_steps = total_steps_of(cfg.train, self.steps_per_epoch)
         self.eval_every = eval_every_of(cfg.train, self.steps_per_epoch)
         self.optimizer = optim.build(cfg.optim, params, total_steps=self.total_steps,
                                      steps_per_epoch=self.steps_per_epoch, head_pattern=head_pattern)
+        if purpose == "train":
+            self._record()
         self._init_state(params)
         self.key = jax.random.key(cfg.train.seed)
         self.step_cfg = StepConfig(cfg.model.task, cfg.train.grad_accum, cfg.train.label_smoothing)
@@ -98,16 +134,26 @@ class Run:
             out_shardings=sharding_lib.replicated(self.mesh),
         )
 
+    def _record(self) -> None:
+        """run.json: refuses a resume that changes what cannot change, applies and logs the rest."""
+        description = workdir_lib.describe(self.cfg, self.data.fingerprint, self.label_names,
+                                           self.steps_per_epoch)
+        has_checkpoint = workdir_lib.has_checkpoint(self.workdir)
+        # Every process has compared run.json before process 0 rewrites it.
+        if self.primary:
+            workdir_lib.check_resume(self.workdir, description, has_checkpoint)
+        distributed.barrier("ftjax_workdir_checked")
+
     def _load_model(self) -> tuple[Any, str | None]:
         """The model (with LoRA adapters when configured) and the regex of its task head."""
-        cfg, data = self.cfg, self.data
+        cfg, names = self.cfg, self.label_names
         d = cfg.model.dropout
         dropout = {k: d[k] for k in ("hidden", "attention", "classifier") if d[k] is not None}
         model = models.from_pretrained(
             cfg.model.name_or_path,
             task=cfg.model.task,
-            num_labels=cfg.model.num_labels or (data.num_labels if data.label_names else None),
-            id2label=dict(enumerate(data.label_names)) if data.label_names else None,
+            num_labels=cfg.model.num_labels or (len(names) if names else None),
+            id2label=dict(enumerate(names)) if names else None,
             dropout=dropout or None,
             dtype=cfg.model.dtype,
             param_dtype=cfg.model.param_dtype,
@@ -132,31 +178,6 @@ class Run:
         self.state = {"step": jax.device_put(jnp.int32(0), sharding_lib.replicated(self.mesh)),
                       "params": params, "opt_state": opt_state}
         self.state_shardings = jax.tree_util.tree_map(lambda x: x.sharding, self.state)
-
-    # -- workdir identity: a rerun resumes; a different model in the same workdir is an error.
-    def _check_workdir(self) -> None:
-        cfg = self.cfg
-        info = {"model": cfg.model.name_or_path, "task": cfg.model.task, "labels": list(self.data.label_names)}
-        path = os.path.join(self.workdir, "run.json")
-        exists = os.path.exists(path)
-        if exists:
-            with open(path) as f:
-                old = json.load(f)
-            for key in ("model", "task", "labels"):
-                if old.get(key) != info[key]:
-                    raise TrainingError(
-                        f"workdir {self.workdir} holds a run with {key}={old.get(key)!r}, but this config "
-                        f"has {key}={info[key]!r}. Use another --workdir, or delete {self.workdir} to start over."
-                    )
-        # Every process has looked at run.json before process 0 (re)writes it: none reads a half-written one.
-        distributed.barrier("ftjax_workdir_checked")
-        if not exists and self.primary:
-            with open(path, "w") as f:
-                json.dump(info, f, indent=1)
-            with open(os.path.join(self.workdir, "labels.json"), "w") as f:
-                json.dump(dict(enumerate(self.data.label_names)), f, indent=1)
-            with open(os.path.join(self.workdir, "config.json"), "w") as f:
-                f.write(cfg.to_json_best_effort(indent=1))
 
     def train_step_for(self, step: int) -> Callable:
         """The compiled step for the trainable set at `step` (one program per unfreezing phase)."""

@@ -3,8 +3,6 @@ checkpoint evaluated on validation and test and summarised in WORKDIR/summary.js
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from typing import Any
 
@@ -12,6 +10,7 @@ import jax
 import numpy as np
 from absl import logging
 
+from ftjax import distributed, fileio
 from ftjax import sharding as sharding_lib
 from ftjax.callbacks import (
     Checkpoint,
@@ -30,6 +29,7 @@ from ftjax.callbacks.samples import LMSamples
 from ftjax.checkpoint import Checkpointer
 from ftjax.loop import PRUNED, STOPPED_EARLY, Callback, Loop, fit
 from ftjax.run import Run
+from ftjax.workdir import WorkdirLock, check_workdir_path
 
 
 class SoloStepper:
@@ -82,7 +82,7 @@ class Precompile(Callback):
 
 def open_checkpointer(run: Run, metric: str | None, mode: str = "min") -> Checkpointer:
     c = run.cfg.train.checkpoint
-    return Checkpointer(os.path.join(run.workdir, "checkpoints"), keep=c.keep,
+    return Checkpointer(fileio.path(run.workdir) / "checkpoints", keep=c.keep,
                         best_metric=f"val_{metric}" if metric else None, best_mode=mode,
                         async_save=c.async_save, primary_host=run.primary)
 
@@ -127,23 +127,34 @@ def train(
     steps of this call, as a crash would (tests).
     """
     t_start = time.time()
+    lock = hold_workdir(workdir)
     run = Run(cfg, workdir, devices=devices)
     es = cfg.train.early_stop
     ckpt = open_checkpointer(run, es.metric, es.mode)
     extra = list(callbacks) + ([StopAfter(stop_after)] if stop_after is not None else [])
     cbs = standard_callbacks(run, ckpt, [workdir], metric=es.metric, mode=es.mode, solo=True, extra=extra)
     if run.primary:
-        run.optimizer.plot_lr(os.path.join(workdir, "plots", "lr_schedule.png"))
+        run.optimizer.plot_lr(fileio.path(workdir) / "plots" / "lr_schedule.png")
     logging.info("%d steps (%d per epoch), eval every %d, global batch %d", run.total_steps,
                  run.steps_per_epoch, run.eval_every, cfg.train.batch_size)
-    loop = fit(SoloStepper(run), run.data.train_iterator, cbs)
-    if loop.interrupted:
+    try:
+        loop = fit(SoloStepper(run), run.data.train_iterator, cbs)
+        if loop.interrupted:
+            return {"interrupted_at": loop.step}
+        early = next(cb for cb in cbs if isinstance(cb, EarlyStopping))
+        return finish(run, ckpt, loop, early, t_start)
+    finally:
         ckpt.close()
-        return {"interrupted_at": loop.step}
-    early = next(cb for cb in cbs if isinstance(cb, EarlyStopping))
-    summary = finish(run, ckpt, loop, early, t_start)
-    ckpt.close()
-    return summary
+        lock.release()
+
+
+def hold_workdir(workdir: str) -> WorkdirLock:
+    """The workdir lock, held by process 0 for the whole run (a second trainer is refused)."""
+    check_workdir_path(workdir)
+    lock = WorkdirLock(workdir)
+    if distributed.is_primary():
+        lock.acquire()
+    return lock
 
 
 def finish(run: Run, ckpt: Checkpointer, loop: Loop, early: EarlyStopping, t_start: float) -> dict[str, Any]:
@@ -173,7 +184,6 @@ def finish(run: Run, ckpt: Checkpointer, loop: Loop, early: EarlyStopping, t_sta
                          # Real (non-padding) examples over the training loop's wall time, evaluation excluded.
                          "train_examples_per_second": loop.examples_per_second()}
     if run.primary:
-        with open(os.path.join(run.workdir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=1, default=float)
+        fileio.write_json(fileio.path(run.workdir) / "summary.json", summary)
         plot_run(run.workdir)
     return summary

@@ -51,18 +51,22 @@ def test_train_eval_export_and_dry_run_modes(recipe, tmp_path):
     workdir = str(tmp_path / "run")
     out = _cli(f"--config={config}", f"--workdir={workdir}", "--config.train.epochs=2")
     assert "test: loss=" in out.stdout and "accuracy=" in out.stdout
-    for name in ("summary.json", "metrics.jsonl", "labels.json", "run.json", "plots/loss.png"):
+    for name in ("summary.json", "metrics.jsonl", "run.json", "plots/loss.png"):
         assert os.path.exists(os.path.join(workdir, name)), name
     summary = json.loads(_read(os.path.join(workdir, "summary.json")))
     assert summary["steps"] == 2 * summary["steps"] // 2 > 0
 
-    out = _cli(f"--config={config}", f"--workdir={workdir}", "--mode=eval")
+    # eval and export need nothing but the workdir (its run.json holds the config).
+    out = _cli(f"--workdir={workdir}", "--mode=eval")
     result = json.loads(out.stdout[out.stdout.index("{"):])
-    assert result["step"] == summary["best_step"]
+    assert result["step"] == summary["best_step"] and f"checkpoint: step {result['step']}, best" in out.stdout
     assert result["test"]["accuracy"] == pytest.approx(summary["test"]["accuracy"])
 
     export_dir = str(tmp_path / "export")
-    _cli(f"--config={config}", f"--workdir={workdir}", "--mode=export", f"--export_dir={export_dir}")
+    _cli(f"--workdir={workdir}", "--mode=export", f"--export_dir={export_dir}")
+    assert json.loads(_read(os.path.join(export_dir, "ftjax_export.json")))["step"] == summary["best_step"]
+    refused = _cli(f"--workdir={workdir}", "--mode=export", f"--export_dir={export_dir}", check=False)
+    assert refused.returncode == 2 and "--overwrite" in refused.stderr.strip().splitlines()[-1]
     import torch
     import transformers
 
@@ -89,8 +93,8 @@ def test_flag_override_reaches_the_run(recipe, tmp_path):
     config, _ = recipe
     workdir = str(tmp_path / "run")
     _cli(f"--config={config}", f"--workdir={workdir}", "--config.train.steps=3", "--config.optim.lr=0.002")
-    saved = json.loads(_read(os.path.join(workdir, "config.json")))
-    assert saved["train"]["steps"] == 3 and saved["optim"]["lr"] == 0.002
+    saved = json.loads(_read(os.path.join(workdir, "run.json")))["config"]
+    assert saved["train.steps"] == 3 and saved["optim.lr"] == 0.002
     assert json.loads(_read(os.path.join(workdir, "summary.json")))["steps"] == 3
 
 
@@ -111,3 +115,42 @@ def test_user_errors_end_with_one_clear_message(recipe, tmp_path, flag, message)
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("ftjax: error:") and message in last, last
     assert "Traceback" not in proc.stderr
+
+
+def _error_line(proc: subprocess.CompletedProcess) -> str:
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("ftjax: error:"), last
+    return last
+
+
+def test_bad_workdirs_and_models_end_with_one_clear_message(recipe, tmp_path):
+    config, model_dir = recipe
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    assert "is a file, not a folder" in _error_line(_cli(f"--config={config}", f"--workdir={a_file}", check=False))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert "run.json not found" in _error_line(_cli(f"--workdir={empty}", "--mode=export", check=False))
+    line = _error_line(_cli(f"--config={config}", f"--workdir={empty}", "--mode=eval", check=False))
+    assert "no checkpoint in" in line and "train first" in line
+    no_config = tmp_path / "no_config_model"
+    no_config.mkdir()
+    line = _error_line(_cli(f"--config={config}", f"--workdir={tmp_path / 'w1'}",
+                            f"--config.model.name_or_path={no_config}", check=False))
+    assert "has no config.json" in line
+    line = _error_line(_cli(f"--config={config}", f"--workdir={tmp_path / 'w2'}", "--config.data.max_len=200",
+                            check=False))
+    assert "config.data.max_len=200" in line and "64 positions" in line  # the tiny BERT has 64
+
+
+def test_a_single_class_training_set_is_an_error(recipe, tmp_path):
+    config, _ = recipe
+    data = tmp_path / "one_class"
+    data.mkdir()
+    (data / "train.csv").write_text("text,label\n" + "".join(f"review {i},pos\n" for i in range(40)))
+    (data / "test.csv").write_text("text,label\ngood,pos\n")
+    line = _error_line(_cli(f"--config={config}", f"--workdir={tmp_path / 'w'}",
+                            f"--config.data.source=files:{data}", check=False))
+    assert "same label ('pos')" in line and "data.label_field" in line

@@ -4,12 +4,14 @@ run's train / lr / val / gap lines (one writer per population member)."""
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
+import tempfile
 from typing import Any, Self, TextIO
 
 import numpy as np
+from etils import epath
+from tensorboardX import SummaryWriter
 
+from ftjax import fileio
 from ftjax.loop import Callback, Loop
 
 METRICS_FILE = "metrics.jsonl"
@@ -18,49 +20,48 @@ METRICS_FILE = "metrics.jsonl"
 class MetricWriter:
     """Writes scalars to TensorBoard (workdir/tb) and appends them to workdir/metrics.jsonl.
 
-    Each jsonl line is {"step": int, "split": "train" | "val" | "test" | "lr", **scalars} ("lr" lines hold
-    {group_name: lr}). Only process 0 should pass enabled=True. With resume_step=S (or truncate_after(S)),
-    lines with step > S (written after the checkpoint the run resumes from) are dropped and TensorBoard
-    purges its events after S, so a resumed run's curves have no duplicates.
+    Each jsonl line is {"step": int, "split": "train" | "val" | "test" | "lr" | ..., **scalars} ("lr" lines
+    hold {group_name: lr}). Only process 0 should pass enabled=True. With resume_step=S (or
+    truncate_after(S)), lines with step > S (written after the checkpoint the run resumes from) are dropped
+    and TensorBoard purges its events after S, so a resumed run's curves have no duplicates.
+
+    On a local disk each line is appended and flushed at once. Object stores (gs://) cannot append: the
+    file is rewritten whole at flush() (each eval and close), and TensorBoard writes to a local folder
+    that flush() copies to WORKDIR/tb.
     """
 
-    def __init__(self, workdir: str | Path, enabled: bool = True, resume_step: int | None = None):
-        self.workdir = Path(workdir)
+    def __init__(self, workdir: fileio.PathLike, enabled: bool = True, resume_step: int | None = None):
+        self.workdir = fileio.path(workdir)
         self.enabled = enabled
         self.path = self.workdir / METRICS_FILE
+        self.remote = fileio.is_remote(self.workdir)
+        self._lines: list[str] = []  # what the file holds (remote: what flush() writes)
         self._file: TextIO | None = None
         self._tb = None
+        self._tb_local = tempfile.mkdtemp(prefix="ftjax_tb_") if self.remote and enabled else None
         self._purge_step: int | None = None
+        self._dirty = False
         if not enabled:
             return
         self.workdir.mkdir(parents=True, exist_ok=True)
-        if resume_step is not None:
-            self.truncate_after(resume_step)
-        else:
-            self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - open for the run; close().
+        self.truncate_after(resume_step)
 
-    def truncate_after(self, step: int) -> None:
-        """Drops what was logged after `step` (the step a run resumes from; 0 for a fresh start): jsonl lines
-        with a larger step, and TensorBoard events from `step + 1` on. Later writes append."""
+    def truncate_after(self, step: int | None) -> None:
+        """Drops what was logged after `step` (the step a run resumes from; 0 for a fresh start; None keeps
+        everything): jsonl lines with a larger step, and TensorBoard events from `step + 1` on."""
         if not self.enabled:
             return
-        if self._file is not None:
-            self._file.close()
-        if self._tb is not None:
-            self._tb.close()
-            self._tb = None
-        if self.path.exists():
-            _truncate_after(self.path, step)
-        self._purge_step = int(step) + 1
-        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - open for the run; close().
+        self.close()
+        self._lines = _kept_lines(self.path, step)
+        fileio.write_text(self.path, "".join(self._lines))
+        self._purge_step = None if step is None else int(step) + 1
+        if not self.remote:
+            self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - open for the run; close().
 
     def _tensorboard(self):
         if self._tb is None:
-            from tensorboardX import SummaryWriter
-
-            self._tb = SummaryWriter(
-                logdir=str(self.workdir / "tb"), purge_step=self._purge_step, flush_secs=30
-            )
+            self._tb = SummaryWriter(logdir=self._tb_local or str(self.workdir / "tb"),
+                                     purge_step=self._purge_step, flush_secs=30)
             self._purge_step = None
         return self._tb
 
@@ -73,26 +74,37 @@ class MetricWriter:
                 f"MetricWriter.write split={split!r} is invalid: use 'train', 'val', 'test' or 'lr'"
             )
         values = {str(k): float(np.asarray(v)) for k, v in scalars.items()}
-        record = {"step": int(step), "split": split, **values}
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()  # a crash loses no line; lines are few (every log_every steps).
+        line = json.dumps({"step": int(step), "split": split, **values}) + "\n"
+        self._lines.append(line)
+        if self._file is not None:
+            self._file.write(line)
+            self._file.flush()  # a crash loses no line; lines are few (every log_every steps).
+        self._dirty = True
         tb = self._tensorboard()
         for name, value in values.items():
             tb.add_scalar(f"{split}/{name}", value, global_step=int(step))
 
     def flush(self) -> None:
-        if self._file is not None:
-            self._file.flush()
         if self._tb is not None:
             self._tb.flush()
+        if self.remote and self._dirty:
+            fileio.write_text(self.path, "".join(self._lines))
+            for event_file in fileio.path(self._tb_local).glob("*"):
+                event_file.copy(self.workdir / "tb" / event_file.name, overwrite=True)
+        self._dirty = False
 
     def close(self) -> None:
+        if not self.enabled:
+            return
+        self.flush()
         if self._file is not None:
             self._file.close()
             self._file = None
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+            self._dirty = True
+            self.flush()  # remote: the closed event file's last records
 
     def __enter__(self) -> Self:
         return self
@@ -101,38 +113,30 @@ class MetricWriter:
         self.close()
 
 
-def _truncate_after(path: Path, step: int) -> None:
-    """Atomically rewrites metrics.jsonl without lines for steps after `step` (and without torn lines)."""
-    kept = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line torn by a crash.
-            if record.get("step", 0) <= step:
-                kept.append(json.dumps(record) + "\n")
-    tmp = path.with_suffix(".jsonl.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(kept)
-    os.replace(tmp, path)
+def _records(path: epath.Path) -> list[dict]:
+    """metrics.jsonl's records in file order, skipping lines torn by a crash."""
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
 
 
-def read_metrics(workdir: str | Path) -> list[dict[str, Any]]:
+def _kept_lines(path: epath.Path, step: int | None) -> list[str]:
+    return [json.dumps(r) + "\n" for r in _records(path) if step is None or r.get("step", 0) <= step]
+
+
+def read_metrics(workdir: fileio.PathLike) -> list[dict[str, Any]]:
     """metrics.jsonl as records; a later line for the same (step, split) replaces an earlier one."""
-    path = Path(workdir) / METRICS_FILE
+    path = fileio.path(workdir) / METRICS_FILE
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: plot a workdir that a run wrote metrics to")
-    records: dict[tuple[int, str], dict] = {}
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            records[(record["step"], record["split"])] = record
+    records = {(r["step"], r["split"]): r for r in _records(path)}
     return sorted(records.values(), key=lambda r: r["step"])
-
 
 
 class MetricLogger(Callback):
@@ -172,6 +176,8 @@ class MetricLogger(Callback):
             if split == "validation" and self.last_train_loss[k] is not None:
                 gap = results[k]["loss"] - self.last_train_loss[k]
                 self.writers[k].write(loop.step, "gap", {"val_minus_train_loss": gap})
+        for writer in self.writers:
+            writer.flush()
 
     def on_end(self, loop: Loop) -> None:
         for writer in self.writers:

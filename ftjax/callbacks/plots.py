@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import matplotlib
 import numpy as np
+from etils import epath
 
 matplotlib.use("Agg")  # files only, no display; before pyplot is imported
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-
+from ftjax import fileio
 from ftjax.callbacks.metric_log import read_metrics
 
 
@@ -29,13 +28,13 @@ def _keys(records: list[dict], split: str) -> list[str]:
     return list(names)
 
 
-def plot_run(workdir: str | Path) -> list[Path]:
+def plot_run(workdir: fileio.PathLike) -> list[epath.Path]:
     """Writes workdir/plots/{loss,metrics,lr,gap}.png from metrics.jsonl; returns the files written.
 
     A plot whose data is absent (no val split, no lr lines) is skipped, not drawn empty.
     """
     records = read_metrics(workdir)
-    out_dir = Path(workdir) / "plots"
+    out_dir = fileio.path(workdir) / "plots"
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
 
@@ -48,7 +47,7 @@ def plot_run(workdir: str | Path) -> list[Path]:
         if ax.get_legend_handles_labels()[0]:
             ax.legend()
         fig.tight_layout()
-        fig.savefig(out_dir / name, dpi=100)
+        fileio.save_figure(fig, out_dir / name)
         plt.close(fig)
         written.append(out_dir / name)
 

@@ -48,8 +48,9 @@ class Progress:
                 total=total_steps, initial=initial_step, file=self.stream, unit="step", dynamic_ncols=True
             )
 
-    def update(self, step: int, examples: float = 0, loss: float | None = None) -> None:
-        """Reports reaching `step` after `examples` more training examples (since the last update)."""
+    def update(self, step: int, examples: float = 0, loss: float | None = None, extra: str = "") -> None:
+        """Reports reaching `step` after `examples` more training examples (since the last update); `extra`
+        is shown after the rate (e.g. "MFU 41.2%")."""
         if not self.enabled:
             return
         now = time.monotonic()
@@ -63,15 +64,16 @@ class Progress:
         self.step = step
         loss_text = f"{float(loss):.4f}" if loss is not None else "-"
         rate_text = f"{ex_rate:.1f}" if math.isfinite(ex_rate) else "-"
+        rate_text += f" ex/s, {extra}" if extra else " ex/s"
         if self._bar is not None:
             self._bar.update(step - self._bar.n)
-            self._bar.set_postfix_str(f"loss {loss_text}, {rate_text} ex/s", refresh=False)
+            self._bar.set_postfix_str(f"loss {loss_text}, {rate_text}", refresh=False)
             return
         if now - self._last_print >= self.interval_s or step >= self.total:
             self._last_print = now
             pct = 100.0 * step / max(self.total, 1)
             print(
-                f"step {step}/{self.total} ({pct:.0f}%) | {rate_text} ex/s | loss {loss_text} | ETA {_hms(eta)}",
+                f"step {step}/{self.total} ({pct:.0f}%) | {rate_text} | loss {loss_text} | ETA {_hms(eta)}",
                 file=self.stream,
                 flush=True,
             )
@@ -93,11 +95,13 @@ class Progress:
 
 
 class ProgressBar(Callback):
-    """Shows the loop's progress: mean loss over the training members, examples/s, ETA, eval lines."""
+    """Shows the loop's progress: mean loss over the training members, examples/s, ETA, eval lines, and
+    what other callbacks put in `extras` ({name: text}, e.g. Throughput's "MFU 41.2%")."""
 
     def __init__(self, enabled: bool = True, metric: str | None = None):
         self.enabled, self.metric = enabled, metric
         self.progress: Progress | None = None
+        self.extras: dict[str, str] = {}
 
     def on_begin(self, loop: Loop) -> None:
         self.progress = Progress(loop.total_steps, loop.step, enabled=self.enabled)
@@ -105,7 +109,7 @@ class ProgressBar(Callback):
     def on_step(self, loop: Loop, step: int, metrics: dict[str, np.ndarray]) -> None:
         losses = metrics["loss"][loop.active]
         loss = float(np.nanmean(losses)) if losses.size else None
-        self.progress.update(step + 1, float(metrics["examples"][0]), loss)
+        self.progress.update(step + 1, float(metrics["examples"][0]), loss, ", ".join(self.extras.values()))
 
     def on_eval(self, loop: Loop, split: str, results: list[dict[str, float]]) -> None:
         if split != "validation":

@@ -4,13 +4,13 @@ current params, written to MEMBER_DIR/samples/step_<step>.jsonl so a person can 
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
 import jax
 import numpy as np
 from absl import logging
 
+from ftjax import fileio
 from ftjax import params as params_lib
 from ftjax.generate import generate
 from ftjax.loop import Callback, Loop
@@ -42,9 +42,7 @@ class LMSamples(Callback):
             return None
         if not self.enabled:
             return None
-        path = os.path.join(self.member_dirs[member], "samples", f"step_{step:06d}.jsonl")
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "w") as f:
-            f.writelines(json.dumps({"step": step, "prompt": p, "generation": str(out)}) + "\n"
-                         for p, out in zip(self.prompts, outputs))
-        return path
+        path = fileio.path(self.member_dirs[member]) / "samples" / f"step_{step:06d}.jsonl"
+        fileio.write_text(path, "".join(json.dumps({"step": step, "prompt": p, "generation": str(out)}) + "\n"
+                                        for p, out in zip(self.prompts, outputs)))
+        return str(path)

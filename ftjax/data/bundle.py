@@ -34,6 +34,7 @@ class DataBundle:
     _makers: dict[str, Maker]
     _threads: int
     sample_prompts: list[str] = dataclasses.field(default_factory=list)  # causal_lm: prompts for samples.
+    fingerprint: dict[str, dict] = dataclasses.field(default_factory=dict)  # per split: source, rows, sha256
 
     @property
     def num_labels(self) -> int:
@@ -79,6 +80,7 @@ def assemble(
     bucket_lengths: tuple[int, ...],
     stats: dict[str, Any],
     sample_prompts: list[str] | None = None,
+    fingerprint: dict[str, dict] | None = None,
 ) -> DataBundle:
     """The bundle over examples of `lengths[split]` tokens: a seeded train order per epoch (length-grouped
     in windows of `grouping` batches; 0 = off) and a fixed eval order by length."""
@@ -100,4 +102,5 @@ def assemble(
         _makers=makers,
         _threads=threads,
         sample_prompts=list(sample_prompts or []),
+        fingerprint=dict(fingerprint or {}),
     )

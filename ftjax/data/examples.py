@@ -53,6 +53,7 @@ def build(
         lengths, makers, buckets = _text_makers(d, t.seed, tokenizer, raw, labels, rows, stats)
         threads = 2
     bundle = assemble(
+        fingerprint=splits.fingerprint(raw),
         lengths=lengths,
         makers=makers,
         layout=rows,
@@ -82,6 +83,14 @@ def _label_names(cfg: ml_collections.ConfigDict, train: RawSplit) -> list[str]:
         names = list(train.label_names)
     else:
         names = text.label_names(values, train.origin, d.label_field)
+    if cfg.model.task in ("classification", "image_classification"):
+        seen = {str(v) for v in values}
+        if len(seen) < 2:
+            raise DataError(
+                f"data.label_field={d.label_field!r}: every training example of {train.origin} has the same "
+                f"label ({next(iter(seen), None)!r}); a classifier needs at least 2 classes: check "
+                "data.label_field and data.train_split"
+            )
     if cfg.model.num_labels is not None and cfg.model.num_labels < len(names):
         raise ConfigError(
             "model.num_labels",

@@ -46,6 +46,7 @@ def build(
     makers: dict[str, Maker] = {role: PackedBatcher(p, pad_id, rows.rows(role)) for role, p in packed.items()}
     stats = _stats(fmt, packed, d.max_len)
     bundle = assemble(
+        fingerprint=splits.fingerprint(raw),
         lengths={role: np.full(len(p), d.max_len, np.int32) for role, p in packed.items()},
         makers=makers,
         layout=rows,

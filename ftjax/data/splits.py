@@ -4,9 +4,11 @@ data.max_examples, and the global batch sizes with this process's rows of each b
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 
 import ml_collections
 import numpy as np
+import pandas as pd
 
 from ftjax.config import ConfigError
 from ftjax.data import batching, sources
@@ -81,3 +83,17 @@ def hold_out(
         raw["train"] = train.take(kept)
     if d.max_examples:
         raw["train"] = raw["train"].take(np.arange(min(d.max_examples, len(raw["train"]))))
+
+
+def fingerprint(raw: dict[str, RawSplit]) -> dict[str, dict]:
+    """Per split (after the hold-out and max_examples): where its rows came from, how many, and a content
+    hash (sha256 of pandas' row hashes), so a resumed run can tell that its data changed."""
+    out = {}
+    for role, split in raw.items():
+        frame = split.frame
+        digest = hashlib.sha256()
+        digest.update(",".join(map(str, frame.columns)).encode())
+        hashable = frame.apply(lambda col: col.map(repr) if col.dtype == object else col)
+        digest.update(pd.util.hash_pandas_object(hashable, index=False).to_numpy().tobytes())
+        out[role] = {"source": split.origin, "rows": len(frame), "sha256": digest.hexdigest()}
+    return out

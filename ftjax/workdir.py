@@ -1,0 +1,242 @@
+"""A run's workdir is its source of truth. WORKDIR/run.json holds the resolved config, the data
+fingerprint and the model identity, so eval, export and dry_run need nothing but the workdir; a rerun
+compares against it (the resume policy below); a lock file keeps a second trainer out."""
+
+from __future__ import annotations
+
+import atexit
+import datetime
+import hashlib
+import os
+import socket
+from typing import Any
+
+import ml_collections
+from absl import logging
+
+from ftjax import fileio
+from ftjax.config import ConfigError, default_config, validate
+from ftjax.loop import TrainingError
+
+RUN_FILE = "run.json"
+LOCK_FILE = "train.lock"
+
+# The resume policy: fields that may change when a run is resumed, and what the change does. Every other
+# field is fixed for the life of the run (model, data, batch size, seed, optimizer, schedule shape ...).
+CHANGEABLE = {
+    "train.epochs": "the run continues to the new length; step-based LR schedules stretch to it",
+    "train.steps": "the run continues to the new length; step-based LR schedules stretch to it",
+    "train.eval_every": "evaluation cadence",
+    "train.log_every": "logging cadence",
+    "train.eval_batch_size": "eval batches only (same metrics)",
+    "train.checkpoint.every": "checkpoint cadence",
+    "train.checkpoint.keep": "how many recent checkpoints are kept",
+    "train.checkpoint.async_save": "how checkpoints are written",
+    "train.early_stop.patience": "early stopping from now on",
+    "train.early_stop.min_delta": "early stopping from now on",
+    "train.overfit_patience": "the overfitting warning from now on",
+    "train.compilation_cache": "where compiled programs are cached",
+    "train.progress": "the progress display",
+    "train.precompile": "when programs compile",
+    "data.test_split": "the final test evaluation",
+    "data.lm.num_samples": "LM samples written at each eval",
+    "data.lm.sample_max_new_tokens": "LM samples written at each eval",
+    "model.remat": "memory/compute trade-off (same math)",
+    "model.allow_pickle": "how the base weights may be read",
+    "mesh.data": "the checkpoint is restored onto the new mesh",
+    "mesh.fsdp": "the checkpoint is restored onto the new mesh",
+    "mesh.tensor": "the checkpoint is restored onto the new mesh",
+}
+
+
+def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    """{"a.b": value} of a nested dict / ConfigDict (lists for tuples, as JSON has them)."""
+    d = d.to_dict() if isinstance(d, ml_collections.ConfigDict) else d
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = _jsonable(value)
+    return out
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    return value
+
+
+def _tuples(value: Any) -> Any:
+    if isinstance(value, list):
+        return tuple(_tuples(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _tuples(v) for k, v in value.items()}
+    return value
+
+
+def config_from_dict(saved: dict) -> ml_collections.ConfigDict:
+    """The config a run was started with, rebuilt from run.json on top of today's defaults."""
+    cfg = default_config()
+    for field, value in flatten(saved).items():
+        node = cfg
+        parts = field.split(".")
+        for part in parts[:-1]:
+            node = node[part]
+        if parts[-1] in node:
+            node[parts[-1]] = _tuples(value)
+    return validate(cfg)
+
+
+def model_identity(name_or_path: str) -> dict[str, Any]:
+    """What the base model is: its path or hub id and, for a local folder, a hash of config.json and the
+    names and sizes of its weight files (a changed checkpoint behind the same path is noticed)."""
+    ident: dict[str, Any] = {"name_or_path": name_or_path}
+    folder = fileio.path(name_or_path)
+    if os.path.isdir(name_or_path) and (folder / "config.json").exists():
+        ident["config_sha256"] = hashlib.sha256((folder / "config.json").read_bytes()).hexdigest()
+        ident["weights"] = {p.name: p.stat().length for p in sorted(folder.iterdir())
+                            if p.name.endswith((".safetensors", ".bin"))}
+    return ident
+
+
+def has_checkpoint(workdir: str) -> bool:
+    folder = fileio.path(workdir) / "checkpoints"
+    return folder.exists() and any(p.name.isdigit() for p in folder.iterdir())
+
+
+def read_run(workdir: str) -> dict | None:
+    path = fileio.path(workdir) / RUN_FILE
+    if not path.exists():
+        return None
+    try:
+        return fileio.read_json(path)
+    except ValueError as e:
+        raise TrainingError(f"{e}. It describes the run in {workdir}: without it, start a new --workdir") from None
+
+
+def saved_config(workdir: str) -> ml_collections.ConfigDict:
+    """The resolved config of the run in `workdir` (for --mode=eval|export|dry_run without --config)."""
+    run = read_run(workdir)
+    if run is None:
+        raise FileNotFoundError(
+            f"{fileio.path(workdir) / RUN_FILE} not found: {workdir} holds no ftjax run. Train first "
+            "(--mode=train), or pass --config"
+        )
+    return config_from_dict(run["config"])
+
+
+def describe(cfg: ml_collections.ConfigDict, data_fingerprint: dict, label_names: list[str],
+             steps_per_epoch: int) -> dict[str, Any]:
+    return {
+        "config": flatten(cfg),
+        "data": data_fingerprint,
+        "model": model_identity(cfg.model.name_or_path),
+        "labels": list(label_names),
+        "steps_per_epoch": int(steps_per_epoch),
+        "written": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    }
+
+
+def resume_changes(old: dict, new: dict) -> tuple[list[tuple[str, Any, Any]], list[tuple[str, Any, Any]]]:
+    """(applied, refused): the (field, old, new) differences between two run descriptions by the policy."""
+    applied, refused = [], []
+    old_cfg, new_cfg = old["config"], new["config"]
+    for field in sorted(set(old_cfg) | set(new_cfg)):
+        a, b = old_cfg.get(field), new_cfg.get(field)
+        if a != b:
+            (applied if field in CHANGEABLE else refused).append((field, a, b))
+    for split in sorted(set(old["data"]) & set(new["data"])):
+        a, b = old["data"][split], new["data"][split]
+        if (a["rows"], a["sha256"]) != (b["rows"], b["sha256"]):
+            refused.append((f"data[{split}]", f"{a['rows']} rows from {a['source']} ({a['sha256'][:12]})",
+                            f"{b['rows']} rows from {b['source']} ({b['sha256'][:12]})"))
+    if old["model"] != new["model"]:
+        refused.append(("model (weights)", old["model"], new["model"]))
+    if old["labels"] != new["labels"]:
+        refused.append(("labels", old["labels"], new["labels"]))
+    return applied, refused
+
+
+def check_resume(workdir: str, new: dict, has_checkpoint: bool) -> None:
+    """Refuses a resume whose config, data or model differ in a field that cannot change mid-run (a
+    table of field, old, new); applies and logs the changes the policy allows; records the description."""
+    old = read_run(workdir)
+    if old is not None and has_checkpoint:
+        applied, refused = resume_changes(old, new)
+        if refused:
+            rows = "\n".join(f"  {f}: {a!r} -> {b!r}" for f, a, b in refused)
+            raise TrainingError(
+                f"{workdir} holds a run that this config cannot resume; these cannot change mid-run:\n{rows}\n"
+                "Rerun with the run's own config (WORKDIR/run.json), or use a new --workdir for a new run."
+            )
+        for field, a, b in applied:
+            logging.warning("resume: %s %r -> %r (%s)", field, a, b, CHANGEABLE[field])
+        new = {**new, "resumes": old.get("resumes", []) + [{"at": new["written"], "changes": applied}]}
+    fileio.write_json(fileio.path(workdir) / RUN_FILE, new)
+
+
+class WorkdirLock:
+    """WORKDIR/train.lock names the trainer holding the workdir (host, pid); a second trainer is refused.
+    A lock left by a dead process on this host is taken over; on another host it must be removed by hand."""
+
+    def __init__(self, workdir: str):
+        self.path = fileio.path(workdir) / LOCK_FILE
+        self.held = False
+
+    def acquire(self) -> None:
+        me = {"host": socket.gethostname(), "pid": os.getpid()}
+        if self.path.exists():
+            holder = _read_lock(self.path)
+            if holder and not _stale(holder):
+                raise TrainingError(
+                    f"{self.path.parent} is in use by another trainer (host {holder.get('host')}, pid "
+                    f"{holder.get('pid')}). Wait for it, stop it, or use another --workdir; if it is dead, "
+                    f"delete {self.path}"
+                )
+            logging.warning("workdir lock %s was left by a process that is gone; taking it over", self.path)
+        fileio.write_json(self.path, me)
+        self.held = True
+        atexit.register(self.release)
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            try:
+                if (_read_lock(self.path) or {}).get("pid") == os.getpid():
+                    self.path.unlink()
+            except OSError:
+                pass
+
+
+def _read_lock(path) -> dict | None:
+    try:
+        return fileio.read_json(path)
+    except (ValueError, OSError):
+        return None
+
+
+def _stale(holder: dict) -> bool:
+    if holder.get("host") != socket.gethostname():
+        return False
+    pid = int(holder.get("pid", 0))
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def check_workdir_path(workdir: str) -> None:
+    """A workdir must be a folder (or not exist yet)."""
+    p = fileio.path(workdir)
+    if p.exists() and not p.is_dir():
+        raise FileExistsError(f"--workdir={workdir} is a file, not a folder: choose a folder path")
+    if not workdir:
+        raise ConfigError("workdir", workdir, "set --workdir to a folder (local or gs://)")
