@@ -49,3 +49,12 @@ def test_ci_runs_the_readme_test_command():
     assert len(commands) >= 2 and "pytest" in commands[1]
     ci = _read(os.path.join(REPO, ".ci", "run"))
     assert commands[1] in ci.splitlines()
+
+
+def test_readme_lists_every_field_the_resume_policy_lets_change():
+    from ftjax.workdir import CHANGEABLE
+
+    text = _read(os.path.join(REPO, "README.md"))
+    section = text[text.index("**Resume policy.**"):text.index("## The seven hyperparameters")]
+    for field, effect in CHANGEABLE.items():
+        assert f"| `{field}` | {effect} |" in section, field
