@@ -47,6 +47,13 @@ def eval_every_of(train_cfg: Any, steps_per_epoch: int) -> int:
     return int(train_cfg.eval_every) or steps_per_epoch
 
 
+def compute_dtype(name: str) -> str:
+    """model.dtype with "auto" resolved: bfloat16 on accelerators, float32 on CPU."""
+    if name != "auto":
+        return name
+    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+
+
 def check_batch_sizes(train_cfg: Any, data_parallel: int) -> None:
     t = train_cfg
     if t.batch_size % (data_parallel * t.grad_accum):
@@ -155,7 +162,7 @@ class Run:
             num_labels=cfg.model.num_labels or (len(names) if names else None),
             id2label=dict(enumerate(names)) if names else None,
             dropout=dropout or None,
-            dtype=cfg.model.dtype,
+            dtype=compute_dtype(cfg.model.dtype),
             param_dtype=cfg.model.param_dtype,
             remat=cfg.model.remat,
             allow_pickle=cfg.model.allow_pickle,

@@ -91,7 +91,8 @@ FIELDS: tuple[Field, ...] = (
         _RATE,
         type=float,
     ),
-    F("model.dtype", "float32", "compute dtype", one_of(DTYPES)),
+    F("model.dtype", "auto", "compute dtype; auto: bfloat16 on GPU/TPU (float32 master params, softmax, norms "
+      "and loss), float32 on CPU (where bf16 matmuls are slower)", one_of(("auto",) + DTYPES)),
     F("model.param_dtype", "float32", "storage dtype of params (and optimizer state)", one_of(DTYPES)),
     F("model.remat", False, "recompute each layer's activations in the backward pass (saves memory)"),
     F("model.allow_pickle", False, "allow `pytorch_model.bin` (loaded with `torch.load(weights_only=True)`)"),
