@@ -110,6 +110,10 @@ def _train(cfg, workdir: str) -> dict:
             print(f"{split}: " + " ".join(f"{k}={v:.4f}" for k, v in summary[split].items()))
     timing = summary["timing"]
     print(f"train examples/s: {timing['train_examples_per_second']:.1f}   wall: {timing['wall_seconds']:.0f}s")
+    perf = summary.get("perf") or {}
+    if perf:
+        print(f"MFU: {100 * perf['mfu']:.1f}% of {perf['peak_flops_per_s'] / 1e12:.3g} TFLOP/s ({perf['peak_source']})"
+              f"   time to first step: {perf['time_to_first_step_s']:.1f}s   compile: {perf['compile_s']:.1f}s")
     return summary
 
 

@@ -26,6 +26,7 @@ from ftjax.callbacks import (
 )
 from ftjax.callbacks.plots import plot_run
 from ftjax.callbacks.samples import LMSamples
+from ftjax.callbacks.throughput import Throughput
 from ftjax.checkpoint import Checkpointer
 from ftjax.loop import PRUNED, STOPPED_EARLY, Callback, Loop, fit
 from ftjax.run import Run
@@ -109,6 +110,7 @@ def standard_callbacks(
     prompts = list(getattr(run.data, "sample_prompts", []))[: lm.num_samples]
     if run.cfg.model.task == "causal_lm" and prompts:
         callbacks.append(LMSamples(run, member_dirs, prompts, lm.sample_max_new_tokens, enabled=run.primary))
+    callbacks.append(Throughput.for_run(run))  # before Precompile: it times the compiles
     if t.precompile:
         callbacks.append(Precompile())
     callbacks += [ProgressBar(enabled=run.primary and t.progress, metric=metric), checkpoint,
@@ -138,7 +140,9 @@ def train(
     logging.info("%d steps (%d per epoch), eval every %d, global batch %d", run.total_steps,
                  run.steps_per_epoch, run.eval_every, cfg.train.batch_size)
     try:
-        loop = fit(SoloStepper(run), run.data.train_iterator, cbs)
+        throughput = next(cb for cb in cbs if isinstance(cb, Throughput))
+        throughput.t_start = t_start
+        loop = fit(SoloStepper(run), throughput.watch(run.data.train_iterator), cbs)
         if loop.interrupted:
             return {"interrupted_at": loop.step}
         early = next(cb for cb in cbs if isinstance(cb, EarlyStopping))
@@ -183,6 +187,9 @@ def finish(run: Run, ckpt: Checkpointer, loop: Loop, early: EarlyStopping, t_sta
     summary["timing"] = {**loop.timing, "wall_seconds": time.time() - t_start,
                          # Real (non-padding) examples over the training loop's wall time, evaluation excluded.
                          "train_examples_per_second": loop.examples_per_second()}
+    throughput = next((cb for cb in loop.callbacks if isinstance(cb, Throughput)), None)
+    if throughput is not None:
+        summary["perf"] = throughput.perf()
     if run.primary:
         fileio.write_json(fileio.path(run.workdir) / "summary.json", summary)
         plot_run(run.workdir)

@@ -107,7 +107,7 @@ def test_plot_run_writes_all_pngs_and_skips_missing_splits(tmp_path):
     assert sorted(p.name for p in paths) == ["gap.png", "loss.png", "lr.png", "metrics.png"]
     for p in paths:
         assert p.parent == tmp_path / "plots"
-        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().length > 5000
 
     only_train = tmp_path / "only_train"
     with MetricWriter(only_train) as w:

@@ -85,15 +85,18 @@ class Throughput(Callback):
 
     flops_fn(trainable, shape) -> StepFlops; trainable_at(step) -> frozenset of trainable param paths;
     default_shape: the batch Shape used for steps whose batch was not watched; devices: what the peak is
-    summed over (default: all jax devices); t_start: the time the run started (default: the loop's start).
+    summed over (default: all jax devices); t_start: the time the run started (default: the loop's start);
+    processes: how many processes each step one such batch (the watched batches are this process's rows).
+    A population's step counts once per member (the vmapped step computes every member).
     """
 
     def __init__(self, flops_fn: Callable[[frozenset, flops_lib.Shape], flops_lib.StepFlops],
                  trainable_at: Callable[[int], frozenset], default_shape: flops_lib.Shape, *,
                  log_every: int = 50, devices: list | None = None, t_start: float | None = None,
-                 peak: tuple[float, str] | None = None):
+                 peak: tuple[float, str] | None = None, processes: int = 1):
         self.flops_fn, self.trainable_at, self.default_shape = flops_fn, trainable_at, default_shape
         self.log_every, self.devices, self.t_start, self.peak = max(int(log_every), 1), devices, t_start, peak
+        self.processes = int(processes)
         self._shapes: collections.deque = collections.deque()
         self._counted: tuple[Any, float] = (None, 0.0)
         self._writer = self._progress = None
@@ -106,10 +109,11 @@ class Throughput(Callback):
     def for_run(cls, run: Any, t_start: float | None = None) -> Throughput:
         """The callback for an `ftjax.run.Run`: its model, trainable sets, batch size and mesh devices."""
         lengths = tuple(run.data.bucket_lengths or ())
-        shape = flops_lib.Shape(run.data.batch_size, max(lengths) if lengths else 0)
+        processes = jax.process_count()
+        shape = flops_lib.Shape(run.data.batch_size // processes, max(lengths) if lengths else 0)
         return cls(functools.partial(flops_lib.step_flops, flops_lib.spec_of(run.model)),
                    run.optimizer.trainable_at, shape, log_every=run.cfg.train.log_every,
-                   devices=list(run.mesh.devices.flat), t_start=t_start)
+                   devices=list(run.mesh.devices.flat), t_start=t_start, processes=processes)
 
     def watch(self, make_batches: Callable[..., Iterator]) -> Callable[..., Iterator]:
         """Wraps `fit`'s make_batches so each step's FLOPs use its batch's real shape and tokens."""
@@ -135,7 +139,7 @@ class Throughput(Callback):
 
     def on_step(self, loop: Loop, step: int, metrics: dict[str, np.ndarray]) -> None:
         shape = self._shapes.popleft() if self._shapes else self.default_shape
-        step_flops = self.step_flops(self.trainable_at(step), shape)
+        step_flops = self.step_flops(self.trainable_at(step), shape) * loop.members * self.processes
         now, eval_s = time.time(), loop.timing.get("eval_seconds", 0.0)
         if self._first is None:  # the first step read back: compiled, waited for, not timed
             self._read_first(now, step_flops)

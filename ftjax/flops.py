@@ -1,0 +1,401 @@
+"""Model FLOPs per training step, counted from the architecture, and the device's peak FLOP/s (for MFU).
+
+Only matmuls count (2 x m x n x k each): projections, MLPs, attention scores and their weighted sum, patch
+embeddings, and the heads where they are computed. Elementwise work (norms, softmax, activations, the
+optimizer update) is left out, as in the usual MFU definitions (PaLM appendix B, Megatron-LM).
+
+The backward pass is trainable-aware, as `ftjax.step` makes XLA compute it: a matmul y = x @ W costs one
+more forward-sized matmul for dL/dx when anything below it (in the dataflow) is trainable, and one more for
+dL/dW when W is trainable; an activation-activation matmul (attention) one per operand that depends on a
+trainable param. Frozen embeddings and lower layers thus drop their weight gradients and every input
+gradient below the lowest trainable op; LoRA adds x @ A and (x A) @ B and leaves its base kernel without a
+weight gradient. A fully trainable model costs 3x its forward pass.
+
+Attention scores count one (query, key) pair per query and visible key, non-causally (the dense L x L
+that XLA computes): L^2 per row, L x min(L, window) under a sliding window (Mistral, Qwen windows), and
+per packed segment sum(len_i x min(len_i, window)) when the segment lengths are known.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ftjax import lora as lora_lib
+from ftjax.models import llama
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    """One training batch: `rows` x `seq_len` tokens. `segment_lengths` (every packed segment's or every
+    row's real length, all rows together) or `tokens_per_row` (their mean) leave padding out of the count."""
+
+    rows: int
+    seq_len: int
+    segment_lengths: tuple[int, ...] | None = None
+    tokens_per_row: float | None = None
+
+    @property
+    def tokens(self) -> float:
+        if self.segment_lengths is not None:
+            return float(sum(self.segment_lengths))
+        return self.rows * (self.seq_len if self.tokens_per_row is None else float(self.tokens_per_row))
+
+    def pairs(self, window: int | None = None) -> float:
+        """(query, visible key) pairs over the batch; a key window caps each query's keys."""
+        cap = math.inf if window is None else window
+        if self.segment_lengths is not None:
+            lengths = np.asarray(self.segment_lengths, np.float64)
+            return float((lengths * np.minimum(lengths, cap)).sum())
+        per_row = self.seq_len if self.tokens_per_row is None else float(self.tokens_per_row)
+        return self.rows * per_row * min(per_row, cap)
+
+
+def batch_shape(batch: dict) -> Shape:
+    """The Shape of a batch as the data pipeline makes it: rows and length from `input_ids` (or the ViT
+    patches of `pixel_values`: the model knows those), real lengths from `segment_ids` (packed rows) or
+    `attention_mask`."""
+    ids = batch.get("input_ids")
+    if ids is None:
+        rows = int(np.shape(batch["pixel_values"])[0]) if "pixel_values" in batch else 0
+        return Shape(rows, 0)
+    rows, length = (int(d) for d in np.shape(ids)[:2])
+    if "segment_ids" in batch:
+        seg = np.asarray(batch["segment_ids"])
+        starts = np.ones(seg.shape, bool)
+        starts[:, 1:] = seg[:, 1:] != seg[:, :-1]
+        ids_flat, flat_starts = seg.reshape(-1), starts.reshape(-1)
+        run_id = np.cumsum(flat_starts) - 1
+        counts = np.bincount(run_id, weights=(ids_flat > 0).astype(np.float64))
+        return Shape(rows, length, segment_lengths=tuple(int(c) for c in counts if c > 0))
+    if "attention_mask" in batch:
+        lengths = np.asarray(batch["attention_mask"]).sum(axis=1)
+        return Shape(rows, length, segment_lengths=tuple(int(n) for n in lengths))
+    return Shape(rows, length)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepFlops:
+    forward: float
+    backward: float
+
+    @property
+    def train(self) -> float:
+        return self.forward + self.backward
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    """What the count needs to know about a model: its HF config, task, tying and LoRA adapters."""
+
+    hf_config: Any
+    task: str
+    tied: bool | None = None  # decoders' lm_head (None: the config's tie_word_embeddings)
+    lora_ranks: tuple[tuple[str, int], ...] = ()  # (module path, rank) of each LoRALinear
+
+
+def spec_of(model: Any) -> Spec:
+    """The Spec of an ftjax model (an HFModel, possibly with LoRA adapters applied)."""
+    ranks = tuple((path, m.rank) for path, m in lora_lib.lora_modules(model).items())
+    return Spec(model.hf_config, model.task, getattr(model, "tied", None), ranks)
+
+
+class _Counter:
+    """Adds up forward and backward matmul FLOPs while a family's forward is walked symbolically. Each
+    walker passes a flag per tensor: does it depend on a trainable param (does its gradient get computed)?"""
+
+    def __init__(self, trainable: frozenset[str], lora_ranks: dict[str, int]):
+        self.trainable, self.lora = trainable, lora_ranks
+        self.forward = self.backward = 0.0
+
+    def trains(self, *paths: str) -> bool:
+        return any(p in self.trainable for p in paths)
+
+    def matmul(self, flops: float, *operand_grads: bool) -> bool:
+        """An activation-activation matmul; returns whether its output needs a gradient."""
+        self.forward += flops
+        self.backward += flops * sum(operand_grads)
+        return any(operand_grads)
+
+    def linear(self, x: bool, path: str, n: float, din: int, dout: int, weight: str = "kernel") -> bool:
+        """x [n, din] @ path/weight [din, dout] (+ bias, + a LoRA adapter when path has one)."""
+        flops = 2.0 * n * din * dout
+        w = self.trains(f"{path}/{weight}")
+        self.forward += flops
+        self.backward += flops * (x + w)
+        out = x or w or self.trains(f"{path}/bias")
+        rank = self.lora.get(path)
+        if rank:
+            a, b = self.trains(f"{path}/lora_a"), self.trains(f"{path}/lora_b")
+            xa = self.matmul(2.0 * n * din * rank, x, a)
+            out = self.matmul(2.0 * n * rank * dout, xa, b) or out
+        return out
+
+    def norm(self, x: bool, path: str) -> bool:
+        return x or self.trains(f"{path}/scale", f"{path}/bias")
+
+    def attention(self, q: bool, k: bool, v: bool, pairs: float, heads: int, head_dim: int) -> bool:
+        """softmax(q k^T) v over `pairs` (query, key) pairs: scores, then the weighted sum of values."""
+        probs = self.matmul(2.0 * pairs * heads * head_dim, q, k)
+        return self.matmul(2.0 * pairs * heads * head_dim, probs, v)
+
+
+def _prefix(spec: Spec, name: str) -> str:
+    return "" if spec.task == "base" else f"{name}/"
+
+
+def _encoder_layer(c: _Counter, x: bool, names: dict, n: float, pairs: float, post_ln: bool) -> bool:
+    """One BERT/DistilBERT/ViT layer; `names` maps the roles to param paths (post_ln: BERT's LN placement)."""
+    h, inner = names["hidden"], names["inner"]
+    a = x if post_ln else c.norm(x, names["ln_before"])
+    q, k, v = (c.linear(a, names[r], n, h, h) for r in ("q", "k", "v"))
+    att = c.attention(q, k, v, pairs, names["heads"], h // names["heads"])
+    x = c.linear(att, names["o"], n, h, h) or x
+    x = c.norm(x, names["ln_attn"]) if post_ln else x
+    m = x if post_ln else c.norm(x, names["ln_after"])
+    m = c.linear(c.linear(m, names["up"], n, h, inner), names["down"], n, inner, h)
+    return c.norm(m or x, names["ln_out"]) if post_ln else (m or x)
+
+
+def _bert(c: _Counter, spec: Spec, shape: Shape) -> None:
+    cfg, task = spec.hf_config, spec.task
+    kind = "roberta" if cfg.model_type in ("roberta", "xlm-roberta") else "bert"
+    p = _prefix(spec, kind)
+    emb = f"{p}embeddings"
+    x = c.trains(*(f"{emb}/{e}_embeddings/embedding" for e in ("word", "position", "token_type")))
+    x = c.norm(x, f"{emb}/LayerNorm")
+    h, n, rows = cfg.hidden_size, shape.tokens, shape.rows
+    for i in range(cfg.num_hidden_layers):
+        base = f"{p}encoder/layer/{i}"
+        names = {"hidden": h, "inner": cfg.intermediate_size, "heads": cfg.num_attention_heads,
+                 "q": f"{base}/attention/self/query", "k": f"{base}/attention/self/key",
+                 "v": f"{base}/attention/self/value", "o": f"{base}/attention/output/dense",
+                 "ln_attn": f"{base}/attention/output/LayerNorm", "up": f"{base}/intermediate/dense",
+                 "down": f"{base}/output/dense", "ln_out": f"{base}/output/LayerNorm"}
+        x = _encoder_layer(c, x, names, n, shape.pairs(), post_ln=True)
+    labels = getattr(cfg, "num_labels", 2)
+    if task == "base" or (task == "classification" and kind == "bert"):
+        pooled = c.linear(x, f"{p}pooler/dense", rows, h, h)
+        if task == "classification":
+            c.linear(pooled, "classifier", rows, h, labels)
+    elif task == "classification":
+        c.linear(c.linear(x, "classifier/dense", rows, h, h), "classifier/out_proj", rows, h, labels)
+    elif task == "token_classification":
+        c.linear(x, "classifier", n, h, labels)
+    elif task == "masked_lm":
+        head = "cls/predictions/transform" if kind == "bert" else "lm_head"
+        t = c.linear(x, f"{head}/dense", n, h, h)
+        t = c.norm(t, f"{head}/LayerNorm" if kind == "bert" else f"{head}/layer_norm")
+        c.linear(t, f"{emb}/word_embeddings", n, h, cfg.vocab_size, weight="embedding")
+
+
+def _distilbert(c: _Counter, spec: Spec, shape: Shape) -> None:
+    cfg, task = spec.hf_config, spec.task
+    p = _prefix(spec, "distilbert")
+    emb = f"{p}embeddings"
+    x = c.norm(c.trains(f"{emb}/word_embeddings/embedding", f"{emb}/position_embeddings/embedding"),
+               f"{emb}/LayerNorm")
+    h, n, rows = cfg.dim, shape.tokens, shape.rows
+    for i in range(cfg.n_layers):
+        base = f"{p}transformer/layer/{i}"
+        names = {"hidden": h, "inner": cfg.hidden_dim, "heads": cfg.n_heads,
+                 "q": f"{base}/attention/q_lin", "k": f"{base}/attention/k_lin", "v": f"{base}/attention/v_lin",
+                 "o": f"{base}/attention/out_lin", "ln_attn": f"{base}/sa_layer_norm", "up": f"{base}/ffn/lin1",
+                 "down": f"{base}/ffn/lin2", "ln_out": f"{base}/output_layer_norm"}
+        x = _encoder_layer(c, x, names, n, shape.pairs(), post_ln=True)
+    labels = getattr(cfg, "num_labels", 2)
+    if task == "classification":
+        c.linear(c.linear(x, "pre_classifier", rows, h, h), "classifier", rows, h, labels)
+    elif task == "token_classification":
+        c.linear(x, "classifier", n, h, labels)
+    elif task == "masked_lm":
+        t = c.norm(c.linear(x, "vocab_transform", n, h, h), "vocab_layer_norm")
+        c.linear(t, f"{emb}/word_embeddings", n, h, cfg.vocab_size, weight="embedding")
+
+
+def vit_patches(cfg: Any) -> tuple[int, int]:
+    """(patches per image, values per patch) of a ViT config."""
+    pair = lambda v: (int(v[0]), int(v[1])) if isinstance(v, (tuple, list)) else (int(v), int(v))
+    (ih, iw), (ph, pw) = pair(cfg.image_size), pair(cfg.patch_size)
+    return (ih // ph) * (iw // pw), ph * pw * cfg.num_channels
+
+
+def _vit(c: _Counter, spec: Spec, shape: Shape) -> None:
+    cfg, task = spec.hf_config, spec.task
+    p = _prefix(spec, "vit")
+    patches, per_patch = vit_patches(cfg)
+    rows, h = shape.rows, cfg.hidden_size
+    n = rows * (patches + 1)  # the [CLS] token joins the patches
+    x = c.linear(False, f"{p}embeddings/patch_embeddings/projection", rows * patches, per_patch, h)
+    x = x or c.trains(f"{p}embeddings/cls_token", f"{p}embeddings/position_embeddings")
+    for i in range(cfg.num_hidden_layers):
+        base = f"{p}encoder/layer/{i}"
+        names = {"hidden": h, "inner": cfg.intermediate_size, "heads": cfg.num_attention_heads,
+                 "q": f"{base}/attention/attention/query", "k": f"{base}/attention/attention/key",
+                 "v": f"{base}/attention/attention/value", "o": f"{base}/attention/output/dense",
+                 "ln_before": f"{base}/layernorm_before", "ln_after": f"{base}/layernorm_after",
+                 "up": f"{base}/intermediate/dense", "down": f"{base}/output/dense"}
+        x = _encoder_layer(c, x, names, n, rows * (patches + 1) ** 2, post_ln=False)
+    x = c.norm(x, f"{p}layernorm")
+    if task == "base":
+        c.linear(x, "pooler/dense", rows, h, getattr(cfg, "pooler_output_size", None) or h)
+    else:
+        c.linear(x, "classifier", rows, h, cfg.num_labels)
+
+
+def _decoder_head(c: _Counter, x: bool, spec: Spec, shape: Shape, backbone: str, embedding: str) -> None:
+    cfg, h = spec.hf_config, spec.hf_config.hidden_size
+    if spec.task == "causal_lm":
+        tied = spec.tied if spec.tied is not None else bool(getattr(cfg, "tie_word_embeddings", False))
+        if tied:
+            c.linear(x, f"{backbone}{embedding}", shape.tokens, h, cfg.vocab_size, weight="embedding")
+        else:
+            c.linear(x, "lm_head", shape.tokens, h, cfg.vocab_size)
+    elif spec.task == "classification":  # score runs on every position; the last real token is picked after
+        c.linear(x, "score", shape.tokens, h, cfg.num_labels)
+
+
+def _gpt2(c: _Counter, spec: Spec, shape: Shape) -> None:
+    cfg = spec.hf_config
+    p = _prefix(spec, "transformer")
+    h, n = cfg.hidden_size, shape.tokens
+    inner = cfg.n_inner if cfg.n_inner is not None else 4 * h
+    x = c.trains(f"{p}wte/embedding", f"{p}wpe/embedding")
+    for i in range(cfg.num_hidden_layers):
+        base = f"{p}h/{i}"
+        qkv = c.linear(c.norm(x, f"{base}/ln_1"), f"{base}/attn/c_attn", n, h, 3 * h)
+        att = c.attention(qkv, qkv, qkv, shape.pairs(), cfg.num_attention_heads, h // cfg.num_attention_heads)
+        x = c.linear(att, f"{base}/attn/c_proj", n, h, h) or x
+        m = c.linear(c.norm(x, f"{base}/ln_2"), f"{base}/mlp/c_fc", n, h, inner)
+        x = c.linear(m, f"{base}/mlp/c_proj", n, inner, h) or x
+    _decoder_head(c, c.norm(x, f"{p}ln_f"), spec, shape, p, "wte")
+
+
+def _llama(c: _Counter, spec: Spec, shape: Shape) -> None:
+    """Llama, Mistral, Qwen2, Qwen3 (GQA: k/v project to kv_heads x head_dim; SwiGLU MLP)."""
+    cfg = spec.hf_config
+    p = _prefix(spec, "model")
+    h, n, d = cfg.hidden_size, shape.tokens, llama.head_dim(cfg)
+    heads, kv, inner = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.intermediate_size
+    x = c.trains(f"{p}embed_tokens/embedding")
+    for i, window in enumerate(llama.layer_windows(cfg)):
+        base = f"{p}layers/{i}"
+        a = c.norm(x, f"{base}/input_layernorm")
+        q = c.norm(c.linear(a, f"{base}/self_attn/q_proj", n, h, heads * d), f"{base}/self_attn/q_norm")
+        k = c.norm(c.linear(a, f"{base}/self_attn/k_proj", n, h, kv * d), f"{base}/self_attn/k_norm")
+        v = c.linear(a, f"{base}/self_attn/v_proj", n, h, kv * d)
+        att = c.attention(q, k, v, shape.pairs(window), heads, d)
+        x = c.linear(att, f"{base}/self_attn/o_proj", n, heads * d, h) or x
+        m = c.norm(x, f"{base}/post_attention_layernorm")
+        gate = c.linear(m, f"{base}/mlp/gate_proj", n, h, inner)
+        up = c.linear(m, f"{base}/mlp/up_proj", n, h, inner)
+        x = c.linear(gate or up, f"{base}/mlp/down_proj", n, inner, h) or x
+    _decoder_head(c, c.norm(x, f"{p}norm"), spec, shape, p, "embed_tokens")
+
+
+FAMILIES = {
+    "bert": _bert, "roberta": _bert, "xlm-roberta": _bert, "distilbert": _distilbert, "vit": _vit,
+    "gpt2": _gpt2, "llama": _llama, "mistral": _llama, "qwen2": _llama, "qwen3": _llama,
+}
+
+
+def step_flops(model: Any, trainable: frozenset[str] | Sequence[str], shape: Shape) -> StepFlops:
+    """Matmul FLOPs of one training step on `shape` (forward, and backward for the `trainable` param paths,
+    '/'-joined as in `Optimizer.trainable_at(step)`). `model`: an ftjax model or a `Spec`."""
+    spec = model if isinstance(model, Spec) else spec_of(model)
+    walker = FAMILIES.get(spec.hf_config.model_type)
+    if walker is None:
+        raise ValueError(f"no FLOP count for model_type {spec.hf_config.model_type!r}; known: {sorted(FAMILIES)}")
+    counter = _Counter(frozenset(trainable), dict(spec.lora_ranks))
+    walker(counter, spec, shape)
+    return StepFlops(counter.forward, counter.backward)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Device peaks.
+
+# Dense (no 2:4 sparsity) bf16 peak FLOP/s per device, matched against jax's device_kind in order.
+# NVIDIA's datasheets list the sparse figure with a footnote "Specifications are one-half lower without
+# sparsity"; the numbers below are those halves. Google's Cloud TPU pages list bf16 per chip, and a jax TPU
+# device is one chip (v4: one megacore chip; v5e/v5p/v6e: one TensorCore chip).
+PEAKS: tuple[tuple[str, float, str], ...] = (
+    # H200 SXM 989 TFLOPS (1,979 sparse), H200 NVL 835: nvidia.com/en-us/data-center/h200/
+    (r"H200.*NVL", 835e12, "NVIDIA H200 NVL"),
+    (r"H200", 989e12, "NVIDIA H200"),
+    # H100 SXM 989 (1,979 sparse), PCIe 756 (1,513 sparse), NVL 835: nvidia.com/en-us/data-center/h100/
+    (r"H100.*NVL", 835e12, "NVIDIA H100 NVL"),
+    (r"H100.*PCI", 756e12, "NVIDIA H100 PCIe"),
+    (r"H100", 989e12, "NVIDIA H100 SXM"),
+    # A100 SXM and PCIe: 312 TFLOPS bf16 (624 sparse): nvidia.com/en-us/data-center/a100/
+    (r"A100", 312e12, "NVIDIA A100"),
+    # L4: 242 TFLOPS bf16 with sparsity -> 121 dense: nvidia.com/en-us/data-center/l4/
+    (r"\bL4\b", 121e12, "NVIDIA L4"),
+    # cloud.google.com/tpu/docs/v6e ("Peak compute per chip (bf16) 918 TFLOPs"); device_kind "TPU v6 lite"
+    (r"TPU v6", 918e12, "TPU v6e"),
+    # cloud.google.com/tpu/docs/v5e (197 TFLOPs bf16 per chip); device_kind "TPU v5 lite"
+    (r"TPU v5 ?(lite|e)", 197e12, "TPU v5e"),
+    # cloud.google.com/tpu/docs/v5p (459 TFLOPs bf16 per chip); device_kind "TPU v5" or "TPU v5p"
+    (r"TPU v5", 459e12, "TPU v5p"),
+    # cloud.google.com/tpu/docs/v4 (275 TFLOPs bf16 per chip)
+    (r"TPU v4", 275e12, "TPU v4"),
+)
+PEAK_ENV = "FTJAX_PEAK_FLOPS"  # overrides the per-device peak (FLOP/s; on CPU, the whole host's)
+_CPU_PEAK: float | None = None
+
+
+def table_peak(device_kind: str) -> tuple[float, str] | None:
+    """(dense bf16 peak FLOP/s, the name it matched) for a jax device_kind, or None if unknown."""
+    for pattern, peak, name in PEAKS:
+        if re.search(pattern, device_kind, re.IGNORECASE):
+            return peak, name
+    return None
+
+
+def measure_cpu_peak(n: int = 1024, seconds: float = 0.3) -> float:
+    """float32 FLOP/s of a jitted n x n matmul on the default CPU device (XLA's threads use every core);
+    the best of the repetitions that fit in about `seconds`."""
+    x = jnp.ones((n, n), jnp.float32)
+    fn = jax.jit(lambda a: a @ a)
+    fn(x).block_until_ready()  # compile and warm up
+    best, deadline = math.inf, time.perf_counter() + seconds
+    while time.perf_counter() < deadline or best == math.inf:
+        t0 = time.perf_counter()
+        fn(x).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    return 2.0 * n**3 / best
+
+
+def device_peak(device: Any = None) -> tuple[float, str]:
+    """(peak FLOP/s of one device, where the number came from): $FTJAX_PEAK_FLOPS, the datasheet table by
+    device_kind, or on CPU a measured float32 matmul rate (for the whole host, measured once per process).
+    An unknown accelerator gives (nan, why)."""
+    global _CPU_PEAK
+    device = device if device is not None else jax.devices()[0]
+    kind = str(getattr(device, "device_kind", "") or device.platform)
+    if os.environ.get(PEAK_ENV):
+        return float(os.environ[PEAK_ENV]), f"${PEAK_ENV} ({kind})"
+    found = table_peak(kind)
+    if found is not None:
+        return found[0], f"datasheet dense bf16: {found[1]} (device_kind {kind!r})"
+    if device.platform == "cpu":
+        if _CPU_PEAK is None:
+            _CPU_PEAK = measure_cpu_peak()
+        return _CPU_PEAK, f"measured float32 matmul on this CPU ({os.cpu_count()} cores)"
+    return math.nan, f"unknown device_kind {kind!r}: set ${PEAK_ENV}"
+
+
+def total_peak(devices: Sequence[Any]) -> tuple[float, str]:
+    """Peak FLOP/s of `devices` together (CPU devices share one host: its measured peak counts once)."""
+    peak, source = device_peak(devices[0])
+    if devices[0].platform == "cpu":
+        return peak, source
+    return peak * len(devices), f"{len(devices)} x {source}"
