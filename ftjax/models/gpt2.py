@@ -34,8 +34,9 @@ class Attention(nnx.Module):
 
     def __call__(self, x, mask, layer_cache, cache_index, *, deterministic, rngs):
         batch, length, e = x.shape
-        q, k, v = (t.reshape(batch, length, self.heads, self.head_dim) for t in
-                   (self.c_attn(x)[..., i * e:(i + 1) * e] for i in range(3)))
+        qkv = self.c_attn(x)  # once: XLA would merge three forward calls but not their backward passes
+        q, k, v = (qkv[..., i * e:(i + 1) * e].reshape(batch, length, self.heads, self.head_dim)
+                   for i in range(3))
         if layer_cache is not None:
             layer_cache = decoder.update_cache(layer_cache, k, v, cache_index)
             k, v = layer_cache["k"].astype(q.dtype), layer_cache["v"].astype(q.dtype)
