@@ -1,7 +1,8 @@
 """Reads and writes Hugging Face model folders: config.json, safetensors (single or sharded), tokenizer files.
 
 Nothing here knows about model families; `ftjax.models` maps the tensors to NNX params. Loading never
-hangs offline: a local path is checked first and a hub id fails at once when the hub cannot be reached.
+hangs offline (a local path is checked first, a hub id fails at once without the hub) and reads one tensor
+at a time; exports are written whole into a temp folder and refuse to clobber (see check_export_target).
 """
 
 from __future__ import annotations
@@ -10,14 +11,20 @@ import json
 import os
 import socket
 import struct
+import tempfile
+from collections.abc import Iterable
 from typing import Any
 from urllib.parse import urlparse
 
+import ml_dtypes  # noqa: F401 - registers bfloat16 with numpy, so safe_open reads bf16 tensors
 import numpy as np
+from etils import epath
 from huggingface_hub import snapshot_download
-from safetensors import SafetensorError
-from safetensors.numpy import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save, save_file
 from transformers import AutoConfig, AutoTokenizer
+
+from ftjax import fileio
 
 SAFETENSORS = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -44,6 +51,14 @@ class HubOfflineError(ModelFolderError):
 
 class CheckpointError(ModelLoadError, ValueError):
     """A weights file is unreadable, truncated, pickled without permission, or has a wrong tensor shape."""
+
+
+class ExportExistsError(ModelLoadError, FileExistsError):
+    """An export's folder is not empty (pass overwrite=True / --overwrite) or is a file."""
+
+
+class ExportIntoBaseError(ModelLoadError, ValueError):
+    """An export would write into the folder the base model was loaded from (refused even with overwrite)."""
 
 
 def _is_offline() -> bool:
@@ -120,8 +135,8 @@ def load_config(folder: str) -> Any:
         raise UnsupportedModelError(f"transformers cannot read {folder}/config.json: {e}") from e
 
 
-def _read_safetensors(path: str) -> dict[str, np.ndarray]:
-    """All tensors of one .safetensors file as numpy arrays, with a clear error for damaged files."""
+def _header(path: str) -> dict[str, Any]:
+    """The tensor entries of one .safetensors file's header, with a clear error for damaged files."""
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         head = f.read(8)
@@ -132,17 +147,15 @@ def _read_safetensors(path: str) -> dict[str, np.ndarray]:
                 header = json.loads(f.read(n))
             except (json.JSONDecodeError, UnicodeDecodeError):
                 header = None
-    if header is None:
+    if not isinstance(header, dict):
         raise CheckpointError(f"{path} is not a valid safetensors file (bad or truncated header); re-download it")
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    header.pop("__metadata__", None)
+    end = max((v["data_offsets"][1] for v in header.values()), default=0)
     if 8 + n + end > size:
         raise CheckpointError(
             f"{path} is truncated: {size} bytes, but its header needs {8 + n + end}; re-download or re-save it"
         )
-    try:
-        return load_file(path)
-    except SafetensorError as e:
-        raise CheckpointError(f"{path} cannot be read as safetensors ({e}); re-download or re-save it") from e
+    return header
 
 
 def _read_torch_bin(path: str) -> dict[str, np.ndarray]:
@@ -169,38 +182,145 @@ def _shard_files(folder: str, index_name: str) -> list[str]:
     return [os.path.join(folder, name) for name in files]
 
 
-def load_weights(folder: str, allow_pickle: bool = False) -> tuple[dict[str, np.ndarray], list[str]]:
-    """(HF state dict as numpy arrays, the files read): safetensors first, pytorch_model.bin if allowed."""
+class Weights:
+    """A checkpoint's tensors by HF key, read one at a time so peak host memory is about one tensor.
+
+    safetensors: shapes come from the headers; `read` opens the file with safe_open for that one tensor and
+    closes it again (a file kept open stays memory-mapped, and every page read counts as resident memory
+    until it is closed). A pickled pytorch_model.bin cannot be read in parts: it is loaded whole.
+    """
+
+    def __init__(self, files: list[str], locations: dict[str, str], shapes: dict[str, tuple],
+                 loaded: dict[str, np.ndarray] | None = None):
+        self.files, self._locations, self._shapes, self._loaded = files, locations, shapes, loaded
+
+    @classmethod
+    def open(cls, files: list[str]) -> Weights:
+        locations, shapes, loaded = {}, {}, None
+        for path in files:
+            if path.endswith(".safetensors"):
+                for key, entry in _header(path).items():
+                    locations[key], shapes[key] = path, tuple(entry["shape"])
+            else:
+                loaded = {} if loaded is None else loaded
+                loaded.update(_read_torch_bin(path))
+        for key, value in (loaded or {}).items():
+            locations.pop(key, None)
+            shapes[key] = tuple(value.shape)
+        return cls(files, locations, shapes, loaded)
+
+    def names(self) -> list[str]:
+        return list(self._shapes)
+
+    def shape(self, key: str) -> tuple:
+        return self._shapes[key]
+
+    def read(self, key: str) -> np.ndarray:
+        """The tensor `key` as a numpy array (bf16 as ml_dtypes.bfloat16); a .bin's copy is released."""
+        if key not in self._locations:
+            return self._loaded.pop(key)
+        path = self._locations[key]
+        try:
+            with safe_open(path, framework="numpy") as f:
+                return f.get_tensor(key)
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{path} cannot be read as safetensors ({e}); re-download or re-save it") from e
+
+
+def weight_files(folder: str, allow_pickle: bool = False) -> list[str]:
+    """The weights files of an HF folder: model.safetensors, its shards, or (if allowed) pytorch_model.bin."""
     if os.path.isfile(os.path.join(folder, SAFETENSORS)):
-        files = [os.path.join(folder, SAFETENSORS)]
-    elif os.path.isfile(os.path.join(folder, SAFETENSORS_INDEX)):
-        files = _shard_files(folder, SAFETENSORS_INDEX)
+        return [os.path.join(folder, SAFETENSORS)]
+    if os.path.isfile(os.path.join(folder, SAFETENSORS_INDEX)):
+        return _shard_files(folder, SAFETENSORS_INDEX)
+    has_bin = os.path.isfile(os.path.join(folder, PYTORCH_BIN))
+    has_bin_index = os.path.isfile(os.path.join(folder, PYTORCH_BIN_INDEX))
+    if not (has_bin or has_bin_index):
+        raise ModelFolderError(
+            f"{folder!r} has no {SAFETENSORS}, {SAFETENSORS_INDEX} or {PYTORCH_BIN}; "
+            "pass a folder with model weights"
+        )
+    if not allow_pickle:
+        raise CheckpointError(
+            f"{folder!r} only has a pickled {PYTORCH_BIN}; pass allow_pickle=True (model.allow_pickle) to "
+            "load it with torch.load(weights_only=True), or convert it to safetensors"
+        )
+    return [os.path.join(folder, PYTORCH_BIN)] if has_bin else _shard_files(folder, PYTORCH_BIN_INDEX)
+
+
+def open_weights(folder: str, allow_pickle: bool = False) -> Weights:
+    """The checkpoint of an HF folder, ready to be read one tensor at a time (safetensors first)."""
+    return Weights.open(weight_files(folder, allow_pickle))
+
+
+def load_weights(folder: str, allow_pickle: bool = False) -> tuple[dict[str, np.ndarray], list[str]]:
+    """(HF state dict as numpy arrays, the files read): the whole checkpoint in host memory at once."""
+    weights = open_weights(folder, allow_pickle)
+    return {key: weights.read(key) for key in weights.names()}, weights.files
+
+
+# ---- writing: exports go to a temp folder beside the target and are renamed into place when complete.
+
+
+def check_export_target(target: fileio.PathLike, *, overwrite: bool, base_folders: Iterable[str | None] = ()
+                        ) -> epath.Path:
+    """`target` as an epath, if an export may be written there: never into (or over) a base model's folder,
+    and a non-empty folder only with overwrite=True."""
+    out = fileio.path(target)
+    if not fileio.is_remote(out):
+        real = os.path.realpath(os.fspath(out))
+        for base in base_folders:
+            if not base or fileio.is_remote(base) or not os.path.isdir(base):
+                continue
+            b = os.path.realpath(base)
+            if os.path.commonpath([real, b]) in (real, b):
+                raise ExportIntoBaseError(
+                    f"export folder {out} would write into the base model's folder {base} (or replace a folder "
+                    "holding it); choose another --export_dir (--overwrite does not allow this)"
+                )
+    if out.exists():
+        if not out.is_dir():
+            raise ExportExistsError(f"export folder {out} is a file; choose another --export_dir")
+        if not overwrite and any(True for _ in out.iterdir()):
+            raise ExportExistsError(
+                f"export folder {out} is not empty; pass --overwrite (overwrite=True) to replace it, or choose "
+                "another --export_dir"
+            )
+    return out
+
+
+def write_safetensors(tensors: dict[str, np.ndarray], path: fileio.PathLike) -> None:
+    """One .safetensors file (contiguous numpy arrays, bf16 via ml_dtypes, metadata format=pt) at `path`:
+    written in place when local (callers write into a temp folder), as one upload when remote."""
+    tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+    path = fileio.path(path)
+    if fileio.is_remote(path):
+        fileio.write_bytes(path, save(tensors, metadata={"format": "pt"}))
     else:
-        has_bin = os.path.isfile(os.path.join(folder, PYTORCH_BIN))
-        has_bin_index = os.path.isfile(os.path.join(folder, PYTORCH_BIN_INDEX))
-        if not (has_bin or has_bin_index):
-            raise ModelFolderError(
-                f"{folder!r} has no {SAFETENSORS}, {SAFETENSORS_INDEX} or {PYTORCH_BIN}; "
-                "pass a folder with model weights"
-            )
-        if not allow_pickle:
-            raise CheckpointError(
-                f"{folder!r} only has a pickled {PYTORCH_BIN}; pass allow_pickle=True (model.allow_pickle) to "
-                "load it with torch.load(weights_only=True), or convert it to safetensors"
-            )
-        files = [os.path.join(folder, PYTORCH_BIN)] if has_bin else _shard_files(folder, PYTORCH_BIN_INDEX)
-    state: dict[str, np.ndarray] = {}
-    for path in files:
-        state.update(_read_safetensors(path) if path.endswith(".safetensors") else _read_torch_bin(path))
-    return state, files
+        save_file(tensors, os.fspath(path), metadata={"format": "pt"})
 
 
-def save_weights(state: dict[str, np.ndarray], folder: str) -> str:
-    """Writes one model.safetensors (contiguous numpy arrays, bf16 via ml_dtypes); returns its path."""
-    os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, SAFETENSORS)
-    save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, path, metadata={"format": "pt"})
-    return path
+def save_weights(state: dict[str, np.ndarray], folder: fileio.PathLike) -> str:
+    """Writes one model.safetensors into `folder` (local or gs://); returns its path."""
+    path = fileio.path(folder) / SAFETENSORS
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_safetensors(state, path)
+    return os.fspath(path)
+
+
+def save_with_library(obj: Any, folder: fileio.PathLike) -> None:
+    """`obj.save_pretrained` (a transformers config or tokenizer) into `folder`: directly when local, else
+    into a local temp folder whose files are then copied into the remote one."""
+    folder = fileio.path(folder)
+    if not fileio.is_remote(folder):
+        obj.save_pretrained(os.fspath(folder))
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        obj.save_pretrained(tmp)
+        for root, _, names in os.walk(tmp):
+            for name in names:
+                with open(os.path.join(root, name), "rb") as f:
+                    fileio.write_bytes(folder / os.path.relpath(os.path.join(root, name), tmp), f.read())
 
 
 def load_tokenizer(name_or_path: str) -> Any:

@@ -18,9 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from safetensors.numpy import save_file
 
-from ftjax import models
+from ftjax import fileio, hf, models
 from ftjax import params as params_lib
 from ftjax.config import ConfigError
 from ftjax.models.common import AXES
@@ -235,42 +234,32 @@ def _hf_module(path: str) -> str:
     return path.replace("/", ".")
 
 
-def export_peft(
-    model: nnx.Module,
-    out_dir: str,
-    params: dict | None = None,
-    base_model_name_or_path: str = "",
-    also_trained: tuple[str, ...] = (),
-) -> str:
-    """The adapter alone in PEFT format: adapter_config.json + adapter_model.safetensors; returns out_dir.
+def _modules_to_save(model: nnx.Module, flat: dict[str, Any], also_trained: str | tuple[str, ...]) -> dict:
+    """{param path: value} of the whole modules holding a param trained besides the adapters (PEFT copies a
+    modules_to_save module whole, so every param of it is saved). also_trained: "auto" (the task's new head,
+    as optim.lora.also_train="auto"), "" (none), a regex fullmatching param paths, or a tuple of paths."""
+    if isinstance(also_trained, str):
+        pattern = optim_head_pattern(model) if also_trained == "auto" else also_trained
+        chosen = [p for p in flat if pattern and re.fullmatch(pattern, p)]
+    else:
+        chosen = list(also_trained)
+    modules = {p.rsplit("/", 1)[0] for p in chosen if not is_lora_param(p)}
+    return {p: v for p, v in flat.items() if not is_lora_param(p) and p.rsplit("/", 1)[0] in modules}
 
-    Keys "base_model.model.<HF module>.lora_A.weight" [r, in] and ".lora_B.weight" [out, r];
-    target_modules lists the adapted modules' full names. `also_trained` (param paths trained besides the
-    adapters, e.g. a new classifier head) are saved too, their modules listed in modules_to_save.
-    """
-    modules, params, flat = _adapted(model, params, "export_peft")
-    tensors: dict[str, np.ndarray] = {}
-    for mod in modules:
-        name = f"base_model.model.{_hf_module(mod)}"
-        tensors[f"{name}.lora_A.weight"] = np.asarray(jax.device_get(flat[f"{mod}/lora_a"])).T.copy()
-        tensors[f"{name}.lora_B.weight"] = np.asarray(jax.device_get(flat[f"{mod}/lora_b"])).T.copy()
-    extra = {p: flat[p] for p in also_trained if not is_lora_param(p)}
-    if extra:
-        for key, value in models.hf_state_dict(model, _unflatten(extra, params)).items():
-            tensors[f"base_model.model.{key}"] = np.ascontiguousarray(value)
+
+def _peft_config(model: nnx.Module, modules: dict[str, LoRALinear], extra: dict, base: str) -> dict:
     first = next(iter(modules.values()))
-    family = getattr(model, "family", "")
     cfg = {
         "peft_type": "LORA",
         "task_type": PEFT_TASK_TYPES.get(getattr(model, "task", ""), None),
-        "base_model_name_or_path": base_model_name_or_path or None,
+        "base_model_name_or_path": base or None,
         "r": first.rank,
         "lora_alpha": first.alpha,
         "lora_dropout": first.dropout_rate,
         "target_modules": sorted(_hf_module(m) for m in modules),
         "modules_to_save": sorted({_hf_module(p.rsplit("/", 1)[0]) for p in extra}) or None,
         "bias": "none",
-        "fan_in_fan_out": family == "gpt2",  # HF GPT-2 uses Conv1D ([in, out] weights).
+        "fan_in_fan_out": getattr(model, "family", "") == "gpt2",  # HF GPT-2 uses Conv1D ([in, out] weights).
         "init_lora_weights": True,
         "inference_mode": True,
         "use_rslora": False,
@@ -281,15 +270,46 @@ def export_peft(
         "layers_pattern": None,
         "revision": None,
     }
-    ranks = {m.rank for m in modules.values()}
-    alphas = {m.alpha for m in modules.values()}
-    if len(ranks) > 1 or len(alphas) > 1:
+    if len({m.rank for m in modules.values()}) > 1 or len({m.alpha for m in modules.values()}) > 1:
         cfg["rank_pattern"] = {_hf_module(k): m.rank for k, m in modules.items()}
         cfg["alpha_pattern"] = {_hf_module(k): m.alpha for k, m in modules.items()}
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "adapter_config.json"), "w") as f:
-        json.dump(cfg, f, indent=2)
-    save_file(tensors, os.path.join(out_dir, "adapter_model.safetensors"), metadata={"format": "pt"})
+    return cfg
+
+
+def export_peft(
+    model: nnx.Module,
+    out_dir: fileio.PathLike,
+    params: dict | None = None,
+    base_model_name_or_path: str = "",
+    also_trained: str | tuple[str, ...] = "auto",
+    overwrite: bool = False,
+) -> fileio.PathLike:
+    """The adapter alone in PEFT format: adapter_config.json + adapter_model.safetensors; returns out_dir.
+
+    Keys "base_model.model.<HF module>.lora_A.weight" [r, in] and ".lora_B.weight" [out, r];
+    target_modules lists the adapted modules' full names. The modules trained besides the adapters
+    (`also_trained`, see `_modules_to_save`; by default a classifier's new head) are saved whole under
+    "base_model.model.<HF key>" and listed in modules_to_save, as PEFT saves them, so the adapter carries
+    the trained head. Written atomically like models.save_pretrained: a non-empty out_dir only with
+    overwrite=True, never the base model's folder.
+    """
+    modules, params, flat = _adapted(model, params, "export_peft")
+    local_base = [base_model_name_or_path] if base_model_name_or_path and os.path.isdir(base_model_name_or_path) else []
+    target = hf.check_export_target(out_dir, overwrite=overwrite,
+                                    base_folders=models.base_folders(model) + local_base)
+    tensors: dict[str, np.ndarray] = {}
+    for mod in modules:
+        name = f"base_model.model.{_hf_module(mod)}"
+        tensors[f"{name}.lora_A.weight"] = np.asarray(jax.device_get(flat[f"{mod}/lora_a"])).T.copy()
+        tensors[f"{name}.lora_B.weight"] = np.asarray(jax.device_get(flat[f"{mod}/lora_b"])).T.copy()
+    extra = _modules_to_save(model, flat, also_trained)
+    if extra:
+        for key, value in models.hf_state_dict(model, _unflatten(extra, params)).items():
+            tensors[f"base_model.model.{key}"] = np.ascontiguousarray(value)
+    cfg = _peft_config(model, modules, extra, base_model_name_or_path)
+    with fileio.atomic_dir(target) as tmp:
+        fileio.write_text(tmp / "adapter_config.json", json.dumps(cfg, indent=2) + "\n")
+        hf.write_safetensors(tensors, tmp / "adapter_model.safetensors")
     return out_dir
 
 

@@ -149,7 +149,8 @@ def _export(cfg, workdir: str) -> dict:
                                overwrite=_OVERWRITE.value)
         if cfg.optim.lora.rank:
             lora.export_peft(run.model, fileio.path(out) / "adapter", params,
-                             base_model_name_or_path=cfg.model.name_or_path, overwrite=True)
+                             base_model_name_or_path=cfg.model.name_or_path, overwrite=True,
+                             also_trained=cfg.optim.lora.also_train)
         fileio.write_json(fileio.path(out) / "ftjax_export.json", record)
     print(f"exported step {step} ({why}) to {out}")
     return {**record, "export_dir": out}

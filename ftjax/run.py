@@ -167,6 +167,7 @@ class Run:
             remat=cfg.model.remat,
             allow_pickle=cfg.model.allow_pickle,
             seed=cfg.train.seed,
+            mesh=self.mesh,  # each tensor read alone and placed straight into its sharding
         )
         if not cfg.optim.lora.rank:
             return model, getattr(model, "head_pattern", None)

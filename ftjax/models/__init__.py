@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import os
+import functools
 import re
+import types
 import zlib
 from typing import Any
 
@@ -19,13 +20,17 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from flax import nnx
+from jax.sharding import Mesh
 from transformers.models.auto import modeling_auto
 
-from ftjax import hf
+from ftjax import fileio, hf
 from ftjax import params as params_lib
+from ftjax import sharding as sharding_lib
 from ftjax.config import TASKS
 from ftjax.hf import (
     CheckpointError,
+    ExportExistsError,
+    ExportIntoBaseError,
     HubOfflineError,
     ModelFolderError,
     ModelLoadError,
@@ -38,6 +43,8 @@ from ftjax.models.registry import Family
 __all__ = [
     "TASKS",
     "CheckpointError",
+    "ExportExistsError",
+    "ExportIntoBaseError",
     "HubOfflineError",
     "ModelFolderError",
     "ModelLoadError",
@@ -141,15 +148,25 @@ def _hf_shape(family: Family, path: str, shape: tuple) -> tuple:
     return tuple(_relayout(family, path, np.empty(shape, np.int8), to_hf=True).shape)
 
 
-def _init_value(path: str, shape: tuple, dtype: Any, std: float, seed: int) -> jax.Array:
-    """HF-style init of a param the checkpoint lacks: normal(0, initializer_range), zero bias, unit scale."""
+def _init_value(path: str, shape: tuple, dtype: Any, std: float, seed: int, sharding: Any = None) -> jax.Array:
+    """HF-style init of a param the checkpoint lacks: normal(0, initializer_range), zero bias, unit scale.
+    With a sharding the value is made in place on its devices, bit-equal to the unsharded one (the normal
+    draw is jitted alone, as eager jax.random.normal is; fusing the scaling into it would change the rounding)."""
     leaf = path.rsplit("/", 1)[-1]
-    if leaf == "bias":
-        return jnp.zeros(shape, dtype)
-    if leaf == "scale":
-        return jnp.ones(shape, dtype)
+    if leaf in ("bias", "scale"):
+        fill = jnp.zeros if leaf == "bias" else jnp.ones
+        return fill(shape, dtype) if sharding is None else jax.jit(lambda: fill(shape, dtype), out_shardings=sharding)()
     key = jax.random.fold_in(jax.random.PRNGKey(seed), zlib.crc32(path.encode()))
-    return (std * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+    draw = functools.partial(jax.random.normal, key, shape, jnp.float32)
+    noise = draw() if sharding is None else jax.jit(draw, out_shardings=sharding)()
+    return (std * noise).astype(dtype)
+
+
+def _place(host: np.ndarray, sharding: Any) -> jax.Array:
+    """A host array on the default device, or straight into `sharding`: each device copies only its slice."""
+    if sharding is None:
+        return jnp.asarray(host)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
 
 def _match_prefix(ckpt: dict[str, Any], paths: list[str], prefix: str) -> dict[str, Any]:
@@ -164,9 +181,61 @@ def _match_prefix(ckpt: dict[str, Any], paths: list[str], prefix: str) -> dict[s
     return ckpt
 
 
+def _checkpoint_keys(family: Family, keys: list[str], paths: list[str]) -> tuple[dict[str, str], list[str]]:
+    """({model key: checkpoint key}, ignored keys): the family's renames, ignore list and prefix applied."""
+    ignore = [re.compile(p) for p in family.ignore_keys]
+    ckpt, ignored = {}, []
+    for original in keys:
+        key = family.rename_key(original)
+        if any(p.fullmatch(key) for p in ignore):
+            ignored.append(key)
+        else:
+            ckpt[key] = original
+    return _match_prefix(ckpt, paths, family.prefix), ignored
+
+
+def _check_shapes(family: Family, shapes: dict, ckpt: dict[str, str], weights: hf.Weights, where: str,
+                  task: str) -> None:
+    """Every checkpoint tensor the model uses has the model's shape (checked before any tensor is read)."""
+    mismatched = []
+    for path, abstract_leaf in shapes.items():
+        key = _hf_key(path)
+        if key not in ckpt:
+            continue
+        got, want = tuple(weights.shape(ckpt[key])), _hf_shape(family, path, tuple(abstract_leaf.shape))
+        if got != want:
+            mismatched.append(f"tensor {key!r} has shape {got} in the checkpoint, but the model expects {want}")
+    if mismatched:
+        raise CheckpointError(
+            f"{where} does not fit config.json with task={task!r}: {'; '.join(mismatched)}. Check num_labels "
+            "(a head of another size cannot be loaded) and that config.json belongs to these weights"
+        )
+
+
+def _shardings(abstract: HFModel, abstract_state: Any, cfg: Any, mesh: Mesh | None) -> dict[str, Any]:
+    """{param path: NamedSharding} as the trainer places params (ftjax.sharding), or {} without a mesh."""
+    if mesh is None:
+        return {}
+    head_dim = sharding_lib.head_dim_of(types.SimpleNamespace(hf_config=cfg))
+    tree = sharding_lib.param_shardings(abstract_state.to_pure_dict(), abstract.logical_axes(), mesh,
+                                        head_dim=head_dim)
+    return params_lib.flatten(tree)  # NamedSharding is a pytree leaf
+
+
+def _nested(values: dict[str, Any]) -> dict:
+    nested: dict = {}
+    for path, value in values.items():
+        node = nested
+        parts = path.split("/")
+        for part in parts[:-1]:
+            node = node.setdefault(int(part) if part.isdigit() else part, {})
+        node[parts[-1]] = value
+    return nested
+
+
 def _build(
-    family: Family, cfg: Any, task: str, *, state: dict[str, np.ndarray], files: list[str],
-    classifier_dropout: float | None, dtype: Any, param_dtype: Any, remat: bool, seed: int,
+    family: Family, cfg: Any, task: str, *, weights: hf.Weights | None, classifier_dropout: float | None,
+    dtype: Any, param_dtype: Any, remat: bool, seed: int, mesh: Mesh | None = None, folder: str | None = None,
 ) -> HFModel:
     template = Ctx(
         rngs=None, dtype=dtype, param_dtype=param_dtype, init_range=float(getattr(cfg, "initializer_range", 0.02)),
@@ -175,50 +244,31 @@ def _build(
     abstract = nnx.eval_shape(lambda: family.build(cfg, task, dataclasses.replace(template, rngs=nnx.Rngs(seed))))
     graphdef, abstract_state = nnx.split(abstract)
     shapes = params_lib.flatten(abstract_state.to_pure_dict())
-    paths = list(shapes)
+    shardings = _shardings(abstract, abstract_state, cfg, mesh)
+    files = weights.files if weights is not None else []
     where = files[0] if len(files) == 1 else (f"{len(files)} shards in {files[0].rsplit('/', 1)[0]}" if files else "")
+    ckpt, ignored = _checkpoint_keys(family, weights.names() if weights is not None else [], list(shapes))
+    _check_shapes(family, shapes, ckpt, weights, where, task)
 
-    ignore = [re.compile(p) for p in family.ignore_keys]
-    ckpt, ignored = {}, []
-    for key, value in state.items():
-        key = family.rename_key(key)
-        if any(p.fullmatch(key) for p in ignore):
-            ignored.append(key)
-        else:
-            ckpt[key] = value
-    ckpt = _match_prefix(ckpt, paths, family.prefix)
-
-    values, initialized, mismatched = {}, [], []
+    values, initialized = {}, []
     for path, abstract_leaf in shapes.items():
-        shape, key = tuple(abstract_leaf.shape), _hf_key(path)
+        key, sharding = _hf_key(path), shardings.get(path)
         if key not in ckpt:
             initialized.append(path)
-            values[path] = _init_value(path, shape, param_dtype, template.init_range, seed)
+            values[path] = _init_value(path, tuple(abstract_leaf.shape), param_dtype, template.init_range, seed,
+                                       sharding)
             continue
-        array, hf_shape = np.asarray(ckpt.pop(key)), _hf_shape(family, path, shape)
-        if tuple(array.shape) != hf_shape:
-            mismatched.append(f"tensor {key!r} has shape {tuple(array.shape)} in the checkpoint, but the model "
-                              f"expects {hf_shape}")
-            continue
-        values[path] = jnp.asarray(_relayout(family, path, array, to_hf=False), dtype=param_dtype)
-    if mismatched:
-        raise CheckpointError(
-            f"{where} does not fit config.json with task={task!r}: {'; '.join(mismatched)}. Check num_labels "
-            "(a head of another size cannot be loaded) and that config.json belongs to these weights"
-        )
+        host = weights.read(ckpt.pop(key))
+        host = np.ascontiguousarray(_relayout(family, path, host, to_hf=False), dtype=param_dtype)
+        values[path] = _place(host, sharding)
+        del host  # one checkpoint tensor in host memory at a time
     unused = sorted(ckpt)
 
-    nested: dict = {}
-    for path, value in values.items():
-        node = nested
-        parts = path.split("/")
-        for part in parts[:-1]:
-            node = node.setdefault(int(part) if part.isdigit() else part, {})
-        node[parts[-1]] = value
-    nnx.replace_by_pure_dict(abstract_state, nested)
+    nnx.replace_by_pure_dict(abstract_state, _nested(values))
     model = nnx.merge(graphdef, abstract_state)
     model._set_info(family.name, task, family.head_patterns[task], cfg)
-    model.load_report.update(files=list(files), initialized=initialized, unused=unused, ignored=sorted(ignored))
+    model.load_report.update(files=list(files), folder=folder, initialized=initialized, unused=unused,
+                             ignored=sorted(ignored))
     if files and initialized:
         logging.warning("ftjax.models: newly initialised (not in %s): %s", where, ", ".join(initialized))
     if unused:
@@ -234,14 +284,14 @@ def from_config(
     """A randomly initialised (HF-style) model for a transformers config; for tests and benchmarks."""
     family = _family_for(hf_config, task, "config")
     cfg, rate = _apply_overrides(hf_config, family, num_labels, id2label, dropout)
-    return _build(family, cfg, task, state={}, files=[], classifier_dropout=rate, dtype=_dtype(dtype, "dtype"),
+    return _build(family, cfg, task, weights=None, classifier_dropout=rate, dtype=_dtype(dtype, "dtype"),
                   param_dtype=_dtype(param_dtype, "param_dtype"), remat=remat, seed=seed)
 
 
 def from_pretrained(
     name_or_path: str, task: str = "base", num_labels: int | None = None, id2label: dict | None = None,
     dropout: dict | None = None, dtype: Any = "float32", param_dtype: Any = "float32", remat: bool = False,
-    allow_pickle: bool = False, seed: int = 0,
+    allow_pickle: bool = False, seed: int = 0, mesh: Mesh | None = None,
 ) -> HFModel:
     """Loads an HF folder (or hub id when online) into the ftjax model for `task`.
 
@@ -249,6 +299,9 @@ def from_pretrained(
     dropout: {"hidden" | "attention" | "classifier": rate} overrides; dtype: compute dtype; param_dtype:
     storage dtype; remat: recompute each layer in the backward pass; allow_pickle: read pytorch_model.bin.
     Params missing from the checkpoint (a new head) get HF's init and are listed in `model.load_report`.
+    The checkpoint is read one tensor at a time. mesh: each param is placed straight into the sharding the
+    trainer gives it (ftjax.sharding.param_shardings), each device receiving only its slice; None: the
+    default device.
     """
     if task not in TASKS:
         raise UnsupportedModelError(f"task={task!r} is invalid: one of {TASKS}")
@@ -259,9 +312,9 @@ def from_pretrained(
     hf_config = hf.load_config(folder)
     family = _family_for(hf_config, task, f"{folder}/config.json")
     cfg, rate = _apply_overrides(hf_config, family, num_labels, id2label, dropout)
-    state, files = hf.load_weights(folder, allow_pickle=allow_pickle)
-    return _build(family, cfg, task, state=state, files=files, classifier_dropout=rate, dtype=compute,
-                  param_dtype=storage, remat=remat, seed=seed)
+    weights = hf.open_weights(folder, allow_pickle=allow_pickle)
+    return _build(family, cfg, task, weights=weights, classifier_dropout=rate, dtype=compute,
+                  param_dtype=storage, remat=remat, seed=seed, mesh=mesh, folder=folder)
 
 
 def hf_architecture(model_type: str, task: str) -> str:
@@ -282,20 +335,33 @@ def hf_state_dict(model: HFModel, params: dict | None = None) -> dict[str, np.nd
     return out
 
 
-def save_pretrained(model: HFModel, out_dir: str, tokenizer: Any = None, params: dict | None = None) -> str:
+def base_folders(model: HFModel) -> list[str]:
+    """The folder `model` was loaded from (exports refuse to write there), if it came from one."""
+    folder = getattr(model, "info", None) and model.load_report.get("folder")
+    return [folder] if folder else []
+
+
+def save_pretrained(model: HFModel, out_dir: fileio.PathLike, tokenizer: Any = None, params: dict | None = None,
+                    overwrite: bool = False) -> fileio.PathLike:
     """Writes an HF folder (config.json with id2label, model.safetensors, tokenizer files) that
     transformers loads with the AutoModelFor... class of the model's task. `params` (a nested dict from
     `ftjax.params.split`) replaces the module's own values, e.g. the trained ones; a LoRA model is saved
-    with its adapters merged (W + alpha/r * A @ B, see `HFModel.export_params`). Returns out_dir."""
-    os.makedirs(out_dir, exist_ok=True)
+    with its adapters merged (W + alpha/r * A @ B, see `HFModel.export_params`). Returns out_dir.
+
+    out_dir (local or gs://) is written whole into a temp folder beside it and renamed into place at the end,
+    so a crash leaves the previous export (or nothing), never a part. A non-empty out_dir is refused unless
+    overwrite=True (ExportExistsError); the folder the model was loaded from always is (ExportIntoBaseError).
+    """
+    target = hf.check_export_target(out_dir, overwrite=overwrite, base_folders=base_folders(model))
     cfg = copy.deepcopy(model.hf_config)
     cfg.architectures = [hf_architecture(cfg.model_type, model.task)]
     state = hf_state_dict(model, model.export_params(params))
     dtypes = {str(v.dtype) for v in state.values()}
     if len(dtypes) == 1 and hasattr(cfg, "dtype"):
         cfg.dtype = dtypes.pop()
-    hf.save_weights(state, out_dir)
-    cfg.save_pretrained(out_dir)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out_dir)
+    with fileio.atomic_dir(target) as tmp:
+        hf.save_weights(state, tmp)
+        hf.save_with_library(cfg, tmp)
+        if tokenizer is not None:
+            hf.save_with_library(tokenizer, tmp)
     return out_dir
