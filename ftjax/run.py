@@ -120,7 +120,8 @@ class Run:
             self.steps_per_epoch = int(saved.get("steps_per_epoch", 1))
         else:
             self.data = data_lib.build(
-                cfg, self.tokenizer, process_index=jax.process_index(), process_count=jax.process_count()
+                cfg, self.tokenizer, process_index=jax.process_index(), process_count=jax.process_count(),
+                data_parallel=sharding_lib.data_parallel_size(self.mesh),
             )
             self.label_names, self.steps_per_epoch = list(self.data.label_names), self.data.steps_per_epoch
         self.model, head_pattern = self._load_model()

@@ -20,10 +20,12 @@ from ftjax import params as params_lib
 
 State = dict[str, Any]  # {"step": int32 scalar, "params": nested dict, "opt_state": optax state}
 
-INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "pixel_values", "segment_ids")
+INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "pixel_values", "segment_ids",
+              "segment_starts")
 
 # ----------------------------------------------------------------------------------------------------
-# Losses: (logits, batch) -> per-example loss [B] (already averaged over tokens for token tasks).
+# Losses: (logits, batch) -> per-example loss [B] (already averaged over tokens for token tasks); packed
+# classification rows give logits [B, S, C], labels and weights [B, S]: a loss per segment (example).
 
 
 def classification_loss(logits: jax.Array, batch: dict, label_smoothing: float = 0.0) -> jax.Array:
@@ -178,11 +180,12 @@ def make_eval_step(graphdef: nnx.GraphDef, rest: nnx.State, task: str) -> Callab
         if task in ("classification", "image_classification"):
             # A [C, C] confusion matrix (rows: label, cols: prediction) is all the host needs for
             # accuracy and macro-F1, and being replicated it is readable on every process.
+            # Packed rows: [B, S] examples, flattened.
             num_classes = logits.shape[-1]
             w = batch["weights"].astype(jnp.float32)
-            truth = jax.nn.one_hot(batch["labels"], num_classes) * w[:, None]
+            truth = jax.nn.one_hot(batch["labels"], num_classes) * w[..., None]
             pred = jax.nn.one_hot(jnp.argmax(logits, -1), num_classes)
-            result["confusion"] = truth.T @ pred
+            result["confusion"] = truth.reshape(-1, num_classes).T @ pred.reshape(-1, num_classes)
         return result
 
     return eval_step

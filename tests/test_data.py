@@ -332,6 +332,91 @@ def test_last_partial_batches_are_padded_with_weight_zero(csv_dir, tok):
         assert (batch["labels"][batch["weights"] == 0] == 0).all()
 
 
+# ---------------------------------------------------------------- packed classification
+
+
+def packed_cfg(csv_dir: str, **data_fields):
+    c = cfg(f"files:{csv_dir}", eval_split="validation", **data_fields)
+    c.model.name_or_path = MINILM  # a BERT: data.packing applies
+    return c
+
+
+def segments_of(batch: dict) -> list[tuple[int, ...]]:
+    """The token ids of each real example of a packed batch, checking its segment and first token."""
+    out = []
+    for row in range(batch["input_ids"].shape[0]):
+        for k in np.nonzero(batch["weights"][row])[0]:
+            seg = batch["segment_ids"][row] == k + 1
+            assert np.nonzero(seg)[0][0] == batch["segment_starts"][row, k]
+            out.append(tuple(batch["input_ids"][row][seg]))
+    return out
+
+
+def test_packing_gives_one_shape_and_every_example_once_per_epoch(csv_dir, tok):
+    b = data.build(packed_cfg(csv_dir), tok, data_parallel=1)
+    shape = b.pack_shape
+    assert shape is not None and b.bucket_lengths == (32,) and shape.rows < 8
+    assert data.build(packed_cfg(csv_dir), tok, data_parallel=4).pack_shape.rows % 4 == 0
+    full = sorted(tuple(tok(t, truncation=True, max_length=32)["input_ids"]) for t in frame(44, 0).text)
+    it = b.train_iterator()
+    for _ in range(2):
+        epoch = batches(it, b.steps_per_epoch)
+        assert {x["input_ids"].shape for x in epoch} == {(shape.rows, 32)}
+        assert {x["labels"].shape for x in epoch} == {x["weights"].shape for x in epoch} == {(shape.rows, shape.segments)}
+        assert sorted(t for x in epoch for t in segments_of(x)) == full  # each example exactly once
+        assert [float(x["weights"].sum()) for x in epoch] == [8.0] * 5 + [4.0]  # batch_size examples a step
+        for x in epoch:
+            assert (x["input_ids"][x["segment_ids"] == 0] == tok.pad_token_id).all()
+            assert (x["input_ids"][x["segment_ids"] > 0] != tok.pad_token_id).all()
+            assert (x["attention_mask"] == (x["segment_ids"] > 0)).all()
+    bucketed = data.build(packed_cfg(csv_dir, packing=False), tok).stats["real_token_fraction"]
+    assert b.stats["packed"]["rows"] == shape.rows and b.stats["real_token_fraction"] > bucketed
+
+
+def test_packed_resume_mid_epoch_continues_identically(csv_dir, tok):
+    c = packed_cfg(csv_dir)
+    it = data.build(c, tok, data_parallel=1).train_iterator()
+    batches(it, 3)
+    state = json.loads(json.dumps(it.state()))
+    rest = batches(it, 10)  # crosses into epoch 2
+    assert_same(rest, batches(data.build(c, tok, data_parallel=1).train_iterator(**state), 10))
+    assert epoch_tokens(c, tok, 0) != epoch_tokens(c, tok, 1)
+    assert epoch_tokens(c, tok, 1) == epoch_tokens(c, tok, 1)
+
+
+def epoch_tokens(c, tok, epoch: int) -> list:
+    b = data.build(c, tok, data_parallel=1)
+    return [x["input_ids"].tolist() for x in batches(b.train_iterator(epoch), b.steps_per_epoch)]
+
+
+def test_packed_eval_has_one_shape_and_each_example_once_in_eval_order(csv_dir, tok):
+    b = data.build(packed_cfg(csv_dir), tok)
+    ev = list(b.eval_batches("validation"))
+    assert len(ev) == b.eval_steps("validation") == 2  # 13 examples in 8 rows (3 batches unpacked)
+    assert {x["input_ids"].shape for x in ev} == {(6, 32)}
+    assert ev[0]["labels"].shape[1] == b.pack_shape.segments
+    texts = frame(13, 1).text
+    order = b.eval_order("validation")
+    assert sorted(order.tolist()) == list(range(13))
+    got = [t for x in ev for t in segments_of(x)]
+    assert got == [tuple(tok(texts[i], truncation=True, max_length=32)["input_ids"]) for i in order]
+
+
+def test_packed_process_shards_partition_the_global_rows(csv_dir, tok):
+    c = packed_cfg(csv_dir)
+    whole = data.build(c, tok, data_parallel=2)
+    shards = [data.build(c, tok, process_index=i, process_count=2, data_parallel=2) for i in (0, 1)]
+    assert whole.pack_shape.rows < 8
+    for g, p0, p1 in zip(batches(whole.train_iterator(), 7), *(batches(s.train_iterator(), 7) for s in shards)):
+        for k in g:
+            np.testing.assert_array_equal(np.concatenate([p0[k], p1[k]]), g[k])
+
+
+def test_packing_off_or_other_models_use_buckets(csv_dir, tok):
+    assert data.build(packed_cfg(csv_dir, packing=False), tok).pack_shape is None
+    assert data.build(cfg(f"files:{csv_dir}", eval_split="validation"), tok).pack_shape is None  # no model
+
+
 # ---------------------------------------------------------------- bad inputs
 
 

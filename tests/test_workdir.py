@@ -13,7 +13,7 @@ import pytest
 
 from ftjax import fileio, trainer
 from ftjax import workdir as workdir_lib
-from ftjax.loop import TrainingError
+from ftjax.loop import Callback, TrainingError
 from tests import tiny
 from tests.test_main import _cli
 
@@ -81,10 +81,15 @@ def test_a_second_trainer_is_refused_naming_the_holder(model_dir, data_dir, tmp_
 
 def test_eval_and_export_take_the_best_checkpoint_and_leave_a_trainers_files_alone(model_dir, data_dir,
                                                                                    tmp_path):
-    # A high LR that overfits: the validation loss is best at an early eval, not at the last step.
-    cfg = tiny.tiny_config(model_dir, data_dir, **{"train.eval_every": 2, "train.epochs": 5.0, "optim.lr": 3e-3,
-                                                   "train.checkpoint.keep": 1})
-    summary = trainer.train(cfg, str(tmp_path))
+    class WorseAtTheEnd(Callback):
+        """The last eval's validation loss rises (as when a run overfits), so the best step is an earlier one."""
+
+        def on_eval(self, loop, split, results):
+            if loop.at_end:
+                results[0]["loss"] = 1e3
+
+    cfg = tiny.tiny_config(model_dir, data_dir, **{"train.eval_every": 4, "train.checkpoint.keep": 1})
+    summary = trainer.train(cfg, str(tmp_path), callbacks=[WorseAtTheEnd()])
     assert summary["best_step"] != summary["steps"], summary  # the test needs best != last
     # A save in flight (a trainer writing beside eval): read-only eval must not clean it up.
     in_flight = tmp_path / "checkpoints" / f"{summary['steps'] + 1}.orbax-checkpoint-tmp-1"

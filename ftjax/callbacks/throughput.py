@@ -110,7 +110,9 @@ class Throughput(Callback):
         """The callback for an `ftjax.run.Run`: its model, trainable sets, batch size and mesh devices."""
         lengths = tuple(run.data.bucket_lengths or ())
         processes = jax.process_count()
-        shape = flops_lib.Shape(run.data.batch_size // processes, max(lengths) if lengths else 0)
+        packed = run.data.pack_shape
+        rows = packed.rows if packed is not None else run.data.batch_size
+        shape = flops_lib.Shape(rows // processes, packed.length if packed is not None else max(lengths, default=0))
         return cls(functools.partial(flops_lib.step_flops, flops_lib.spec_of(run.model)),
                    run.optimizer.trainable_at, shape, log_every=run.cfg.train.log_every,
                    devices=list(run.mesh.devices.flat), t_start=t_start, processes=processes)

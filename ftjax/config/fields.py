@@ -151,6 +151,13 @@ FIELDS: tuple[Field, ...] = (
         type=object,
     ),
     F(
+        "data.packing",
+        True,
+        "classification with bert / roberta / distilbert: pack several examples per max_len row (one "
+        "train and one eval program; eval_batch_size counts rows); False or other models: data.buckets",
+        Check("True or False", ok=lambda v: isinstance(v, bool)),
+    ),
+    F(
         "data.length_grouping",
         50,
         "sort each seeded window of this many batches by length, then shuffle (0 = off)",

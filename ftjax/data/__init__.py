@@ -1,8 +1,9 @@
 """Data for fine-tuning: `build(cfg, tokenizer)` reads the splits, tokenises them once, and hands out batches.
 
-Batches are dicts of numpy arrays for this process's rows of a fixed-size global batch, padded to a few
-length buckets, in an order fixed by (seed, epoch) that resumes exactly from {"epoch", "position"}.
-Layout: splits (shared steps) -> examples (one example per row) | lm (packed documents) -> bundle.
+Batches are dicts of numpy arrays for this process's rows of a fixed-size global batch, packed (several
+examples or documents per row) or padded to a few length buckets, in an order fixed by (seed, epoch) that
+resumes exactly from {"epoch", "position"}. Layout: splits (shared steps) -> examples (one example per row,
+or example_packing) | lm (packed documents) -> bundle.
 """
 
 from __future__ import annotations
@@ -20,9 +21,19 @@ __all__ = ["DataBundle", "DataError", "DataFileNotFoundError", "TrainIterator", 
 
 
 def build(
-    cfg: ml_collections.ConfigDict, tokenizer: Any, *, process_index: int = 0, process_count: int = 1
+    cfg: ml_collections.ConfigDict,
+    tokenizer: Any,
+    *,
+    process_index: int = 0,
+    process_count: int = 1,
+    data_parallel: int | None = None,
 ) -> DataBundle:
     """Reads cfg.data's splits, tokenises (or indexes images) once, and returns the DataBundle; causal_lm
-    packs documents into rows (ftjax/data/lm.py), every other task batches one example per row."""
-    builder = lm.build if cfg.model.task == "causal_lm" else examples.build
-    return builder(cfg, tokenizer, process_index=process_index, process_count=process_count)
+    packs documents into rows (ftjax/data/lm.py), classification with an encoder packs examples into rows
+    (data.packing; ftjax/data/example_packing.py: `data_parallel` devices divide its rows, default: cfg.mesh
+    over all devices), every other task batches one example per row."""
+    if cfg.model.task == "causal_lm":
+        return lm.build(cfg, tokenizer, process_index=process_index, process_count=process_count)
+    return examples.build(
+        cfg, tokenizer, process_index=process_index, process_count=process_count, data_parallel=data_parallel
+    )

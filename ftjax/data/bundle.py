@@ -25,8 +25,8 @@ class DataBundle:
     label_names: list[str]  # id -> class name (the model's id2label); [] for tasks without labels.
     num_examples: dict[str, int]  # real examples per split ("train", "validation", "test").
     steps_per_epoch: int  # global batches per training epoch (the last one padded with weight-0 rows).
-    batch_size: int  # global train batch.
-    eval_batch_size: int  # global eval batch.
+    batch_size: int  # global train batch (examples).
+    eval_batch_size: int  # global eval batch (examples; rows of max_len tokens when packed).
     bucket_lengths: tuple[int, ...]  # padded sequence lengths batches use (() for images).
     stats: dict[str, Any]  # truncation counts, token length summary, real-token fraction, ...
     _plans: dict[str, np.ndarray]
@@ -35,6 +35,7 @@ class DataBundle:
     _threads: int
     sample_prompts: list[str] = dataclasses.field(default_factory=list)  # causal_lm: prompts for samples.
     fingerprint: dict[str, dict] = dataclasses.field(default_factory=dict)  # per split: source, rows, sha256
+    pack_shape: Any = None  # example_packing.PackShape when classification examples are packed, else None
 
     @property
     def num_labels(self) -> int:
@@ -57,7 +58,8 @@ class DataBundle:
         return batching.prefetched(self._plan(split), self._makers[split], self._threads)
 
     def eval_order(self, split: str) -> np.ndarray:
-        """Example indices in the order eval_batches yields them (global batch rows, PAD = -1 dropped)."""
+        """Example indices in the order eval_batches yields them (global batch rows, and segments of a
+        packed row, in order; PAD = -1 dropped)."""
         plan = self._plan(split).reshape(-1)
         return plan[plan >= 0]
 
@@ -81,13 +83,19 @@ def assemble(
     stats: dict[str, Any],
     sample_prompts: list[str] | None = None,
     fingerprint: dict[str, dict] | None = None,
+    plans: tuple[Callable[[int], np.ndarray], dict[str, np.ndarray]] | None = None,
 ) -> DataBundle:
     """The bundle over examples of `lengths[split]` tokens: a seeded train order per epoch (length-grouped
-    in windows of `grouping` batches; 0 = off) and a fixed eval order by length."""
+    in windows of `grouping` batches; 0 = off) and a fixed eval order by length; or `plans` (the train
+    plan per epoch, the eval plans) when the caller lays batches out itself (packed rows)."""
     train_lengths = lengths["train"]
 
     def train_plan(epoch: int) -> np.ndarray:
         return batching.train_plan(train_lengths, layout.batch, seed, epoch, grouping)
+
+    eval_plans = {r: batching.eval_plan(x, layout.eval_batch) for r, x in lengths.items() if r != "train"}
+    if plans is not None:
+        train_plan, eval_plans = plans
 
     return DataBundle(
         label_names=label_names,
@@ -97,7 +105,7 @@ def assemble(
         eval_batch_size=layout.eval_batch,
         bucket_lengths=bucket_lengths,
         stats=stats,
-        _plans={r: batching.eval_plan(x, layout.eval_batch) for r, x in lengths.items() if r != "train"},
+        _plans=eval_plans,
         _train_plan=train_plan,
         _makers=makers,
         _threads=threads,

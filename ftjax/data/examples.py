@@ -1,8 +1,10 @@
-"""One example per row (classification, masked_lm, image_classification): tokenise texts or index images
-once, and batch them padded to a few length buckets."""
+"""Example tasks (classification, masked_lm, image_classification): tokenise texts or index images once, and
+batch them one example per row padded to a few length buckets, or packed several per row (classification
+with an encoder, data.packing; ftjax/data/example_packing.py)."""
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
 
@@ -12,6 +14,7 @@ from absl import logging
 
 from ftjax.config import ConfigError
 from ftjax.data import batching, image, splits, text
+from ftjax.data import example_packing as packing
 from ftjax.data.bundle import DataBundle, Maker, assemble
 from ftjax.data.errors import DataError
 from ftjax.data.sources import RawSplit
@@ -21,9 +24,15 @@ LABELLED_TASKS = ("classification", "image_classification")
 
 
 def build(
-    cfg: ml_collections.ConfigDict, tokenizer: Any, *, process_index: int = 0, process_count: int = 1
+    cfg: ml_collections.ConfigDict,
+    tokenizer: Any,
+    *,
+    process_index: int = 0,
+    process_count: int = 1,
+    data_parallel: int | None = None,
 ) -> DataBundle:
-    """The DataBundle of a text or image task: cfg.data's splits, tokenised (or indexed) once."""
+    """The DataBundle of a text or image task: cfg.data's splits, tokenised (or indexed) once; packed rows
+    (example_packing.py) for classification with an encoder when data.packing, else length buckets."""
     d, t, task = cfg.data, cfg.train, cfg.model.task
     rows = splits.layout(t, process_index, process_count)
     if task == "token_classification":
@@ -45,12 +54,21 @@ def build(
     if labelled:
         labels = {r: _labels(d, s, names, source_names) for r, s in raw.items()}
     stats: dict[str, Any] = {"examples": {r: len(s) for r, s in raw.items()}}
+    shape, plans = None, None
     if is_image:
         lengths, makers = _image_makers(d, raw, labels, rows)
         buckets: tuple[int, ...] = ()
         threads = min(8, os.cpu_count() or 1)
     else:
-        lengths, makers, buckets = _text_makers(d, t.seed, tokenizer, raw, labels, rows, stats)
+        tokens = _tokenize(d, tokenizer, raw, stats)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        lengths = {r: tok.lengths for r, tok in tokens.items()}
+        if packing.packs(cfg):
+            granule = packing.row_granule(cfg, process_count, data_parallel)
+            shape, makers, plans = _packed_makers(d, t.seed, tokens, labels, rows, pad_id, granule, stats)
+            buckets = (d.max_len,)
+        else:
+            makers, buckets = _text_makers(d, t.seed, tokens, labels, rows, pad_id, stats)
         threads = 2
     bundle = assemble(
         fingerprint=splits.fingerprint(raw),
@@ -63,7 +81,9 @@ def build(
         label_names=names,
         bucket_lengths=buckets,
         stats=stats,
+        plans=plans,
     )
+    bundle.pack_shape = shape
     logging.info(
         "data: %s; %d steps/epoch of %d; labels %s; %s",
         stats["examples"],
@@ -124,35 +144,16 @@ def _image_makers(
     return lengths, makers
 
 
-def _text_makers(
-    d: ml_collections.ConfigDict,
-    seed: int,
-    tokenizer: Any,
-    raw: dict[str, RawSplit],
-    labels: dict[str, np.ndarray],
-    rows: Layout,
-    stats: dict[str, Any],
-) -> tuple[dict[str, np.ndarray], dict[str, Maker], tuple[int, ...]]:
-    """Tokenises every split once; adds truncation, length and padding figures to `stats`."""
+def _tokenize(
+    d: ml_collections.ConfigDict, tokenizer: Any, raw: dict[str, RawSplit], stats: dict[str, Any]
+) -> dict[str, text.Tokens]:
+    """Tokenises every split once; adds truncation and length figures to `stats`."""
     tokens = {}
     for role, split in raw.items():
         texts = text.column(split, "text_field", d.text_field)
         pairs = text.column(split, "text_pair_field", d.text_pair_field) if d.text_pair_field else None
         tokens[role] = text.tokenize(tokenizer, texts, pairs, d.max_len)
-    lengths = {r: tok.lengths for r, tok in tokens.items()}
-    train_lengths = lengths["train"]
-    buckets = batching.choose_buckets(train_lengths, d.buckets, d.max_len)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    makers: dict[str, Maker] = {
-        role: batching.TextBatcher(tokens[role], labels[role], buckets, pad_id, rows.rows(role))
-        for role in raw
-    }
-    real, padded = batching.padded_tokens(
-        batching.train_plan(train_lengths, rows.batch, seed, 0, d.length_grouping), train_lengths, buckets
-    )
-    real_r, padded_r = batching.padded_tokens(
-        batching.train_plan(train_lengths, rows.batch, seed, 0, 0), train_lengths, buckets
-    )
+    train_lengths = tokens["train"].lengths
     stats.update(
         truncated={r: tok.truncated for r, tok in tokens.items()},
         truncated_tokens={r: tok.truncated_tokens for r, tok in tokens.items()},
@@ -163,13 +164,74 @@ def _text_makers(
             "p95": int(np.percentile(train_lengths, 95)),
             "max": int(train_lengths.max()),
         },
+    )
+    for role, tok in tokens.items():
+        _warn_text(role, tok, len(raw[role]), d.max_len)
+    return tokens
+
+
+def _text_makers(
+    d: ml_collections.ConfigDict,
+    seed: int,
+    tokens: dict[str, text.Tokens],
+    labels: dict[str, np.ndarray],
+    rows: Layout,
+    pad_id: int,
+    stats: dict[str, Any],
+) -> tuple[dict[str, Maker], tuple[int, ...]]:
+    """One example per row, padded to a few length buckets; adds the padding figures to `stats`."""
+    train_lengths = tokens["train"].lengths
+    buckets = batching.choose_buckets(train_lengths, d.buckets, d.max_len)
+    makers: dict[str, Maker] = {
+        role: batching.TextBatcher(tokens[role], labels[role], buckets, pad_id, rows.rows(role))
+        for role in tokens
+    }
+    real, padded = batching.padded_tokens(
+        batching.train_plan(train_lengths, rows.batch, seed, 0, d.length_grouping), train_lengths, buckets
+    )
+    real_r, padded_r = batching.padded_tokens(
+        batching.train_plan(train_lengths, rows.batch, seed, 0, 0), train_lengths, buckets
+    )
+    stats.update(
         bucket_lengths=list(buckets),
         real_token_fraction=real / padded,
         real_token_fraction_ungrouped=real_r / padded_r,
     )
-    for role, tok in tokens.items():
-        _warn_text(role, tok, len(raw[role]), d.max_len)
-    return lengths, makers, buckets
+    return makers, buckets
+
+
+def _packed_makers(
+    d: ml_collections.ConfigDict,
+    seed: int,
+    tokens: dict[str, text.Tokens],
+    labels: dict[str, np.ndarray],
+    rows: Layout,
+    pad_id: int,
+    granule: int,
+    stats: dict[str, Any],
+) -> tuple[packing.PackShape, dict[str, Maker], tuple]:
+    """Several examples per row of max_len (example_packing.py): the shape, batch makers and plans."""
+    lengths = {r: tok.lengths for r, tok in tokens.items()}
+    shape = packing.choose_shape(lengths["train"], rows.batch, rows.eval_batch, d.max_len, granule)
+    process = rows.share.start * shape.rows // rows.batch, rows.share.stop * shape.rows // rows.batch
+    makers: dict[str, Maker] = {
+        role: packing.PackedTextBatcher(
+            tok, labels[role], shape, pad_id, slice(*process) if role == "train" else rows.eval_share
+        )
+        for role, tok in tokens.items()
+    }
+    train_plan = functools.lru_cache(maxsize=2)(
+        functools.partial(packing.train_plan, lengths["train"], rows.batch, shape, seed)
+    )
+    eval_plans = {r: packing.eval_plan(x, shape) for r, x in lengths.items() if r != "train"}
+    first = train_plan(0)
+    stats.update(
+        bucket_lengths=[d.max_len],
+        packed={"rows": shape.rows, "segments": shape.segments, "eval_rows": shape.eval_rows},
+        real_token_fraction=packing.real_fraction(first, lengths["train"], d.max_len),
+        examples_per_row=float((first >= 0).sum() / max(1, (first >= 0).any(-1).sum())),
+    )
+    return shape, makers, (train_plan, eval_plans)
 
 
 def _warn_text(role: str, tok: text.Tokens, n: int, max_len: int) -> None:

@@ -103,12 +103,17 @@ class BertPooler(nnx.Module):
     def __init__(self, cfg: Any, ctx: Ctx):
         self.dense = common.linear(cfg.hidden_size, cfg.hidden_size, ctx, ("embed", None))
 
-    def __call__(self, x):
-        return jnp.tanh(self.dense(x[:, 0]))
+    def __call__(self, x, segment_starts=None):
+        return jnp.tanh(self.dense(common.first_tokens(x, segment_starts)))
 
 
-def positions(input_ids: jax.Array, pad_id: int | None) -> jax.Array:
-    """Default position ids: 0..L-1 (BERT), or RoBERTa's pad_id+1.. counting only non-pad tokens."""
+def positions(input_ids: jax.Array, pad_id: int | None, segment_ids: jax.Array | None = None) -> jax.Array:
+    """Default position ids: 0..L-1 (BERT), or RoBERTa's pad_id+1.. counting only non-pad tokens; in packed
+    rows (segment_ids) both restart at each example, as if it were alone in its row."""
+    if segment_ids is not None:
+        seg = jnp.asarray(segment_ids)
+        pos = common.segment_positions(seg)
+        return pos if pad_id is None else jnp.where(seg > 0, pos + pad_id + 1, pad_id)
     if pad_id is None:
         return jnp.broadcast_to(jnp.arange(input_ids.shape[1], dtype=jnp.int32), input_ids.shape)
     mask = (input_ids != pad_id).astype(jnp.int32)
@@ -116,7 +121,10 @@ def positions(input_ids: jax.Array, pad_id: int | None) -> jax.Array:
 
 
 class BertModel(nnx.Module):
-    """The backbone (HF BertModel). `pad_positions`: RoBERTa-style position ids from the pad token."""
+    """The backbone (HF BertModel). `pad_positions`: RoBERTa-style position ids from the pad token.
+
+    Packed rows: `segment_ids` [B, L] (1.. per example, 0 = padding) keep attention inside each example and
+    restart positions; `segment_starts` [B, S] (each example's first token) make the pooler [B, S, H]."""
 
     def __init__(self, cfg: Any, ctx: Ctx, *, add_pooling_layer: bool, pad_positions: bool = False):
         self.embeddings = BertEmbeddings(cfg, ctx)
@@ -124,27 +132,31 @@ class BertModel(nnx.Module):
         self.pooler = BertPooler(cfg, ctx) if add_pooling_layer else None
         self.pad_id = int(cfg.pad_token_id) if pad_positions else None
 
-    def __call__(self, input_ids, attention_mask, token_type_ids, position_ids, *, deterministic, rngs):
+    def __call__(self, input_ids, attention_mask, token_type_ids, position_ids, segment_ids=None,
+                 segment_starts=None, *, deterministic, rngs):
         if input_ids is None:
             raise ValueError("input_ids is required for a text model (got None)")
         input_ids = jnp.asarray(input_ids)
         if position_ids is None:
-            position_ids = positions(input_ids, self.pad_id)
+            position_ids = positions(input_ids, self.pad_id, segment_ids)
         input_ids, attention_mask, token_type_ids, position_ids = common.text_inputs(
             input_ids, attention_mask, token_type_ids, position_ids
         )
+        bias = common.mask_bias(attention_mask) if segment_ids is None else common.segment_bias(
+            segment_ids, attention_mask)
         x = self.embeddings(input_ids, token_type_ids, position_ids, deterministic=deterministic, rngs=rngs)
-        x = self.encoder(x, common.mask_bias(attention_mask), deterministic=deterministic, rngs=rngs)
-        return x, (self.pooler(x) if self.pooler is not None else None)
+        x = self.encoder(x, bias, deterministic=deterministic, rngs=rngs)
+        return x, (self.pooler(x, segment_starts) if self.pooler is not None else None)
 
 
 class BertBase(BertModel, HFModel):
     """task "base": HF BertModel itself (params without prefix), returns last_hidden_state + pooler_output."""
 
     def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
-                 pixel_values=None, *, deterministic: bool = True, rngs: nnx.Rngs | None = None) -> dict:
+                 pixel_values=None, segment_ids=None, segment_starts=None, *, deterministic: bool = True,
+                 rngs: nnx.Rngs | None = None) -> dict:
         x, pooled = BertModel.__call__(self, input_ids, attention_mask, token_type_ids, position_ids,
-                                       deterministic=deterministic, rngs=rngs)
+                                       segment_ids, segment_starts, deterministic=deterministic, rngs=rngs)
         out = {"last_hidden_state": x}
         if pooled is not None:
             out["pooler_output"] = pooled
@@ -196,9 +208,13 @@ class BertTask(HFModel):
             self.cls = BertOnlyMLMHead(cfg, ctx)
 
     def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
-                 pixel_values=None, *, deterministic: bool = True, rngs: nnx.Rngs | None = None) -> dict:
+                 pixel_values=None, segment_ids=None, segment_starts=None, *, deterministic: bool = True,
+                 rngs: nnx.Rngs | None = None) -> dict:
+        """logits [B, C] (classification; [B, S, C] for packed rows), [B, L, C] or [B, L, V] per token."""
         kw = {"deterministic": deterministic, "rngs": rngs}
-        x, pooled = self.bert(input_ids, attention_mask, token_type_ids, position_ids, **kw)
+        common.check_packed(self.task, segment_ids, segment_starts)
+        x, pooled = self.bert(input_ids, attention_mask, token_type_ids, position_ids, segment_ids,
+                              segment_starts, **kw)
         if self.task == "classification":
             return {"logits": self.classifier(self.dropout(pooled, **kw))}
         if self.task == "token_classification":

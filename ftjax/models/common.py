@@ -170,6 +170,42 @@ def mask_bias(attention_mask: jax.Array | None) -> jax.Array | None:
     return jnp.where(attention_mask[:, None, None, :] > 0, 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)
 
 
+def segment_bias(segment_ids: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
+    """Packed rows: [B, L] segment ids (1.. per example, 0 = padding; attention_mask 0 also counts as
+    padding) -> additive float32 bias [B, 1, L, L], 0 where query and key share a segment. A token sees only
+    its own example; padding sees only padding (so no softmax is all-masked) and nothing sees padding."""
+    seg = jnp.asarray(segment_ids)
+    if attention_mask is not None:
+        seg = jnp.where(jnp.asarray(attention_mask) > 0, seg, 0)
+    same = seg[:, None, :, None] == seg[:, None, None, :]
+    return jnp.where(same, 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)
+
+
+def segment_positions(segment_ids: jax.Array) -> jax.Array:
+    """Positions that restart at 0 where each packed segment starts (segments are contiguous runs)."""
+    length = segment_ids.shape[1]
+    idx = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), segment_ids.shape)
+    prev = jnp.pad(segment_ids[:, :-1], ((0, 0), (1, 0)), constant_values=-1)
+    starts = jnp.where(segment_ids != prev, idx, 0)
+    return idx - jax.lax.cummax(starts, axis=1)
+
+
+def first_tokens(x: jax.Array, segment_starts: jax.Array | None) -> jax.Array:
+    """The token a classification head reads: x[:, 0] ([B, H]), or of a packed row each example's first
+    token at `segment_starts` [B, S] ([B, S, H])."""
+    if segment_starts is None:
+        return x[:, 0]
+    return jnp.take_along_axis(x, jnp.asarray(segment_starts, jnp.int32)[:, :, None], axis=1)
+
+
+def check_packed(task: str, segment_ids: Any, segment_starts: Any) -> None:
+    """Packed classification needs segment_ids and segment_starts together (the head reads each example's
+    first token); token tasks need only segment_ids (attention and positions)."""
+    if task == "classification" and (segment_ids is None) != (segment_starts is None):
+        raise ValueError("packed classification needs segment_ids [B, L] and segment_starts [B, S] together "
+                         f"(got segment_ids={segment_ids is not None}, segment_starts={segment_starts is not None})")
+
+
 def attention(
     q: jax.Array,
     k: jax.Array,

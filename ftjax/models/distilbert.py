@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from ftjax.hf import UnsupportedModelError
@@ -83,18 +84,26 @@ class DistilBertModel(nnx.Module):
         self.embeddings = Embeddings(cfg, ctx)
         self.transformer = Transformer(cfg, ctx)
 
-    def __call__(self, input_ids, attention_mask, position_ids, *, deterministic, rngs) -> jax.Array:
+    def __call__(self, input_ids, attention_mask, position_ids, segment_ids=None, *, deterministic,
+                 rngs) -> jax.Array:
+        """Packed rows: segment_ids [B, L] (1.. per example, 0 = padding) restart positions and keep
+        attention inside each example."""
+        if segment_ids is not None and position_ids is None:
+            position_ids = common.segment_positions(jnp.asarray(segment_ids))
         input_ids, attention_mask, _, position_ids = common.text_inputs(input_ids, attention_mask, None, position_ids)
+        bias = common.mask_bias(attention_mask) if segment_ids is None else common.segment_bias(
+            segment_ids, attention_mask)
         x = self.embeddings(input_ids, position_ids, deterministic=deterministic, rngs=rngs)
-        return self.transformer(x, common.mask_bias(attention_mask), deterministic=deterministic, rngs=rngs)
+        return self.transformer(x, bias, deterministic=deterministic, rngs=rngs)
 
 
 class DistilBertBase(DistilBertModel, HFModel):
     """task "base": HF DistilBertModel (params without prefix); returns last_hidden_state."""
 
     def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
-                 pixel_values=None, *, deterministic: bool = True, rngs: nnx.Rngs | None = None) -> dict:
-        x = DistilBertModel.__call__(self, input_ids, attention_mask, position_ids,
+                 pixel_values=None, segment_ids=None, segment_starts=None, *, deterministic: bool = True,
+                 rngs: nnx.Rngs | None = None) -> dict:
+        x = DistilBertModel.__call__(self, input_ids, attention_mask, position_ids, segment_ids,
                                      deterministic=deterministic, rngs=rngs)
         return {"last_hidden_state": x}
 
@@ -129,11 +138,14 @@ class DistilBertTask(HFModel):
             self.vocab_projector = VocabProjector(cfg, ctx)
 
     def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
-                 pixel_values=None, *, deterministic: bool = True, rngs: nnx.Rngs | None = None) -> dict:
+                 pixel_values=None, segment_ids=None, segment_starts=None, *, deterministic: bool = True,
+                 rngs: nnx.Rngs | None = None) -> dict:
+        """As BertTask: packed rows (segment_ids, segment_starts) give classification logits [B, S, C]."""
         kw = {"deterministic": deterministic, "rngs": rngs}
-        x = self.distilbert(input_ids, attention_mask, position_ids, **kw)
+        common.check_packed(self.task, segment_ids, segment_starts)
+        x = self.distilbert(input_ids, attention_mask, position_ids, segment_ids, **kw)
         if self.task == "classification":
-            pooled = jax.nn.relu(self.pre_classifier(x[:, 0]))
+            pooled = jax.nn.relu(self.pre_classifier(common.first_tokens(x, segment_starts)))
             return {"logits": self.classifier(self.dropout(pooled, **kw))}
         if self.task == "token_classification":
             return {"logits": self.classifier(self.dropout(x, **kw))}

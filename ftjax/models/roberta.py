@@ -32,8 +32,8 @@ class RobertaClassificationHead(nnx.Module):
         self.dropout = Dropout(classifier_rate(cfg, ctx))
         self.out_proj = common.linear(cfg.hidden_size, cfg.num_labels, ctx, (None, None))
 
-    def __call__(self, x, *, deterministic, rngs):
-        x = self.dropout(x[:, 0], deterministic=deterministic, rngs=rngs)
+    def __call__(self, x, segment_starts=None, *, deterministic, rngs):
+        x = self.dropout(common.first_tokens(x, segment_starts), deterministic=deterministic, rngs=rngs)
         x = self.dropout(jnp.tanh(self.dense(x)), deterministic=deterministic, rngs=rngs)
         return self.out_proj(x)
 
@@ -65,11 +65,14 @@ class RobertaTask(HFModel):
             self.lm_head = RobertaLMHead(cfg, ctx)
 
     def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
-                 pixel_values=None, *, deterministic: bool = True, rngs: nnx.Rngs | None = None) -> dict:
+                 pixel_values=None, segment_ids=None, segment_starts=None, *, deterministic: bool = True,
+                 rngs: nnx.Rngs | None = None) -> dict:
+        """As BertTask: packed rows (segment_ids, segment_starts) give classification logits [B, S, C]."""
         kw = {"deterministic": deterministic, "rngs": rngs}
-        x, _ = self.roberta(input_ids, attention_mask, token_type_ids, position_ids, **kw)
+        common.check_packed(self.task, segment_ids, segment_starts)
+        x, _ = self.roberta(input_ids, attention_mask, token_type_ids, position_ids, segment_ids, **kw)
         if self.task == "classification":
-            return {"logits": self.classifier(x, **kw)}
+            return {"logits": self.classifier(x, segment_starts, **kw)}
         if self.task == "token_classification":
             return {"logits": self.classifier(self.dropout(x, **kw))}
         return {"logits": self.lm_head(x, self.roberta.embeddings.word_embeddings)}
