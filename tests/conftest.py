@@ -13,6 +13,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # after the environment above: nothing may import jax before it is set
 
+from tests.gcs_emulator import gcs_bucket, gcs_emulator  # noqa: F401  (fixtures: a GCS emulator)
+
 
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory):
