@@ -9,6 +9,7 @@ Events, in the order callbacks are listed:
                                      numpy arrays with one entry per member
   after_step(loop)                   after each step is dispatched (cadences: eval, save, preemption)
   on_eval(loop, split, results)      published by an evaluation callback: one metrics dict per member
+  on_checkpoint(loop)                a checkpoint of this step is about to be saved: persist what is buffered
   on_end(loop)                       once, after the last step (also after an interruption)
 """
 
@@ -59,6 +60,7 @@ class Callback:
     def on_step(self, loop: Loop, step: int, metrics: dict[str, np.ndarray]) -> None: ...
     def after_step(self, loop: Loop) -> None: ...
     def on_eval(self, loop: Loop, split: str, results: list[dict[str, float]]) -> None: ...
+    def on_checkpoint(self, loop: Loop) -> None: ...
     def on_end(self, loop: Loop) -> None: ...
 
     def state_dict(self) -> dict | None:
@@ -118,6 +120,12 @@ class Loop:
 
     def publish_eval(self, split: str, results: list[dict[str, float]]) -> None:
         self._dispatch("on_eval", split, results)
+
+    def publish_checkpoint(self) -> None:
+        """Before a checkpoint is saved: what callbacks buffered up to this step reaches storage, so a
+        run resumed from the checkpoint finds it (e.g. metrics on gs://, which cannot append)."""
+        self.drain()
+        self._dispatch("on_checkpoint")
 
     @contextlib.contextmanager
     def timed(self, key: str):

@@ -34,6 +34,7 @@ class Checkpoint(Callback):
     def save(self, loop: Loop, metrics: dict | None = None) -> None:
         if self._saved_step == loop.step:
             return
+        loop.publish_checkpoint()
         meta = loop.snapshot()
         self.ckpt.save(loop.step, loop.stepper.state, meta, metrics=metrics, force=True)
         self._saved_step = loop.step

@@ -179,6 +179,10 @@ class MetricLogger(Callback):
         for writer in self.writers:
             writer.flush()
 
+    def on_checkpoint(self, loop: Loop) -> None:
+        for writer in self.writers:
+            writer.flush()
+
     def on_end(self, loop: Loop) -> None:
         for writer in self.writers:
             writer.close()
