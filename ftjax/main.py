@@ -2,6 +2,7 @@
 
     python -m ftjax.main --config=configs/minilm_food_reviews.py --workdir=/tmp/run [--config.optim.lr=1e-4]
     modes: train (default) | eval | export | dry_run | sweep (--sweep=configs/sweeps/X.py) | lr_find
+           | compare (--workdir=A --workdir=B ... or --workdir='runs/lr_*'; no --config)
 """
 
 from __future__ import annotations
@@ -33,15 +34,17 @@ from ftjax.distributed import DistributedConfigError
 from ftjax.loop import TrainingError
 from ftjax.models import ModelLoadError
 from ftjax.run import Run
-from ftjax.tune import lr_find, space, sweep
+from ftjax.tune import compare, lr_find, space, sweep
 from ftjax.tune.report import REPORT
 
-MODES = ("train", "eval", "export", "dry_run", "sweep", "lr_find")
+MODES = ("train", "eval", "export", "dry_run", "sweep", "lr_find", "compare")
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Recipe file: configs/<recipe>.py[:arg]. Override any field with --config.a.b=value."
 )
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, logs, plots, summary.")
+# Several --workdir (or a glob) only for --mode=compare; every other mode takes exactly one.
+_WORKDIR = flags.DEFINE_multi_string("workdir", None, "Run directory: checkpoints, logs, plots, summary. "
+                                     "--mode=compare: repeat it, or pass a glob ('runs/lr_*').")
 _MODE = flags.DEFINE_enum("mode", "train", MODES, "What to do.")
 _EXPORT_DIR = flags.DEFINE_string("export_dir", None, "--mode=export: output folder (default WORKDIR/export).")
 _STEP = flags.DEFINE_integer("step", None, "--mode=eval/export: checkpoint step (default: the best one).")
@@ -51,12 +54,14 @@ _LR_MAX = flags.DEFINE_float("lr_max", 1.0, "--mode=lr_find: last (highest) lear
 _LR_STEPS = flags.DEFINE_integer("lr_steps", 100, "--mode=lr_find: steps of the ramp (per member).")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "--mode=export: replace a non-empty --export_dir.")
 _POPULATION = flags.DEFINE_integer("population", 0, "--mode=lr_find: K > 0 trains K constant LRs at once.")
+_COMPARE_OUT = flags.DEFINE_string("compare_out", None, "--mode=compare: report folder (default: the first "
+                                   "workdir's parent/compare).")
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions a user can cause; they end the run with their message, not a traceback."""
     return (ConfigError, DataError, DistributedConfigError, ModelLoadError, TrainingError, CheckpointError,
-            FileNotFoundError, FileExistsError, NotADirectoryError)
+            FileNotFoundError, FileExistsError, NotADirectoryError, compare.CompareError)
 
 
 def _restore_for_inference(run: Run, workdir: str) -> tuple[int, str, Any]:
@@ -156,8 +161,14 @@ def _export(cfg, workdir: str) -> dict:
     return {**record, "export_dir": out}
 
 
+def _compare(cfg, workdirs: list[str]) -> dict:
+    path = compare.write_compare(workdirs, _COMPARE_OUT.value)
+    print(f"comparison: {path}")
+    return {"report": str(path)}
+
+
 MODE_FNS = {"train": _train, "eval": _eval, "export": _export, "dry_run": _dry_run, "sweep": _sweep,
-            "lr_find": _lr_find}
+            "lr_find": _lr_find, "compare": _compare}
 
 
 def run_mode(mode: str, cfg, workdir: str) -> dict:
@@ -181,14 +192,21 @@ def main(argv) -> None:
     logging.get_absl_handler().addFilter(_QuietLibraries())
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if _WORKDIR.value is None:
+    if not _WORKDIR.value:
         raise app.UsageError("--workdir is required")
-    if _CONFIG.value is None and _MODE.value not in ("eval", "export", "dry_run"):
+    if _MODE.value != "compare" and len(_WORKDIR.value) > 1:
+        raise app.UsageError(f"--mode={_MODE.value} takes one --workdir, got {len(_WORKDIR.value)}: "
+                             f"{_WORKDIR.value} (several are for --mode=compare)")
+    if _CONFIG.value is None and _MODE.value not in ("eval", "export", "dry_run", "compare"):
         raise app.UsageError(f"--mode={_MODE.value} needs --config (eval, export and dry_run read WORKDIR/run.json)")
     try:
+        if _MODE.value == "compare":  # reads finished runs' files only: no devices, no config
+            run_mode("compare", _CONFIG.value, _WORKDIR.value)
+            return
+        workdir = _WORKDIR.value[0]
         distributed.init_from_flags()  # before anything touches JAX devices
-        cfg = _CONFIG.value if _CONFIG.value is not None else workdir_lib.saved_config(_WORKDIR.value)
-        run_mode(_MODE.value, cfg, _WORKDIR.value)
+        cfg = _CONFIG.value if _CONFIG.value is not None else workdir_lib.saved_config(workdir)
+        run_mode(_MODE.value, cfg, workdir)
     except user_errors() as e:
         logging.error("%s", e)
         print(f"ftjax: error: {e}", file=sys.stderr)

@@ -24,6 +24,7 @@ from ftjax.callbacks import (
     ProgressBar,
     StopAfter,
 )
+from ftjax.callbacks.hparams import write_hparams
 from ftjax.callbacks.plots import plot_run
 from ftjax.callbacks.samples import LMSamples
 from ftjax.callbacks.throughput import Throughput
@@ -192,5 +193,6 @@ def finish(run: Run, ckpt: Checkpointer, loop: Loop, early: EarlyStopping, t_sta
         summary["perf"] = throughput.perf()
     if run.primary:
         fileio.write_json(fileio.path(run.workdir) / "summary.json", summary)
+        write_hparams(run.workdir, run.cfg, summary)  # TensorBoard's HParams view of this run
         plot_run(run.workdir)
     return summary

@@ -25,6 +25,7 @@ from ftjax import fileio, optim, schedules
 from ftjax import params as params_lib
 from ftjax import sharding as sharding_lib
 from ftjax.callbacks import EarlyStopping
+from ftjax.callbacks.hparams import write_hparams
 from ftjax.config import ConfigError
 from ftjax.loop import STOPPED_EARLY, Callback, fit
 from ftjax.run import Run
@@ -358,5 +359,6 @@ def _train_population(member_cfgs, workdir, member_dirs, callbacks, metric, mode
                    "timing": {"wall_seconds": time.time() - t_start, "population_size": pop.members}}
         if run.primary:
             fileio.write_json(fileio.path(member_dirs[k]) / "summary.json", summary)
+            write_hparams(member_dirs[k], member_cfgs[k], summary)
         summaries.append(summary)
     return summaries

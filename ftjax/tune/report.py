@@ -13,10 +13,12 @@ from typing import Any
 
 import numpy as np
 
+from ftjax.tune import compare
 from ftjax.tune.space import Choice, Dim, SweepSpec
 from ftjax.tune.study import counts, storage_url
 
 REPORT = "sweep_report.md"
+COMPARE_TOP_K = 5  # the best trials compared run by run in WORKDIR/compare/compare.md
 
 
 def _fmt(v: Any) -> str:
@@ -135,7 +137,27 @@ def _analysis_lines(study, spec: SweepSpec, workdir: str) -> list[str]:
     else:
         lines.append(f"Not shown: {how}.")
     written = write_plots(study, spec, workdir, imp)
-    return lines + ["", "## Plots", "", *[f"![{name}]({name})" for name in written]]
+    return lines + ["", "## Plots", "", *[f"![{name}]({name})" for name in written]] + _compare_lines(
+        study, spec, workdir)
+
+
+def _compare_lines(study, spec: SweepSpec, workdir: str) -> list[str]:
+    """Writes the comparison of the top trials' runs (WORKDIR/compare/compare.md) and links it."""
+    import optuna
+
+    done = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
+    top = sorted(done, key=lambda t: t.value, reverse=spec.mode == "max")[:COMPARE_TOP_K]
+    dirs = [t.user_attrs.get("workdir") or os.path.join(workdir, f"trial_{t.number}") for t in top]
+    dirs = [d for d in dirs if os.path.isdir(d)]
+    if len(dirs) < 2:
+        return []
+    title = f"## Comparison of the top {len(dirs)} trials"
+    try:
+        path = compare.write_compare(dirs, os.path.join(workdir, "compare"))
+    except compare.CompareError as e:
+        return ["", title, "", f"Not written: {e}"]
+    rel = os.path.relpath(path, workdir)
+    return ["", title, "", f"Config differences, final numbers and overlaid curves: [{rel}]({rel})"]
 
 
 def write_report(study, spec: SweepSpec, workdir: str, *, command: list[str] | None = None,
