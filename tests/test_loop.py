@@ -114,3 +114,18 @@ def test_an_interruption_skips_completion_and_a_snapshot_resumes_where_it_stoppe
 def test_callback_names_must_be_unique():
     with pytest.raises(ValueError, match="unique"):
         Loop(ToyStepper([[1.0]]), batches, [Evaluate(1), Evaluate(2)])
+
+
+def test_preemption_checks_alone_every_step_and_across_processes_every_n_steps(monkeypatch):
+    from ftjax import distributed
+    from ftjax.callbacks import checkpointing
+
+    calls = []
+    monkeypatch.setattr(checkpointing.jax, "process_count", lambda: 2)
+    monkeypatch.setattr(distributed, "sync_flag", lambda flag: calls.append(flag) or False)
+    fit(ToyStepper([[1.0] * 25]), batches, [checkpointing.Preemption(checkpoint=None, sync_every=10)])
+    assert len(calls) == 2  # steps 10 and 20: one collective per 10 steps, not one per step
+    monkeypatch.setattr(checkpointing.jax, "process_count", lambda: 1)
+    calls.clear()
+    fit(ToyStepper([[1.0] * 25]), batches, [checkpointing.Preemption(checkpoint=None)])
+    assert calls == []  # alone, the local flag is read every step without any collective

@@ -155,3 +155,12 @@ def test_a_single_class_training_set_is_an_error(recipe, tmp_path):
     line = _error_line(_cli(f"--config={config}", f"--workdir={tmp_path / 'w'}",
                             f"--config.data.source=files:{data}", check=False))
     assert "same label ('pos')" in line and "data.label_field" in line
+
+
+def test_a_sweep_over_several_processes_is_refused(monkeypatch, tmp_path):
+    from ftjax import main
+    from ftjax.distributed import DistributedConfigError
+
+    monkeypatch.setattr(main.jax, "process_count", lambda: 2)
+    with pytest.raises(DistributedConfigError, match="single-process job"):
+        main._sweep(None, str(tmp_path))
