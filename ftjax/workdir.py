@@ -144,8 +144,11 @@ def resume_changes(old: dict, new: dict) -> tuple[list[tuple[str, Any, Any]], li
     """(applied, refused): the (field, old, new) differences between two run descriptions by the policy."""
     applied, refused = [], []
     old_cfg, new_cfg = old["config"], new["config"]
+    # A field the run's ftjax did not have yet (or no longer has) at its default is no change: runs
+    # resume across ftjax versions that add fields.
+    defaults = flatten(default_config())
     for field in sorted(set(old_cfg) | set(new_cfg)):
-        a, b = old_cfg.get(field), new_cfg.get(field)
+        a, b = old_cfg.get(field, defaults.get(field)), new_cfg.get(field, defaults.get(field))
         if a != b:
             (applied if field in CHANGEABLE else refused).append((field, a, b))
     for split in sorted(set(old["data"]) & set(new["data"])):

@@ -126,3 +126,13 @@ def test_a_torn_run_json_is_a_clear_error(model_dir, data_dir, tmp_path):
     (tmp_path / "run.json").write_text('{"config": {"train.st')
     with pytest.raises(TrainingError, match="run.json is not valid JSON"):
         workdir_lib.saved_config(str(tmp_path))
+
+
+def test_fields_added_by_a_newer_ftjax_at_their_defaults_do_not_block_a_resume():
+    from ftjax.config import default_config
+
+    new = {"config": workdir_lib.flatten(default_config()), "data": {}, "model": {}, "labels": []}
+    old = {**new, "config": {k: v for k, v in new["config"].items() if not k.startswith("train.early_stop")}}
+    assert workdir_lib.resume_changes(old, new) == ([], [])
+    changed = {**new, "config": {**new["config"], "train.early_stop.metric": "accuracy"}}
+    assert workdir_lib.resume_changes(old, changed)[1] == [("train.early_stop.metric", "loss", "accuracy")]

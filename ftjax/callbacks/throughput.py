@@ -144,7 +144,7 @@ class Throughput(Callback):
         step_flops = self.step_flops(self.trainable_at(step), shape) * loop.members * self.processes
         now, eval_s = time.time(), loop.timing.get("eval_seconds", 0.0)
         if self._first is None:  # the first step read back: compiled, waited for, not timed
-            self._read_first(now, step_flops)
+            self._read_first(now, step_flops, step + 1)
             self._window, self._total = _Window(now, eval_s), _Window(now, eval_s)
             return
         self._window.add(step_flops, now, eval_s)
@@ -166,7 +166,7 @@ class Throughput(Callback):
             self._counted = (key, self.flops_fn(trainable, shape).train)
         return self._counted[1]
 
-    def _read_first(self, now: float, step_flops: float) -> None:
+    def _read_first(self, now: float, step_flops: float, done: int) -> None:
         totals = compile_totals()
         b = self._begin
         self._first = {
@@ -180,7 +180,8 @@ class Throughput(Callback):
             "first_step_flops": step_flops,
         }
         if self._writer is not None:
-            self._writer.write(1, "perf", {k: v for k, v in self._first.items() if k != "first_step_flops"})
+            # At the step it belongs to (a resumed run's first step is not step 1); that step writes no window.
+            self._writer.write(done, "perf", {k: v for k, v in self._first.items() if k != "first_step_flops"})
 
     def _report(self, window: _Window, now: float, eval_s: float) -> dict[str, float]:
         seconds = window.seconds(now, eval_s)
