@@ -37,6 +37,23 @@ def step_memory(run: Any) -> dict[str, int] | None:
             "length": int(longest), "batch": int(run.cfg.train.batch_size)}
 
 
+def extras(run: Any) -> list[str]:
+    """The hyperparameters outside the param table: re-initialised layers and weight averaging."""
+    cfg, avg, lines = run.cfg, run.averaging, []
+    per_copy = _mib(params_lib.nbytes(run.state["avg"].get("ema", run.state["avg"].get("swa")))) if avg.on else ""
+    if cfg.model.reinit_layers:
+        lines.append(f"re-initialised before fine-tuning (model.reinit_layers={cfg.model.reinit_layers}, seed "
+                     f"{cfg.train.seed}): the top {cfg.model.reinit_layers} layers of each stack and any pooler")
+    if avg.ema_decay > 0:
+        lines.append(f"EMA of the trained params: decay {avg.ema_decay:g} "
+                     f"(about the last {1 / (1 - avg.ema_decay):.0f} steps), evaluated as val_ema; {per_copy} "
+                     "kept (total, with the params' sharding)")
+    if avg.swa_start is not None:
+        lines.append(f"SWA of the trained params: mean of the snapshots from step {avg.swa_start} every "
+                     f"{avg.swa_every} steps, evaluated as val_swa; {per_copy} kept (total)")
+    return lines
+
+
 def report(run: Any) -> str:
     """The optimizer's param table, each param's sharding, and per-device memory of params, optimizer
     state and the train step's activations (from the compiled step)."""
@@ -51,6 +68,8 @@ def report(run: Any) -> str:
         x.addressable_shards[0].data.nbytes for x in params_lib.flatten(run.state["opt_state"]).values()
         if hasattr(x, "addressable_shards") and x.addressable_shards
     )
+    extra = extras(run)
+    lines += ["", *extra] if extra else []
     lines += [
         "",
         f"mesh {dict(run.mesh.shape)}; {run.total_steps} steps, {run.steps_per_epoch} per epoch",

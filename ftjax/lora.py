@@ -1,7 +1,9 @@
 """LoRA for any ftjax model: adapters on targeted nnx.Linear layers, merged or PEFT-format export.
 
 `apply_lora` swaps each targeted nnx.Linear for a `LoRALinear` holding the same kernel/bias Params under
-the same names plus `lora_a` [in, r] and `lora_b` [r, out]; `ftjax.optim` then freezes every other param.
+the same names plus `lora_a` [in, r] and `lora_b` [r, out] (and, with DoRA, `lora_magnitude` [out]);
+`ftjax.optim` then freezes every other param. Variants: rsLoRA (scale alpha / sqrt(r)), DoRA (weight-
+decomposed), LoRA+ (an LR ratio for lora_b, in the param table) and targets="all-linear".
 """
 
 from __future__ import annotations
@@ -24,8 +26,9 @@ from ftjax import params as params_lib
 from ftjax.config import ConfigError
 from ftjax.models.common import AXES
 
-LORA_LEAVES = ("lora_a", "lora_b")
-LORA_PARAM_PATTERN = r"(?:.*/)?lora_[ab]"  # fullmatches the adapter params' paths
+LORA_LEAVES = ("lora_a", "lora_b", "lora_magnitude")
+LORA_PARAM_PATTERN = r"(?:.*/)?lora_(?:a|b|magnitude)"  # fullmatches the adapter params' paths
+ALL_LINEAR = "all-linear"  # optim.lora.targets shorthand: every nnx.Linear but the task head
 # PEFT task_type for each ftjax task (adapter_config.json).
 PEFT_TASK_TYPES = {
     "causal_lm": "CAUSAL_LM",
@@ -42,9 +45,13 @@ _DROPOUT_KEY: contextvars.ContextVar[jax.Array | None] = contextvars.ContextVar(
 
 
 class LoRALinear(nnx.Module):
-    """y = x @ W + b + (dropout(x) @ A @ B) * alpha / r, with W, b the wrapped nnx.Linear's own Params."""
+    """y = x @ W + b + (dropout(x) @ A @ B) * s, with W, b the wrapped nnx.Linear's own Params and
+    s = alpha / r (rsLoRA: alpha / sqrt(r)). DoRA: y = (m / n) * (x @ W + s * x @ A @ B) + b, where
+    n = ||W + s A B||_c is the norm of each output's column (held constant in the gradient, as PEFT does)
+    and m starts at ||W||_c; with dropout on, x there is dropout(x) (PEFT's formula)."""
 
-    def __init__(self, base: nnx.Linear, rank: int, alpha: float, dropout: float, key: jax.Array, index: int):
+    def __init__(self, base: nnx.Linear, rank: int, alpha: float, dropout: float, key: jax.Array, index: int,
+                 rslora: bool = False, dora: bool = False):
         self.kernel = base.kernel
         self.bias = base.bias if base.bias is not None else nnx.data(None)
         for name in (
@@ -66,27 +73,41 @@ class LoRALinear(nnx.Module):
         a = jax.random.uniform(key, (din, rank), jnp.float32, -bound, bound).astype(base.param_dtype)
         self.lora_a = nnx.Param(a, **{AXES: (axes[0], None)})
         self.lora_b = nnx.Param(jnp.zeros((rank, dout), base.param_dtype), **{AXES: (None, axes[1])})
-        self.rank, self.alpha, self.dropout_rate, self.index = (
-            int(rank),
-            float(alpha),
-            float(dropout),
-            int(index),
-        )
+        self.rank, self.alpha, self.dropout_rate, self.index = int(rank), float(alpha), float(dropout), int(index)
+        self.rslora, self.dora = bool(rslora), bool(dora)
+        if self.dora:  # m = ||W0||_c: the layer starts as the base layer
+            norm = jnp.linalg.norm(jnp.asarray(base.kernel[...], jnp.float32), axis=0)
+            self.lora_magnitude = nnx.Param(norm.astype(base.param_dtype), **{AXES: (axes[1],)})
 
     @property
     def scale(self) -> float:
-        return self.alpha / self.rank
+        """s = alpha / r, or alpha / sqrt(r) with rsLoRA (Kalajdzievski 2023)."""
+        return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
 
     def __call__(self, inputs: jax.Array, out_sharding: Any = None) -> jax.Array:
         y = nnx.Linear.__call__(self, inputs, out_sharding)  # the base layer's exact math
         x = inputs
         key = _DROPOUT_KEY.get()
-        if key is not None and self.dropout_rate > 0:
+        dropped = key is not None and self.dropout_rate > 0
+        if dropped:
             keep = jax.random.bernoulli(jax.random.fold_in(key, self.index), 1.0 - self.dropout_rate, x.shape)
             x = jnp.where(keep, x / (1.0 - self.dropout_rate), 0).astype(x.dtype)
-        x, a, b = self.promote_dtype((x, self.lora_a[...], self.lora_b[...]), dtype=self.dtype)
-        delta = (x @ a) @ b
-        return y + (delta * self.scale).astype(y.dtype)
+        x, a, b, w = self.promote_dtype((x, self.lora_a[...], self.lora_b[...], self.kernel[...]), dtype=self.dtype)
+        delta = ((x @ a) @ b) * self.scale
+        if not self.dora:
+            return y + delta.astype(y.dtype)
+        norm = jax.lax.stop_gradient(dora_norm(self.kernel[...], self.lora_a[...], self.lora_b[...], self.scale))
+        m_over_n = (self.lora_magnitude[...].astype(jnp.float32) / norm).astype(delta.dtype)
+        bias = self.bias[...] if self.bias is not None else None
+        base = x @ w if dropped else (y - bias if bias is not None else y).astype(delta.dtype)
+        return y + ((m_over_n - 1) * base + m_over_n * delta).astype(y.dtype)
+
+
+def dora_norm(kernel: Any, a: Any, b: Any, scale: float) -> jax.Array:
+    """||W + s A B||_c in float32: the L2 norm over the inputs of each output's column of the [in, out] kernel
+    (PEFT's torch.linalg.norm(weight, dim=1) on the [out, in] weight)."""
+    f32 = lambda v: jnp.asarray(v, jnp.float32)
+    return jnp.linalg.norm(f32(kernel) + scale * (f32(a) @ f32(b)), axis=0)
 
 
 _WRAPPED: dict[type, type] = {}
@@ -131,22 +152,20 @@ def module_path(path: tuple) -> str:
 def apply_lora(model: nnx.Module, lora_cfg: Any, seed: int = 0) -> nnx.Module:
     """Replaces the nnx.Linear modules whose path fullmatches lora_cfg.targets with LoRALinear (in place).
 
-    lora_cfg: {rank, alpha, dropout, targets} (cfg.optim.lora). lora_a gets PEFT's kaiming-uniform init from
-    fold_in(key(seed), crc32(path)); lora_b starts at zero, so the model's outputs are unchanged at first.
-    Returns the model (its class gains a call wrapper that feeds the adapters' dropout key).
+    lora_cfg: {rank, alpha, dropout, targets, rslora, dora} (cfg.optim.lora). lora_a gets PEFT's kaiming-uniform
+    init from fold_in(key(seed), crc32(path)); lora_b starts at zero (and DoRA's magnitude at ||W0||_c), so the
+    model's outputs are unchanged at first. Returns the model (its class gains a call wrapper that feeds the
+    adapters' dropout key).
     """
     rank, alpha = int(_get(lora_cfg, "rank", 0)), float(_get(lora_cfg, "alpha", 16.0))
     dropout, targets = float(_get(lora_cfg, "dropout", 0.0)), _get(lora_cfg, "targets", "")
+    variants = {"rslora": bool(_get(lora_cfg, "rslora", False)), "dora": bool(_get(lora_cfg, "dora", False))}
     if rank < 1:
         raise ConfigError("optim.lora.rank", rank, ">= 1 to apply LoRA (0 = LoRA off)")
     if not 0.0 <= dropout < 1.0:
         raise ConfigError("optim.lora.dropout", dropout, "in [0, 1)")
-    try:
-        pattern = re.compile(targets)
-    except (re.error, TypeError) as e:
-        raise ConfigError("optim.lora.targets", targets, f"a regex over module paths ({e})") from None
     found = [(p, n) for p, n in nnx.iter_graph(model) if isinstance(n, nnx.Linear) and p]
-    hits = [(p, n) for p, n in found if pattern.fullmatch(module_path(p))]
+    hits = [(p, n) for p, n in found if _targeted(model, targets)(module_path(p))]
     if not hits:
         shown = ", ".join(module_path(p) for p, _ in found[:6])
         raise ConfigError(
@@ -161,13 +180,25 @@ def apply_lora(model: nnx.Module, lora_cfg: Any, seed: int = 0) -> nnx.Module:
         parent = model
         for part in path[:-1]:
             parent = parent[part] if isinstance(part, int) else getattr(parent, part)
-        wrapped = LoRALinear(linear, rank, alpha, dropout, key, index)
+        wrapped = LoRALinear(linear, rank, alpha, dropout, key, index, **variants)
         if isinstance(path[-1], int):
             parent[path[-1]] = wrapped
         else:
             setattr(parent, path[-1], wrapped)
     model.__class__ = _with_lora_call(type(model))
     return model
+
+
+def _targeted(model: nnx.Module, targets: str) -> Any:
+    """A predicate on module paths: the targets regex (fullmatch), or for "all-linear" every module whose
+    kernel is not part of the model's task head (`head_pattern`; an LM head too, as PEFT leaves it out)."""
+    if targets == ALL_LINEAR:
+        head = getattr(model, "head_pattern", None)
+        return lambda path: not (head and re.fullmatch(head, f"{path}/kernel"))
+    try:
+        return re.compile(targets).fullmatch
+    except (re.error, TypeError) as e:
+        raise ConfigError("optim.lora.targets", targets, f"a regex over module paths ({e})") from None
 
 
 def lora_modules(model: nnx.Module) -> dict[str, LoRALinear]:
@@ -196,7 +227,8 @@ def _adapted(model: nnx.Module, params: dict | None, caller: str) -> tuple[dict[
 
 
 def merged_params(model: nnx.Module, params: dict | None = None) -> dict:
-    """The params with each adapter folded into its kernel (W + alpha/r * A @ B) and lora_* leaves dropped.
+    """The params with each adapter folded into its kernel, W + s * A @ B (DoRA: (m / ||W + s A B||_c) *
+    (W + s A B), column by column), and the lora_* leaves dropped.
 
     `params` defaults to the model's own values (a nested dict as from `ftjax.params.split`).
     """
@@ -211,7 +243,11 @@ def merged_params(model: nnx.Module, params: dict | None = None) -> dict:
         if path.endswith("/kernel") and mod in modules:
             a = jnp.asarray(flat[f"{mod}/lora_a"], jnp.float32)
             b = jnp.asarray(flat[f"{mod}/lora_b"], jnp.float32)
-            value = (jnp.asarray(value, jnp.float32) + modules[mod].scale * (a @ b)).astype(value.dtype)
+            merged = jnp.asarray(value, jnp.float32) + modules[mod].scale * (a @ b)
+            if modules[mod].dora:
+                magnitude = jnp.asarray(flat[f"{mod}/lora_magnitude"], jnp.float32)
+                merged = merged * (magnitude / jnp.linalg.norm(merged, axis=0))[None, :]
+            value = merged.astype(value.dtype)
         out[path] = value
     return _unflatten(out, params)
 
@@ -262,8 +298,8 @@ def _peft_config(model: nnx.Module, modules: dict[str, LoRALinear], extra: dict,
         "fan_in_fan_out": getattr(model, "family", "") == "gpt2",  # HF GPT-2 uses Conv1D ([in, out] weights).
         "init_lora_weights": True,
         "inference_mode": True,
-        "use_rslora": False,
-        "use_dora": False,
+        "use_rslora": first.rslora,
+        "use_dora": first.dora,
         "rank_pattern": {},
         "alpha_pattern": {},
         "layers_to_transform": None,
@@ -302,6 +338,8 @@ def export_peft(
         name = f"base_model.model.{_hf_module(mod)}"
         tensors[f"{name}.lora_A.weight"] = np.asarray(jax.device_get(flat[f"{mod}/lora_a"])).T.copy()
         tensors[f"{name}.lora_B.weight"] = np.asarray(jax.device_get(flat[f"{mod}/lora_b"])).T.copy()
+        if modules[mod].dora:  # PEFT's DoRA magnitude [out] (its key has no ".weight")
+            tensors[f"{name}.lora_magnitude_vector"] = np.asarray(jax.device_get(flat[f"{mod}/lora_magnitude"]))
     extra = _modules_to_save(model, flat, also_trained)
     if extra:
         for key, value in models.hf_state_dict(model, _unflatten(extra, params)).items():

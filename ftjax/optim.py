@@ -36,6 +36,7 @@ __all__ = [
     "build_table",
     "decoupled_weight_decay",
     "gate",
+    "scale_by_adam_uncorrected",
     "scale_by_optimizer",
 ]
 
@@ -110,8 +111,32 @@ def gate(inner: optax.GradientTransformation, start: int) -> optax.GradientTrans
     return optax.GradientTransformation(init, update)
 
 
+def scale_by_adam_uncorrected(b1: float, b2: float, eps: float) -> optax.GradientTransformation:
+    """Adam without bias correction ("BERTAdam", the original BERT optimizer; Mosbach et al. 2021 trace
+    few-sample fine-tuning instability to it): m = b1 m + (1 - b1) g, v = b2 v + (1 - b2) g^2,
+    u = m / (sqrt(v) + eps). The state is optax's ScaleByAdamState, so checkpoints look alike."""
+
+    def init(params):
+        zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+        return optax.ScaleByAdamState(jnp.zeros([], jnp.int32), zeros, zeros)
+
+    def update(updates, state, params=None):
+        mu = jax.tree_util.tree_map(lambda g, m: b1 * m + (1 - b1) * g, updates, state.mu)
+        nu = jax.tree_util.tree_map(lambda g, v: b2 * v + (1 - b2) * jnp.square(g), updates, state.nu)
+        new = jax.tree_util.tree_map(lambda m, v: m / (jnp.sqrt(v) + eps), mu, nu)
+        return new, optax.ScaleByAdamState(optax.safe_increment(state.count), mu, nu)
+
+    return optax.GradientTransformation(init, update)
+
+
+def _adam(o: Any) -> optax.GradientTransformation:
+    if getattr(o, "bias_correction", True):
+        return optax.scale_by_adam(b1=o.b1, b2=o.b2, eps=o.eps)
+    return scale_by_adam_uncorrected(o.b1, o.b2, o.eps)
+
+
 PRECONDITIONERS = {  # the optimizer's preconditioning, before weight decay and the LR
-    "adamw": lambda o: optax.scale_by_adam(b1=o.b1, b2=o.b2, eps=o.eps),
+    "adamw": _adam,
     # optax.adafactor's defaults: factored second moments (decay 0.8), update RMS clipped to 1.
     "adafactor": lambda o: optax.chain(optax.scale_by_factored_rms(), optax.clip_by_block_rms(1.0)),
     "sgd": lambda o: (
@@ -173,14 +198,17 @@ class Optimizer:
         o, rows = self.config, list(self.table.values())
         total = sum(r.size for r in rows) or 1
         wd_kind = "toward pre-trained (L2-SP)" if o.decay_toward == "pretrained" else "toward zero"
+        adam = "" if o.name != "adamw" or o.bias_correction else " (no bias correction: BERTAdam)"
         lines = [
             (
-                f"optimizer {o.name}: lr {o.lr:g}, clip_norm {o.clip_norm:g}, "
+                f"optimizer {o.name}{adam}: lr {o.lr:g}, clip_norm {o.clip_norm:g}, "
                 f"weight_decay {o.weight_decay:g} "
                 f"{wd_kind}, layer_lr_decay {o.layer_lr_decay:g}; {self.total_steps} steps "
                 f"({self.steps_per_epoch} per epoch)"
             )
         ]
+        if o.lora.rank:
+            lines.append(lora_line(o.lora))
         width = max(len(r.path) for r in rows)
         mult = {g.name: g.lr_mult for g in self.groups}
         head = (
@@ -198,7 +226,8 @@ class Optimizer:
                 "",
                 (
                     f"group {name}: {len(group)} tensors, {n:,} params, {n_train:,} trained "
-                    f"({100 * n_train / max(n, 1):.1f}%); schedule {kind} "
+                    f"({100 * n_train / max(n, 1):.1f}%); schedule {kind}"
+                    f"{_schedule_note(kind, a)} "
                     f"(lr {a.peak * mult[name]:g}, warmup "
                     f"{a.warmup}, decay {a.decay} steps, min_ratio {a.min_ratio:g})"
                 ),
@@ -266,6 +295,23 @@ class Optimizer:
         fig.tight_layout()
         fileio.save_figure(fig, png_path)
         plt.close(fig)
+
+
+def _schedule_note(kind: str, a: ScheduleArgs) -> str:
+    if kind == "wsd":
+        return f" ({a.cooldown} cooldown)"
+    return f" (cut_frac {a.cut_frac:g}, ratio {a.ratio:g})" if kind == "stlr" else ""
+
+
+def lora_line(lora: Any) -> str:
+    """The LoRA settings as dry_run prints them: rank, scale, and the variants that are on."""
+    scale = lora.alpha / (math.sqrt(lora.rank) if lora.rslora else lora.rank)
+    on = [name for name, flag in (("rsLoRA", lora.rslora), ("DoRA", lora.dora)) if flag]
+    if lora.lr_ratio != 1:
+        on.append(f"LoRA+ lr_ratio {lora.lr_ratio:g}")
+    return (f"LoRA: rank {lora.rank}, alpha {lora.alpha:g}, scale {scale:g}"
+            f"{' (alpha/sqrt(r))' if lora.rslora else ''}, dropout {lora.dropout:g}, targets "
+            f"{lora.targets!r}{'; ' + ', '.join(on) if on else ''}")
 
 
 def build(

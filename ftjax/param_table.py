@@ -27,6 +27,8 @@ from ftjax.config.checks import as_tuple
 from ftjax.config.schema import as_dict
 
 FROZEN = "frozen"  # the multi_transform label of params that never train in this run
+LORA_TRAINED = r"(?:.*/)?lora_(?:a|b|magnitude)"  # adapter params (DoRA adds the magnitude vector)
+LORA_B = r"(?:.*/)?lora_b"  # LoRA+ multiplies these params' LR by optim.lora.lr_ratio
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,7 +199,7 @@ def _trained_only(o: Any, paths: list[str], head_pattern: str | None) -> set[str
 def _lora_trained(o: Any, paths: list[str], head_pattern: str | None) -> set[str]:
     """With LoRA on, only the adapters (and optim.lora.also_train) train."""
     what = "no lora_a/lora_b param (apply ftjax.lora.apply_lora to the model first)"
-    keep = set(_match(r"(?:.*/)?lora_[ab]", paths, "optim.lora.rank", what))
+    keep = set(_match(LORA_TRAINED, paths, "optim.lora.rank", what))
     also = (head_pattern or "") if o.lora.also_train == "auto" else o.lora.also_train
     if also:
         keep.update(_match(also, paths, "optim.lora.also_train"))
@@ -266,11 +268,14 @@ def _row(
     """One param's row; `start` is its unfreeze step (None: no unfreezing)."""
     depth = d.of[path]
     wd = g.weight_decay if decayed and not frozen else 0.0
+    # LoRA+ (Hayou et al. 2024): lr_B = lr_ratio * lr_A, its own label so its chain scales by it.
+    lora_plus = o.lora.rank > 0 and o.lora.lr_ratio != 1.0 and re.fullmatch(LORA_B, path) is not None
     if frozen:
         label = FROZEN
     else:
         label = g.name + (f"_d{depth}" if o.layer_lr_decay < 1.0 else "") + ("_wd" if wd > 0 else "_nowd")
         label += f"_from{start}" if start else ""
+        label += "_loraB" if lora_plus else ""
     return ParamInfo(
         path=path,
         shape=tuple(int(n) for n in leaf.shape),
@@ -280,7 +285,7 @@ def _row(
         unfreeze_step=start,
         decay=wd > 0,
         weight_decay=wd,
-        lr_mult=g.lr_mult * o.layer_lr_decay ** (d.top - depth),
+        lr_mult=g.lr_mult * o.layer_lr_decay ** (d.top - depth) * (o.lora.lr_ratio if lora_plus else 1.0),
         depth=depth,
         label=label,
     )

@@ -45,6 +45,9 @@ class ScheduleArgs:
     power: float
     gamma: float
     pct_start: float
+    cooldown: str = "linear"
+    cut_frac: float = 0.1
+    ratio: float = 32.0
 
     @property
     def end(self) -> float:
@@ -93,19 +96,43 @@ def warmup_constant(a: ScheduleArgs) -> Schedule:
 
 
 def wsd(a: ScheduleArgs) -> Schedule:
-    """Warmup-stable-decay. t < W: P * t / W; W <= t < T - D: P; then P - (P - E) * min(t - (T - D), D) / D.
+    """Warmup-stable-decay. t < W: P * t / W; W <= t < T - D: P; then, with s = min(t - (T - D), D):
+    cooldown "linear": P - (P - E) * s / D; "1-sqrt" (Hägele et al. 2024): P - (P - E) * sqrt(s / D).
 
     Needs W + D <= T (decay is the length of the final decay, e.g. 0.1 of the run).
     """
-    stable_end = a.total - a.decay
+    stable_end, decay = a.total - a.decay, max(1, a.decay)
+
+    def one_minus_sqrt(s):
+        frac = jnp.minimum(jnp.asarray(s, jnp.float32), decay) / decay
+        return a.peak - (a.peak - a.end) * jnp.sqrt(frac)
+
+    cooldown = optax.linear_schedule(a.peak, a.end, decay) if a.cooldown == "linear" else one_minus_sqrt
     return optax.join_schedules(
-        [
-            optax.linear_schedule(0.0, a.peak, max(1, a.warmup)),
-            optax.constant_schedule(a.peak),
-            optax.linear_schedule(a.peak, a.end, max(1, a.decay)),
-        ],
+        [optax.linear_schedule(0.0, a.peak, max(1, a.warmup)), optax.constant_schedule(a.peak), cooldown],
         [a.warmup, stable_end],
     )
+
+
+def stlr_cut(a: ScheduleArgs) -> int:
+    """The step where the slanted triangle peaks: floor(T * cut_frac)."""
+    return int(a.total * a.cut_frac)
+
+
+def stlr(a: ScheduleArgs) -> Schedule:
+    """Slanted triangular LR (ULMFiT, Howard & Ruder 2018), no warmup: C = floor(T * cut_frac),
+    p = t / C for t < C, else 1 - (t - C) / (C * (1 / cut_frac - 1)) (clipped to >= 0 past the end);
+    lr(t) = P * (1 + p * (ratio - 1)) / ratio.
+    """
+    cut = max(1, stlr_cut(a))
+    down = cut * (1.0 / a.cut_frac - 1.0)
+
+    def fn(t):
+        t = jnp.asarray(t, jnp.float32)
+        p = jnp.where(t < cut, t / cut, jnp.maximum(0.0, 1.0 - (t - cut) / down))
+        return a.peak * (1.0 + p * (a.ratio - 1.0)) / a.ratio
+
+    return fn
 
 
 def inverse_sqrt(a: ScheduleArgs) -> Schedule:
@@ -156,6 +183,7 @@ SCHEDULE_FNS: dict[str, Callable[[ScheduleArgs], Schedule]] = {
     "polynomial": polynomial,
     "step": step,
     "one_cycle": one_cycle,
+    "stlr": stlr,
 }
 assert tuple(SCHEDULE_FNS) == SCHEDULES
 USES_WARMUP = frozenset(
@@ -182,6 +210,10 @@ def _check_run_length(kind: str, spec: Mapping[str, Any], a: ScheduleArgs, field
             spec["decay"],
             f"wsd needs warmup + decay <= the run: {a.warmup} + {a.decay} > {a.total} steps "
             "(decay is the final phase, e.g. 0.1)",
+        )
+    if kind == "stlr" and stlr_cut(a) < 1:
+        raise ConfigError(
+            f"{field}.cut_frac", spec["cut_frac"], f"stlr needs floor(steps * cut_frac) >= 1 ({a.total} steps)"
         )
 
 
@@ -210,6 +242,9 @@ def schedule_args(
         power=float(value["power"]),
         gamma=float(value["gamma"]),
         pct_start=float(value["pct_start"]),
+        cooldown=str(value["cooldown"]),
+        cut_frac=float(value["cut_frac"]),
+        ratio=float(value["ratio"]),
     )
     _check_run_length(kind, value, args, field)
     return args

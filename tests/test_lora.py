@@ -201,3 +201,16 @@ def test_gpt2_conv1d_adapter_loads_in_peft(tmp_path):
         np.testing.assert_allclose(
             merged(input_ids=torch.tensor(IDS, dtype=torch.long)).logits.numpy(), want, atol=1e-4
         )
+
+
+def test_all_linear_adapts_every_projection_but_not_the_lm_head(tmp_path):
+    model_dir = tiny_llama(str(tmp_path / "llama"))
+    model = models.from_pretrained(model_dir, task="causal_lm")
+    lora.apply_lora(model, {"rank": 2, "targets": "all-linear"})
+    adapted = set(lora.lora_modules(model))
+    names = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    assert {m.rsplit("/", 1)[-1] for m in adapted} == set(names) and len(adapted) == 2 * len(names)
+    assert not any("lm_head" in m for m in adapted)
+    out = lora.export_peft(model, str(tmp_path / "adapter"))
+    with open(f"{out}/adapter_config.json") as f:
+        assert len(json.load(f)["target_modules"]) == 2 * len(names)

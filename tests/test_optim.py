@@ -178,6 +178,11 @@ CLOSED_FORM = {
         lambda t: _warm(t, 10, lambda s: P * 0.5 ** (s // 25)),
     ),
     "one_cycle": ({"pct_start": 0.25}, lambda t: _one_cycle(t, 25, P / 25 / 1e4)),
+    # ULMFiT: cut = floor(T * cut_frac) = 20, p = t / cut, then 1 - (t - cut) / (cut * (1 / cut_frac - 1)).
+    "stlr": (
+        {"cut_frac": 0.2, "ratio": 32.0},
+        lambda t: P * (1 + (t / 20 if t < 20 else max(0.0, 1 - (t - 20) / (20 * (1 / 0.2 - 1)))) * 31) / 32,
+    ),
 }
 STEPS = (0, 1, 5, 9, 10, 11, 16, 20, 25, 37, 50, 60, 79, 80, 90, 99, 100, 120)
 
@@ -189,6 +194,26 @@ def test_schedule_matches_closed_form(kind):
     got = schedules.lr_curve(fn, STEPS)
     want = np.array([ref(t) for t in STEPS])
     np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-9)
+
+
+def test_wsd_one_minus_sqrt_cooldown_matches_closed_form():
+    # Hägele et al. 2024: lr = P - (P - E) * sqrt((t - (T - D)) / D) in the final D steps.
+    spec = {"type": "wsd", "warmup": 10, "decay": 0.2, "min_ratio": 0.1, "cooldown": "1-sqrt"}
+    fn = schedules.make_schedule(spec, P, T, SPE)
+
+    def ref(t):
+        if t < 10:
+            return P * t / 10
+        return P if t < 80 else P - 0.9 * P * math.sqrt(min(t - 80, 20) / 20)
+
+    np.testing.assert_allclose(schedules.lr_curve(fn, STEPS), [ref(t) for t in STEPS], rtol=2e-5, atol=1e-9)
+    at_zero = schedules.make_schedule({**spec, "min_ratio": 0.0}, P, T, SPE)
+    np.testing.assert_allclose(schedules.lr_curve(at_zero, [90]), [P * (1 - math.sqrt(10 / 20))], rtol=2e-5)
+
+
+def test_stlr_needs_a_rise_of_at_least_one_step():
+    with pytest.raises(ConfigError, match="optim.schedule.cut_frac"):
+        schedules.make_schedule({"type": "stlr", "cut_frac": 0.05}, P, 10, SPE)
 
 
 def test_one_cycle_ends_at_min_ratio():

@@ -1,4 +1,5 @@
-"""The optim entries whose values are dicts or pairs: a schedule dict, `optim.groups` and `optim.unfreeze`.
+"""The optim entries whose values are dicts or pairs: a schedule dict, `optim.groups` and `optim.unfreeze`;
+and the fields of `optim.lora` (LORA_FIELDS, spliced into the declaration under "optim.lora.").
 
 A schedule dict's keys are declared once here (SCHEDULE_FIELDS) and serve both `optim.schedule` and every
 group's own `schedule`; a group's keys are GROUP_FIELDS. `ftjax.optim` reads the defaults from here too.
@@ -20,7 +21,9 @@ from ftjax.config.checks import (
     in_range,
     one_of,
     parse_duration,
+    regex,
     require,
+    unless,
 )
 from ftjax.config.schema import Field, as_dict, get
 
@@ -36,6 +39,7 @@ SCHEDULES = (
     "polynomial",
     "step",
     "one_cycle",
+    "stlr",
 )
 SCHEDULE_FIELDS = (
     Field("type", "warmup_linear", "LR schedule; formulas in `ftjax/schedules.py`", one_of(SCHEDULES)),
@@ -53,11 +57,48 @@ SCHEDULE_FIELDS = (
     Field("power", 1.0, "polynomial: exponent of the decay", above(0)),
     Field("gamma", 0.1, "step: factor applied to the LR every `decay` steps", in_range(0, 1, "(]")),
     Field("pct_start", 0.3, "one_cycle: fraction of the run spent rising to the peak", in_range(0, 1, "()")),
+    Field(
+        "cooldown",
+        "linear",
+        "wsd: shape of the final decay, `linear` or `1-sqrt` (Hägele et al. 2024): P - (P - E) * sqrt(s / D)",
+        one_of(("linear", "1-sqrt"), '"linear" or "1-sqrt"'),
+    ),
+    Field("cut_frac", 0.1, "stlr (ULMFiT): fraction of the run spent rising to the peak", in_range(0, 1, "()")),
+    Field("ratio", 32.0, "stlr (ULMFiT): peak LR / lowest LR", at_least(1)),
 )
 SCHEDULE_KEYS = tuple(f.path for f in SCHEDULE_FIELDS)
 # A bare schedule dict (a group's, or a standalone one) takes these for the keys it leaves out; the run's
 # optim.schedule fills a group's keys first. Unlike optim.schedule, a bare dict has no warmup by default.
 SCHEDULE_DEFAULTS = {**{f.path: f.default for f in SCHEDULE_FIELDS if f.path != "type"}, "warmup": 0}
+# optim.lora (ftjax/lora.py): adapters on the targeted nnx.Linear layers; all other params frozen (no state).
+LORA_FIELDS = (
+    Field(
+        "rank",
+        0,
+        "adapter rank r (0 = LoRA off)",
+        Check("an int >= 0 (0 = off)", ok=lambda v: isinstance(v, int) and v >= 0),
+    ),
+    Field("alpha", 16.0, "the update is scaled by s = alpha / rank (alpha / sqrt(rank) with rslora)", above(0)),
+    Field("rslora", False, "rsLoRA (Kalajdzievski 2023): s = alpha / sqrt(rank) instead of alpha / rank"),
+    Field("dora", False, "DoRA (Liu et al. 2024): W' = m * (W0 + s A B) / ||W0 + s A B||_c, magnitude m "
+      "(one per output, from ||W0||_c) trained with the adapters"),
+    Field("lr_ratio", 1.0, "LoRA+ (Hayou et al. 2024): lr of lora_b = lr_ratio x lr of lora_a (1 = plain "
+      "LoRA; the paper suggests 16)", above(0)),
+    Field("dropout", 0.0, "dropout rate on the adapter's input (training only)", in_range(0, 1, "[)")),
+    Field(
+        "targets",
+        r".*/(query|value|q_proj|v_proj|c_attn|q_lin|v_lin)",
+        'regex fullmatching the module paths that get adapters, or "all-linear": every Linear but the task head',
+        unless(("all-linear",), regex()),
+    ),
+    Field(
+        "also_train",
+        "auto",
+        "params trained besides the adapters (PEFT's modules_to_save): `auto` = "
+        'the model\'s head for tasks with a new head (none for causal_lm), "" = none, or a regex',
+        unless(("auto", ""), regex()),
+    ),
+)
 
 RESERVED_GROUPS = ("default", "frozen")  # the group of unmatched params; the label of frozen ones
 _NAME_VALID = "a unique identifier (letters, digits, _), not 'default' or 'frozen'"

@@ -1,0 +1,59 @@
+"""Re-initialising the top layers before fine-tuning (Zhang et al. 2021, "Revisiting Few-sample BERT
+Fine-tuning"): `model.reinit_layers` = N re-draws every param of the top N layers of each layer stack (an
+encoder's, a decoder's) and of a pooler with the model's own init, normal(0, initializer_range) for kernels
+and embeddings, zero biases, LayerNorm scale 1 and bias 0, from `train.seed`: the values a fresh model
+(`ftjax.models.from_config(..., seed=train.seed)`) has at those paths.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from flax import nnx
+
+from ftjax import params as params_lib
+from ftjax.config import ConfigError
+from ftjax.models import _init_value
+
+POOLER = r"(?:.*/)?pooler/.*"
+
+
+def top_layer_paths(paths: list[str], n: int, layer_pattern: str) -> list[str]:
+    """The params of the top `n` layers of each stack (a stack: the path before the layer index that
+    group(1) of `layer_pattern` captures), plus a pooler's."""
+    layer_re = re.compile(layer_pattern)
+    stacks: dict[str, dict[int, list[str]]] = {}
+    for p in paths:
+        m = layer_re.fullmatch(p)
+        if m:
+            stacks.setdefault(p[: m.start(1)], {}).setdefault(int(m.group(1)), []).append(p)
+    if not stacks:
+        raise ConfigError("model.reinit_layers", n, f"needs layers: no param path matches optim.layer_pattern="
+                          f"{layer_pattern!r}")
+    chosen = []
+    for prefix, layers in stacks.items():
+        if n > len(layers):
+            raise ConfigError("model.reinit_layers", n, f"<= {len(layers)}, the layers under {prefix!r}")
+        for index in sorted(layers)[-n:]:
+            chosen += layers[index]
+    return chosen + [p for p in paths if re.fullmatch(POOLER, p)]
+
+
+def reinit_top_layers(model: Any, n: int, layer_pattern: str, seed: int) -> list[str]:
+    """Re-initialises (in place, each param keeping its dtype and sharding) the top `n` layers of `model`
+    and its pooler; returns their param paths."""
+    state = nnx.state(model, nnx.Param)
+    pure = nnx.to_pure_dict(state)
+    flat = params_lib.flatten(pure)
+    chosen = set(top_layer_paths(list(flat), n, layer_pattern))
+    std = float(getattr(model.hf_config, "initializer_range", 0.02))
+
+    def fresh(path: str, x: Any) -> Any:
+        if path not in chosen:
+            return x
+        return _init_value(path, tuple(x.shape), x.dtype, std, seed, getattr(x, "sharding", None))
+
+    nnx.replace_by_pure_dict(state, params_lib.map_with_path(fresh, pure))
+    nnx.update(model, state)
+    return sorted(chosen)
