@@ -32,10 +32,10 @@ def confusion_metrics(confusion: np.ndarray) -> dict[str, float]:
 
 def eval_metrics(loss_sum: float, weight: float, confusion: np.ndarray | None, task: str) -> dict[str, float]:
     """The metrics of one evaluated split: loss (mean over examples, or tokens for token tasks), plus
-    accuracy and macro-F1 when a confusion matrix was accumulated, plus perplexity for causal LMs."""
+    accuracy and macro-F1 when a confusion matrix was accumulated, plus perplexity for causal LMs and seq2seq."""
     result = {"loss": float(loss_sum) / float(weight)}
     if confusion is not None:
         result.update(confusion_metrics(confusion))
-    if task == "causal_lm":
+    if task in ("causal_lm", "seq2seq"):
         result["perplexity"] = float(math.exp(min(result["loss"], MAX_LOG_PERPLEXITY)))
     return result

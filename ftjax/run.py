@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from ftjax import averaging as averaging_lib
 from ftjax import config as config_lib
 from ftjax import data as data_lib
 from ftjax import distributed, fileio, hf, lora, models, optim
@@ -23,6 +24,7 @@ from ftjax import params as params_lib
 from ftjax import sharding as sharding_lib
 from ftjax import workdir as workdir_lib
 from ftjax.loop import TrainingError
+from ftjax.reinit import reinit_top_layers
 from ftjax.step import StepConfig, make_eval_step, make_train_step
 
 
@@ -90,6 +92,9 @@ def check_model_fits(cfg: Any) -> None:
             )
 
 
+_TARGET_KEYS = ("labels", "decoder_input_ids", "decoder_attention_mask")  # seq2seq: target-length arrays
+
+
 class Run:
     """Mesh, data, model, optimizer and state of one fine-tune (or of a population's shared template).
 
@@ -130,6 +135,7 @@ class Run:
         self.eval_every = eval_every_of(cfg.train, self.steps_per_epoch)
         self.optimizer = optim.build(cfg.optim, params, total_steps=self.total_steps,
                                      steps_per_epoch=self.steps_per_epoch, head_pattern=head_pattern)
+        self.averaging = averaging_lib.from_config(cfg.train, self.total_steps, self.steps_per_epoch)
         if purpose == "train":
             self._record()
         self._init_state(params)
@@ -170,6 +176,8 @@ class Run:
             seed=cfg.train.seed,
             mesh=self.mesh,  # each tensor read alone and placed straight into its sharding
         )
+        if cfg.model.reinit_layers:  # the top layers re-drawn with the model's init (Zhang et al. 2021)
+            reinit_top_layers(model, cfg.model.reinit_layers, cfg.optim.layer_pattern, cfg.train.seed)
         if not cfg.optim.lora.rank:
             return model, getattr(model, "head_pattern", None)
         # Adapters on the targeted Linear layers; the optimizer freezes everything else.
@@ -186,13 +194,21 @@ class Run:
             opt_state = jax.jit(self.optimizer.tx.init, out_shardings=opt_shardings)(params)
         self.state = {"step": jax.device_put(jnp.int32(0), sharding_lib.replicated(self.mesh)),
                       "params": params, "opt_state": opt_state}
+        if self.averaging.on:  # EMA / SWA copies of the trained params, sharded like them
+            averaged = frozenset(p for p, r in self.optimizer.table.items() if not r.frozen)
+            out = averaging_lib.shardings(self.averaging, self.param_shardings, averaged,
+                                          sharding_lib.replicated(self.mesh))
+            with jax.set_mesh(self.mesh):
+                self.state["avg"] = jax.jit(lambda p: averaging_lib.init(self.averaging, p, averaged),
+                                            out_shardings=out)(params)
         self.state_shardings = jax.tree_util.tree_map(lambda x: x.sharding, self.state)
 
     def train_step_for(self, step: int) -> Callable:
         """The compiled step for the trainable set at `step` (one program per unfreezing phase)."""
         trainable = self.optimizer.trainable_at(step)
         if trainable not in self._train_steps:
-            fn = make_train_step(self.graphdef, self.rest, self.optimizer.tx, trainable, self.step_cfg)
+            fn = make_train_step(self.graphdef, self.rest, self.optimizer.tx, trainable, self.step_cfg,
+                                 self.averaging if self.averaging.on else None)
             self._train_steps[trainable] = jax.jit(
                 fn,
                 in_shardings=(self.state_shardings, sharding_lib.batch_sharding(self.mesh),
@@ -204,19 +220,22 @@ class Run:
 
     def batch_structs(self, rows: int | None) -> list[dict]:
         """Abstract global batches of `rows` rows per process (None: a training batch's), one per bucket
-        length, for compiling ahead of time."""
+        length (seq2seq: per (source, target) length pair), for compiling ahead of time."""
         probe = next(iter(self.data.train_iterator(0, 0)))
         rows = probe[next(iter(probe))].shape[0] if rows is None else rows
         seq_len = probe["input_ids"].shape[1] if "input_ids" in probe else None
-        lengths = tuple(self.data.bucket_lengths or ()) or (seq_len,)
+        pairs = getattr(self.data, "seq2seq_pairs", None)
+        lengths = list(pairs) if pairs else [(n, None) for n in (tuple(self.data.bucket_lengths or ()) or (seq_len,))]
         sharding = sharding_lib.batch_sharding(self.mesh)
         structs = []
-        for length in lengths:
+        for source, target in lengths:
             out = {}
             for key, value in probe.items():
                 shape = (rows * jax.process_count(),) + value.shape[1:]
-                if seq_len is not None and value.ndim >= 2 and value.shape[1] == seq_len:
-                    shape = (shape[0], length) + value.shape[2:]
+                if target is not None and value.ndim >= 2 and key in _TARGET_KEYS:
+                    shape = (shape[0], target) + value.shape[2:]
+                elif value.ndim >= 2 and (target is not None or (seq_len is not None and value.shape[1] == seq_len)):
+                    shape = (shape[0], source) + value.shape[2:]
                 out[key] = jax.ShapeDtypeStruct(shape, value.dtype, sharding=sharding)
             structs.append(out)
         return structs

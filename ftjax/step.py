@@ -16,12 +16,14 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from ftjax import averaging as averaging_lib
 from ftjax import params as params_lib
 
-State = dict[str, Any]  # {"step": int32 scalar, "params": nested dict, "opt_state": optax state}
+# {"step": int32 scalar, "params": nested dict, "opt_state": optax state(, "avg": EMA / SWA, ftjax.averaging)}
+State = dict[str, Any]
 
 INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "pixel_values", "segment_ids",
-              "segment_starts")
+              "segment_starts", "decoder_input_ids", "decoder_attention_mask")
 
 # ----------------------------------------------------------------------------------------------------
 # Losses: (logits, batch) -> per-example loss [B] (already averaged over tokens for token tasks); packed
@@ -59,6 +61,23 @@ def causal_lm_loss_sum(
     return token_loss_sum(logits, targets)
 
 
+def seq2seq_loss_sum(
+    logits: jax.Array, labels: jax.Array, label_smoothing: Any = 0.0
+) -> tuple[jax.Array, jax.Array]:
+    """Per-example (sum of target-token losses, labelled tokens) of decoder logits [B, T, V] against labels
+    [B, T] (logits at t predict labels[t]; -100 ignored). Label smoothing as HF's LabelSmoother:
+    (1 - e) * nll + e * mean over the vocabulary of -log p."""
+    if isinstance(label_smoothing, (int, float)) and not label_smoothing:
+        return token_loss_sum(logits, labels)
+    logits = logits.astype(jnp.float32)
+    valid = labels != -100
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    nll = lse - jnp.take_along_axis(logits, jnp.where(valid, labels, 0)[..., None], axis=-1)[..., 0]
+    smooth = lse - logits.mean(-1)
+    loss = jnp.where(valid, (1.0 - label_smoothing) * nll + label_smoothing * smooth, 0.0)
+    return loss.sum(-1), valid.sum(-1).astype(jnp.float32)
+
+
 def model_inputs(batch: dict) -> dict:
     return {k: batch[k] for k in INPUT_KEYS if k in batch}
 
@@ -71,6 +90,9 @@ def loss_and_weight(logits: jax.Array, batch: dict, task: str, label_smoothing: 
         return (loss_sum * w).sum(), (tokens * w).sum()
     if task in ("token_classification", "masked_lm"):
         loss_sum, tokens = token_loss_sum(logits, batch["labels"])
+        return (loss_sum * w).sum(), (tokens * w).sum()
+    if task == "seq2seq":  # a token-level mean over the labelled target tokens
+        loss_sum, tokens = seq2seq_loss_sum(logits, batch["labels"], label_smoothing)
         return (loss_sum * w).sum(), (tokens * w).sum()
     per_example = classification_loss(logits, batch, label_smoothing)
     return (per_example * w).sum(), w.sum()
@@ -102,11 +124,13 @@ def make_train_step(
     tx: optax.GradientTransformation,
     trainable: frozenset[str],
     step_cfg: StepConfig,
+    averaging: averaging_lib.Averaging | None = None,
 ) -> Callable[[State, dict, jax.Array], tuple[State, dict]]:
     """A pure `train_step(state, batch, key) -> (state, metrics)`; jit it with shardings and donation.
 
     Only params whose path is in `trainable` are differentiated; the others enter the loss as constants,
     so XLA never computes their gradients (nor the activations' gradients below the lowest trainable op).
+    With `averaging` on, state["avg"] (EMA / SWA of the params, `ftjax.averaging`) is updated in the step.
     """
 
     def is_trainable(path: str) -> bool:
@@ -156,6 +180,8 @@ def make_train_step(
             "params": params_lib.combine(new_train, frozen_params),
             "opt_state": opt_state,
         }
+        if averaging is not None and "avg" in state:
+            new_state["avg"] = averaging_lib.update(averaging, state["avg"], new_state["params"], new_state["step"])
         metrics = {
             "loss": loss_sum / denom,
             "grad_norm": grad_norm,
@@ -169,7 +195,8 @@ def make_train_step(
 
 
 def make_eval_step(graphdef: nnx.GraphDef, rest: nnx.State, task: str) -> Callable[[Any, dict], dict]:
-    """`eval_step(params, batch) -> {"loss_sum", "weight"(, "confusion")}` with dropout off."""
+    """`eval_step(params, batch) -> {"loss_sum", "weight"(, "confusion")}` with dropout off (token tasks:
+    causal_lm, masked_lm, seq2seq: the weight counts labelled tokens; the loss is unsmoothed)."""
 
     def eval_step(params, batch):
         model = params_lib.merge(graphdef, params, rest)

@@ -23,6 +23,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from absl import logging
 
 from ftjax import flops as flops_lib
 from ftjax.callbacks.metric_log import MetricLogger
@@ -163,7 +164,13 @@ class Throughput(Callback):
         """Training FLOPs of a step; recounted only when the trainable set or the batch shape changes."""
         key = (trainable, shape)
         if key != self._counted[0]:
-            self._counted = (key, self.flops_fn(trainable, shape).train)
+            try:
+                count = self.flops_fn(trainable, shape).train
+            except ValueError as e:  # a family without a FLOP count (encoder-decoders): MFU is not reported
+                if math.isfinite(self._counted[1] if self._counted[0] is not None else 0.0):
+                    logging.warning("MFU not reported: %s", e)
+                count = math.nan
+            self._counted = (key, count)
         return self._counted[1]
 
     def _read_first(self, now: float, step_flops: float, done: int) -> None:

@@ -3,7 +3,7 @@
 Batches are dicts of numpy arrays for this process's rows of a fixed-size global batch, packed (several
 examples or documents per row) or padded to a few length buckets, in an order fixed by (seed, epoch) that
 resumes exactly from {"epoch", "position"}. Layout: splits (shared steps) -> examples (one example per row,
-or example_packing) | lm (packed documents) -> bundle.
+or example_packing) | lm (packed documents) | seq2seq (source/target pairs) -> bundle.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any
 
 import ml_collections
 
-from ftjax.data import examples, lm
+from ftjax.data import examples, lm, seq2seq
 from ftjax.data.batching import TrainIterator
 from ftjax.data.bundle import DataBundle
 from ftjax.data.errors import DataError, DataFileNotFoundError
@@ -29,11 +29,14 @@ def build(
     data_parallel: int | None = None,
 ) -> DataBundle:
     """Reads cfg.data's splits, tokenises (or indexes images) once, and returns the DataBundle; causal_lm
-    packs documents into rows (ftjax/data/lm.py), classification with an encoder packs examples into rows
+    packs documents into rows (ftjax/data/lm.py), seq2seq batches (source, target) pairs
+    (ftjax/data/seq2seq.py), classification with an encoder packs examples into rows
     (data.packing; ftjax/data/example_packing.py: `data_parallel` devices divide its rows, default: cfg.mesh
     over all devices), every other task batches one example per row."""
     if cfg.model.task == "causal_lm":
         return lm.build(cfg, tokenizer, process_index=process_index, process_count=process_count)
+    if cfg.model.task == "seq2seq":
+        return seq2seq.build(cfg, tokenizer, process_index=process_index, process_count=process_count)
     return examples.build(
         cfg, tokenizer, process_index=process_index, process_count=process_count, data_parallel=data_parallel
     )
