@@ -19,6 +19,7 @@ from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from ftjax import (
+    averaging,
     distributed,  # registers --coordinator_address, --num_processes, --process_id, --cpu_devices
     dry_run,
     fileio,
@@ -48,6 +49,8 @@ _WORKDIR = flags.DEFINE_multi_string("workdir", None, "Run directory: checkpoint
 _MODE = flags.DEFINE_enum("mode", "train", MODES, "What to do.")
 _EXPORT_DIR = flags.DEFINE_string("export_dir", None, "--mode=export: output folder (default WORKDIR/export).")
 _STEP = flags.DEFINE_integer("step", None, "--mode=eval/export: checkpoint step (default: the best one).")
+_WEIGHTS = flags.DEFINE_enum("weights", "raw", ("raw",) + averaging.KINDS, "--mode=eval/export: the trained "
+                              "params (raw) or their average kept by train.ema.decay (ema) / train.swa.start (swa).")
 _SWEEP = flags.DEFINE_string("sweep", None, "--mode=sweep: search space file configs/sweeps/<name>.py[:arg].")
 _LR_MIN = flags.DEFINE_float("lr_min", 1e-7, "--mode=lr_find: first (lowest) learning rate.")
 _LR_MAX = flags.DEFINE_float("lr_max", 1.0, "--mode=lr_find: last (highest) learning rate.")
@@ -82,8 +85,12 @@ def _restore_for_inference(run: Run, workdir: str) -> tuple[int, str, Any]:
         state, _ = ckpt.restore(step, run.abstract_state())
     finally:
         ckpt.close()
-    print(f"checkpoint: step {step}, {why}")
-    return step, why, state["params"]
+    params = averaging.params_for(state, _WEIGHTS.value)
+    if params is None:
+        raise TrainingError(f"--weights={_WEIGHTS.value}: checkpoint step {step} holds no such average (set "
+                            "train.ema.decay > 0 / train.swa.start for the run, or use --weights=raw)")
+    print(f"checkpoint: step {step}, {why}, weights {_WEIGHTS.value}")
+    return step, why, params
 
 
 def _sweep(cfg, workdir: str) -> dict:
@@ -148,7 +155,7 @@ def _export(cfg, workdir: str) -> dict:
     # With params sharded over several hosts no process holds them whole: gather them to every process.
     params = multihost_utils.process_allgather(params, tiled=True) if jax.process_count() > 1 else (
         jax.device_get(params))
-    record = {"workdir": str(fileio.path(workdir)), "step": step, "checkpoint": why}
+    record = {"workdir": str(fileio.path(workdir)), "step": step, "checkpoint": why, "weights": _WEIGHTS.value}
     if run.primary:
         models.save_pretrained(run.model, out, tokenizer=run.tokenizer, params=params,
                                overwrite=_OVERWRITE.value)

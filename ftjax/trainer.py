@@ -24,9 +24,12 @@ from ftjax.callbacks import (
     ProgressBar,
     StopAfter,
 )
+from ftjax.callbacks.averaging import AveragedEvaluate
+from ftjax.callbacks.forgetting import Forgetting
 from ftjax.callbacks.hparams import write_hparams
 from ftjax.callbacks.plots import plot_run
 from ftjax.callbacks.samples import LMSamples
+from ftjax.callbacks.seq2seq_eval import Seq2SeqEval
 from ftjax.callbacks.throughput import Throughput
 from ftjax.checkpoint import Checkpointer
 from ftjax.loop import PRUNED, STOPPED_EARLY, Callback, Loop, fit
@@ -89,20 +92,29 @@ def open_checkpointer(run: Run, metric: str | None, mode: str = "min") -> Checkp
                         async_save=c.async_save, primary_host=run.primary)
 
 
+def _forgetting_on(cfg: Any) -> bool:
+    return bool(cfg.forgetting.monitors or cfg.forgetting.retain)
+
+
 def standard_callbacks(
     run: Run, ckpt: Checkpointer, member_dirs: list[str], *, metric: str, mode: str, solo: bool,
     extra: list[Callback] = (),
 ) -> list[Callback]:
-    """The callbacks of a training run, in the order they act on an event: evaluate, the NaN guard, log,
-    early stopping, the overfit warning, `extra` (e.g. sweep pruning), LM samples, precompile, progress,
-    then the checkpoint (which saves the decisions above) and the SIGTERM save."""
+    """The callbacks of a training run, in the order they act on an event: evaluate (+ seq2seq generation
+    metrics), the NaN guard, log,
+    the forgetting monitors (solo runs), early stopping, the overfit warning, `extra` (e.g. sweep pruning),
+    LM samples, precompile, progress, then the checkpoint (which saves the decisions above) and the SIGTERM
+    save."""
     t, members = run.cfg.train, len(member_dirs)
     logger = MetricLogger(member_dirs, t.log_every, enabled=run.primary)
     checkpoint = Checkpoint(ckpt, every=t.checkpoint.every)
     callbacks: list[Callback] = [
         Evaluate(run.eval_every),
+        *Seq2SeqEval.for_run(run, member_dirs),  # seq2seq: adds bleu/chrf/rouge to the validation results
+        *([AveragedEvaluate(run, run.eval_every)] if solo and run.averaging.on else []),
         NanGuard(raise_error=solo, last_checkpoint=checkpoint.last_good),
         logger,
+        *([Forgetting(run, logger)] if solo and _forgetting_on(run.cfg) else []),  # writes via the logger
         EarlyStopping(metric, mode, t.early_stop.patience, t.early_stop.min_delta, members),
         OverfitWarning(logger, t.overfit_patience, members),
         *extra,
@@ -191,6 +203,9 @@ def finish(run: Run, ckpt: Checkpointer, loop: Loop, early: EarlyStopping, t_sta
     throughput = next((cb for cb in loop.callbacks if isinstance(cb, Throughput)), None)
     if throughput is not None:
         summary["perf"] = throughput.perf()
+    forgetting = next((cb for cb in loop.callbacks if isinstance(cb, Forgetting)), None)
+    if forgetting is not None:
+        summary["forgetting"] = forgetting.summary()
     if run.primary:
         fileio.write_json(fileio.path(run.workdir) / "summary.json", summary)
         write_hparams(run.workdir, run.cfg, summary)  # TensorBoard's HParams view of this run

@@ -28,8 +28,51 @@ def _keys(records: list[dict], split: str) -> list[str]:
     return list(names)
 
 
+_SUMMARY_KEYS = ("total", "mean", "min", "max")  # drawn thick over the per-layer lines of a panel
+
+
+def _panels(records: list[dict], split: str) -> dict[str, list[str]]:
+    """A split's keys grouped into panels by what precedes their last "/" ("drift/layer_0" -> "drift");
+    a key without "/" is a panel of its own (its scale is its own)."""
+    panels: dict[str, list[str]] = {}
+    for key in _keys(records, split):
+        panels.setdefault(key.rsplit("/", 1)[0] if "/" in key else key, []).append(key)
+    return panels
+
+
+def plot_panels(records: list[dict], split: str, path: epath.Path, title: str) -> bool:
+    """One subplot per panel of `split` (see _panels): per-layer lines thin, in depth colours; summary
+    lines (total, mean, min, max) thick. Returns whether there was anything to draw."""
+    panels = _panels(records, split)
+    if not panels:
+        return False
+    cols = min(2, len(panels))
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(6.5 * cols, 3.6 * rows), squeeze=False)
+    for ax, (panel, keys) in zip(axes.flat, panels.items()):
+        detail = [k for k in keys if k.rsplit("/", 1)[-1] not in _SUMMARY_KEYS]
+        colours = plt.cm.viridis(np.linspace(0, 0.9, max(len(detail), 1)))
+        for key in keys:
+            leaf = key.rsplit("/", 1)[-1]
+            if leaf in _SUMMARY_KEYS or len(keys) == 1:
+                ax.plot(*_series(records, split, key), "o-", lw=2.2, ms=3, label=leaf)
+            else:
+                ax.plot(*_series(records, split, key), lw=1, color=colours[detail.index(key)], label=leaf)
+        ax.set_title(panel)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, ncol=2 if len(keys) > 8 else 1)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fileio.save_figure(fig, path)
+    plt.close(fig)
+    return True
+
+
 def plot_run(workdir: fileio.PathLike) -> list[epath.Path]:
-    """Writes workdir/plots/{loss,metrics,lr,gap}.png from metrics.jsonl; returns the files written.
+    """Writes workdir/plots/{loss,metrics,lr,gap,forgetting}.png from metrics.jsonl; returns the files written.
 
     A plot whose data is absent (no val split, no lr lines) is skipped, not drawn empty.
     """
@@ -92,5 +135,9 @@ def plot_run(workdir: fileio.PathLike) -> list[epath.Path]:
         ax.axhline(0.0, color="gray", lw=1)
         ax.plot(gap_steps, gap, "o-", label="val loss - train loss", ms=4)
         save(fig, "gap.png", "generalization gap (rising = overfitting)", "loss gap")
+
+    title = "forgetting (vs the loaded model): drift rising, CKA falling, pretraining loss rising = forgetting"
+    if plot_panels(records, "forgetting", out_dir / "forgetting.png", title):
+        written.append(out_dir / "forgetting.png")
     return written
 

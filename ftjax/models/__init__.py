@@ -65,6 +65,7 @@ _AUTO_MAPPINGS = {
     "masked_lm": "MODEL_FOR_MASKED_LM_MAPPING_NAMES",
     "image_classification": "MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES",
     "causal_lm": "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES",
+    "seq2seq": "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES",
 }
 _RENAMED_LEAVES = {"kernel": "weight", "embedding": "weight", "scale": "weight"}
 _KERNEL_PERMUTATIONS = {2: (1, 0), 4: (2, 3, 1, 0)}  # kernel rank -> axes of the HF tensor in ftjax's layout.

@@ -154,13 +154,14 @@ class BertBase(BertModel, HFModel):
 
     def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
                  pixel_values=None, segment_ids=None, segment_starts=None, *, deterministic: bool = True,
-                 rngs: nnx.Rngs | None = None) -> dict:
-        x, pooled = BertModel.__call__(self, input_ids, attention_mask, token_type_ids, position_ids,
-                                       segment_ids, segment_starts, deterministic=deterministic, rngs=rngs)
+                 rngs: nnx.Rngs | None = None, output_hidden_states: bool = False) -> dict:
+        with common.collect_hidden_states(output_hidden_states) as hidden:
+            x, pooled = BertModel.__call__(self, input_ids, attention_mask, token_type_ids, position_ids,
+                                           segment_ids, segment_starts, deterministic=deterministic, rngs=rngs)
         out = {"last_hidden_state": x}
         if pooled is not None:
             out["pooler_output"] = pooled
-        return out
+        return common.with_hidden_states(out, hidden)
 
 
 class BertLMPredictionHead(nnx.Module):
@@ -209,17 +210,21 @@ class BertTask(HFModel):
 
     def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
                  pixel_values=None, segment_ids=None, segment_starts=None, *, deterministic: bool = True,
-                 rngs: nnx.Rngs | None = None) -> dict:
-        """logits [B, C] (classification; [B, S, C] for packed rows), [B, L, C] or [B, L, V] per token."""
+                 rngs: nnx.Rngs | None = None, output_hidden_states: bool = False) -> dict:
+        """logits [B, C] (classification; [B, S, C] for packed rows), [B, L, C] or [B, L, V] per token;
+        output_hidden_states adds "hidden_states" (embeddings + each layer's output, [B, L, H] each)."""
         kw = {"deterministic": deterministic, "rngs": rngs}
         common.check_packed(self.task, segment_ids, segment_starts)
-        x, pooled = self.bert(input_ids, attention_mask, token_type_ids, position_ids, segment_ids,
-                              segment_starts, **kw)
+        with common.collect_hidden_states(output_hidden_states) as hidden:
+            x, pooled = self.bert(input_ids, attention_mask, token_type_ids, position_ids, segment_ids,
+                                  segment_starts, **kw)
         if self.task == "classification":
-            return {"logits": self.classifier(self.dropout(pooled, **kw))}
-        if self.task == "token_classification":
-            return {"logits": self.classifier(self.dropout(x, **kw))}
-        return {"logits": self.cls.predictions(x, self.bert.embeddings.word_embeddings)}
+            out = {"logits": self.classifier(self.dropout(pooled, **kw))}
+        elif self.task == "token_classification":
+            out = {"logits": self.classifier(self.dropout(x, **kw))}
+        else:
+            out = {"logits": self.cls.predictions(x, self.bert.embeddings.word_embeddings)}
+        return common.with_hidden_states(out, hidden)
 
 
 TASKS = ("base", "classification", "token_classification", "masked_lm")

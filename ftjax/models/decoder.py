@@ -216,6 +216,7 @@ def run_decoder_layers(layers, x, inputs: DecoderInputs, cache, extra, *, remat:
         return out
 
     step = nnx.remat(apply) if remat and cache is None else apply
+    common.record_hidden(x)
     for i, layer in enumerate(layers):
         if cache is None:
             x = step(layer, x, masks[layer.window], extra, rngs)
@@ -223,6 +224,7 @@ def run_decoder_layers(layers, x, inputs: DecoderInputs, cache, extra, *, remat:
             x, layer_cache = layer(x, masks[layer.window], extra, cache[i], cache_index,
                                    deterministic=deterministic, rngs=rngs)
             new_cache.append(layer_cache)
+        common.record_hidden(x)
     return x, new_cache
 
 
@@ -266,16 +268,21 @@ class DecoderTask(HFModel):
 
     def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
                  pixel_values=None, segment_ids=None, cache=None, cache_index=None, logits_to_keep: int = 0, *,
-                 deterministic: bool = True, rngs: nnx.Rngs | None = None) -> dict:
+                 deterministic: bool = True, rngs: nnx.Rngs | None = None,
+                 output_hidden_states: bool = False) -> dict:
         """token_type_ids / pixel_values are accepted (the trainer's uniform call) and ignored.
         segment_ids [B, L] (0 = padding): packed sequences; attention stays inside a segment and positions
         restart per segment. cache (from init_cache) + cache_index: incremental decoding; the attention_mask
-        then covers all cache slots and the result holds the updated "cache"."""
+        then covers all cache slots and the result holds the updated "cache". output_hidden_states adds
+        "hidden_states" as HF: the embeddings, then each layer's output (the last one after the final norm)."""
         del token_type_ids, pixel_values
         if cache is not None and self.task == "classification":
             raise ValueError("a KV cache is only supported for task causal_lm or base")
         inputs = DecoderInputs(input_ids, attention_mask, position_ids, segment_ids, cache, cache_index)
-        x, cache = self._forward(inputs, cache, deterministic=deterministic, rngs=rngs)
+        with common.collect_hidden_states(output_hidden_states) as hidden:
+            x, cache = self._forward(inputs, cache, deterministic=deterministic, rngs=rngs)
+        if hidden:
+            hidden[-1] = x
         if self.task == "base":
             out = {"last_hidden_state": x}
         elif self.task == "causal_lm":
@@ -285,4 +292,4 @@ class DecoderTask(HFModel):
             out = {"logits": last_token_logits(logits, inputs.input_ids, self.pad_token_id)}
         if cache is not None:
             out["cache"] = cache
-        return out
+        return common.with_hidden_states(out, hidden)

@@ -102,10 +102,11 @@ class DistilBertBase(DistilBertModel, HFModel):
 
     def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
                  pixel_values=None, segment_ids=None, segment_starts=None, *, deterministic: bool = True,
-                 rngs: nnx.Rngs | None = None) -> dict:
-        x = DistilBertModel.__call__(self, input_ids, attention_mask, position_ids, segment_ids,
-                                     deterministic=deterministic, rngs=rngs)
-        return {"last_hidden_state": x}
+                 rngs: nnx.Rngs | None = None, output_hidden_states: bool = False) -> dict:
+        with common.collect_hidden_states(output_hidden_states) as hidden:
+            x = DistilBertModel.__call__(self, input_ids, attention_mask, position_ids, segment_ids,
+                                         deterministic=deterministic, rngs=rngs)
+        return common.with_hidden_states({"last_hidden_state": x}, hidden)
 
 
 class VocabProjector(nnx.Module):
@@ -139,18 +140,21 @@ class DistilBertTask(HFModel):
 
     def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
                  pixel_values=None, segment_ids=None, segment_starts=None, *, deterministic: bool = True,
-                 rngs: nnx.Rngs | None = None) -> dict:
+                 rngs: nnx.Rngs | None = None, output_hidden_states: bool = False) -> dict:
         """As BertTask: packed rows (segment_ids, segment_starts) give classification logits [B, S, C]."""
         kw = {"deterministic": deterministic, "rngs": rngs}
         common.check_packed(self.task, segment_ids, segment_starts)
-        x = self.distilbert(input_ids, attention_mask, position_ids, segment_ids, **kw)
+        with common.collect_hidden_states(output_hidden_states) as hidden:
+            x = self.distilbert(input_ids, attention_mask, position_ids, segment_ids, **kw)
         if self.task == "classification":
             pooled = jax.nn.relu(self.pre_classifier(common.first_tokens(x, segment_starts)))
-            return {"logits": self.classifier(self.dropout(pooled, **kw))}
-        if self.task == "token_classification":
-            return {"logits": self.classifier(self.dropout(x, **kw))}
-        x = self.vocab_layer_norm(self.act(self.vocab_transform(x)))
-        return {"logits": self.vocab_projector(x, self.distilbert.embeddings.word_embeddings)}
+            out = {"logits": self.classifier(self.dropout(pooled, **kw))}
+        elif self.task == "token_classification":
+            out = {"logits": self.classifier(self.dropout(x, **kw))}
+        else:
+            x = self.vocab_layer_norm(self.act(self.vocab_transform(x)))
+            out = {"logits": self.vocab_projector(x, self.distilbert.embeddings.word_embeddings)}
+        return common.with_hidden_states(out, hidden)
 
 
 def check_config(cfg: Any, task: str) -> None:

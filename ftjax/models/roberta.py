@@ -66,16 +66,19 @@ class RobertaTask(HFModel):
 
     def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
                  pixel_values=None, segment_ids=None, segment_starts=None, *, deterministic: bool = True,
-                 rngs: nnx.Rngs | None = None) -> dict:
+                 rngs: nnx.Rngs | None = None, output_hidden_states: bool = False) -> dict:
         """As BertTask: packed rows (segment_ids, segment_starts) give classification logits [B, S, C]."""
         kw = {"deterministic": deterministic, "rngs": rngs}
         common.check_packed(self.task, segment_ids, segment_starts)
-        x, _ = self.roberta(input_ids, attention_mask, token_type_ids, position_ids, segment_ids, **kw)
+        with common.collect_hidden_states(output_hidden_states) as hidden:
+            x, _ = self.roberta(input_ids, attention_mask, token_type_ids, position_ids, segment_ids, **kw)
         if self.task == "classification":
-            return {"logits": self.classifier(x, segment_starts, **kw)}
-        if self.task == "token_classification":
-            return {"logits": self.classifier(self.dropout(x, **kw))}
-        return {"logits": self.lm_head(x, self.roberta.embeddings.word_embeddings)}
+            out = {"logits": self.classifier(x, segment_starts, **kw)}
+        elif self.task == "token_classification":
+            out = {"logits": self.classifier(self.dropout(x, **kw))}
+        else:
+            out = {"logits": self.lm_head(x, self.roberta.embeddings.word_embeddings)}
+        return common.with_hidden_states(out, hidden)
 
 
 def build(cfg: Any, task: str, ctx: Ctx) -> HFModel:

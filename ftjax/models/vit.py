@@ -171,9 +171,11 @@ class ViTBase(ViTModel, HFModel):
     """task "base": HF ViTModel (params without prefix); returns last_hidden_state + pooler_output."""
 
     def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
-                 pixel_values=None, *, deterministic: bool = True, rngs: nnx.Rngs | None = None) -> dict:
-        x, pooled = ViTModel.__call__(self, pixel_values, deterministic=deterministic, rngs=rngs)
-        return {"last_hidden_state": x, "pooler_output": pooled}
+                 pixel_values=None, *, deterministic: bool = True, rngs: nnx.Rngs | None = None,
+                 output_hidden_states: bool = False) -> dict:
+        with common.collect_hidden_states(output_hidden_states) as hidden:
+            x, pooled = ViTModel.__call__(self, pixel_values, deterministic=deterministic, rngs=rngs)
+        return common.with_hidden_states({"last_hidden_state": x, "pooler_output": pooled}, hidden)
 
 
 class ViTForImageClassification(HFModel):
@@ -184,10 +186,12 @@ class ViTForImageClassification(HFModel):
         self.classifier = common.linear(cfg.hidden_size, cfg.num_labels, ctx, ("embed", None))
 
     def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
-                 pixel_values=None, *, deterministic: bool = True, rngs: nnx.Rngs | None = None) -> dict:
-        x, _ = self.vit(pixel_values, deterministic=deterministic, rngs=rngs)
+                 pixel_values=None, *, deterministic: bool = True, rngs: nnx.Rngs | None = None,
+                 output_hidden_states: bool = False) -> dict:
+        with common.collect_hidden_states(output_hidden_states) as hidden:
+            x, _ = self.vit(pixel_values, deterministic=deterministic, rngs=rngs)
         x = self.dropout(x[:, 0], deterministic=deterministic, rngs=rngs)
-        return {"logits": self.classifier(x)}
+        return common.with_hidden_states({"logits": self.classifier(x)}, hidden)
 
 
 def build(cfg: Any, task: str, ctx: Ctx) -> HFModel:
