@@ -20,6 +20,17 @@ from flax import nnx
 PROMPT_BUCKET = 16  # prompts are left-padded to a multiple of this many tokens (fewer compilations).
 
 
+
+def _checked_ids(input_ids: Any, attention_mask: Any) -> tuple[np.ndarray, np.ndarray]:
+    """[batch, length] int32 ids and their mask (all ones when None), with clear errors for bad shapes."""
+    ids = np.asarray(input_ids, np.int32)
+    if ids.ndim != 2:
+        raise ValueError(f"input_ids must be [batch, length], got shape {ids.shape}")
+    mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask, np.int32)
+    if mask.shape != ids.shape:
+        raise ValueError(f"attention_mask shape {mask.shape} differs from input_ids shape {ids.shape}")
+    return ids, mask
+
 def _eos_ids(value: Any) -> tuple[int, ...]:
     if value is None:
         return ()
@@ -101,12 +112,7 @@ def generate_ids(
         raise ValueError(f"max_new_tokens={max_new_tokens} is invalid: >= 1")
     if temperature < 0 or not 0 < top_p <= 1:
         raise ValueError(f"temperature={temperature} (>= 0; 0 = greedy) or top_p={top_p} (in (0, 1]) is invalid")
-    ids = np.asarray(input_ids, np.int32)
-    if ids.ndim != 2:
-        raise ValueError(f"input_ids must be [batch, length], got shape {ids.shape}")
-    mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask, np.int32)
-    if mask.shape != ids.shape:
-        raise ValueError(f"attention_mask shape {mask.shape} differs from input_ids shape {ids.shape}")
+    ids, mask = _checked_ids(input_ids, attention_mask)
     if (mask[:, -1] == 0).any():
         raise ValueError("prompts must be left-padded (attention_mask ends with 0 for some row); pad on the left")
     cfg = model.hf_config
@@ -393,12 +399,7 @@ def generate_seq2seq_ids(
         raise ValueError(f"temperature={temperature} (>= 0; 0 = greedy) or top_p={top_p} (in (0, 1]) is invalid")
     rules = seq2seq_rules(model, max_new_tokens, num_beams, length_penalty, early_stopping,
                           greedy=temperature == 0.0, **tokens)
-    ids = np.asarray(input_ids, np.int32)
-    if ids.ndim != 2:
-        raise ValueError(f"input_ids must be [batch, length], got shape {ids.shape}")
-    mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask, np.int32)
-    if mask.shape != ids.shape:
-        raise ValueError(f"attention_mask shape {mask.shape} differs from input_ids shape {ids.shape}")
+    ids, mask = _checked_ids(input_ids, attention_mask)
     bucket = -(-ids.shape[1] // PROMPT_BUCKET) * PROMPT_BUCKET  # right-padded: masked keys change nothing.
     ids = np.pad(ids, ((0, 0), (0, bucket - ids.shape[1])), constant_values=rules.pad)
     mask = np.pad(mask, ((0, 0), (0, bucket - mask.shape[1])))

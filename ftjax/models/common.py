@@ -4,9 +4,11 @@ padding masks, per-layer remat, and `HFModel`, the base class that carries the c
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -257,9 +259,44 @@ def run_layers(
         return layer(x, b, deterministic=deterministic, rngs=r)
 
     step = nnx.remat(apply) if remat else apply
+    record_hidden(h)
     for layer in layers:
         h = step(layer, h, bias, rngs)
+        record_hidden(h)
     return h
+
+
+# `output_hidden_states=True` on a task model's call: while its backbone runs, the layer loops record the
+# first layer's input (the embeddings) and each layer's output here, as HF's `hidden_states` tuple. A
+# context variable (as lora.py's dropout key) keeps the modules' signatures and outputs otherwise unchanged.
+_HIDDEN: contextvars.ContextVar[list | None] = contextvars.ContextVar("ftjax_hidden_states", default=None)
+
+
+@contextlib.contextmanager
+def collect_hidden_states(enabled: bool) -> Iterator[list | None]:
+    """Yields the list the layer loops append to inside the block (None when not `enabled`)."""
+    if not enabled:
+        yield None
+        return
+    states: list = []
+    token = _HIDDEN.set(states)
+    try:
+        yield states
+    finally:
+        _HIDDEN.reset(token)
+
+
+def record_hidden(h: jax.Array) -> None:
+    states = _HIDDEN.get()
+    if states is not None:
+        states.append(h)
+
+
+def with_hidden_states(out: dict, hidden: list | None) -> dict:
+    """`out` plus "hidden_states" (a tuple: embeddings, then each layer's output) when they were collected."""
+    if hidden is not None:
+        out["hidden_states"] = tuple(hidden)
+    return out
 
 
 class Info:

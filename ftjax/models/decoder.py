@@ -64,7 +64,7 @@ class DecoderInputs:
                 self.segments = segment_ids
                 valid = (segment_ids > 0) if valid is None else valid & (segment_ids > 0)
                 if position_ids is None:
-                    position_ids = segment_positions(segment_ids)
+                    position_ids = common.segment_positions(segment_ids)
             self.key_valid = valid
             if position_ids is None:  # HF's forward: 0..L-1 whatever the padding (generate passes its own).
                 position_ids = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
@@ -85,15 +85,6 @@ class DecoderInputs:
                 allowed = allowed & (self.segments[:, :, None] == self.segments[:, None, :])
             self._masks[window] = allowed[:, None]
         return self._masks[window]
-
-
-def segment_positions(segment_ids: jax.Array) -> jax.Array:
-    """Positions that restart at 0 where each packed segment starts (segments are contiguous runs)."""
-    length = segment_ids.shape[1]
-    idx = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), segment_ids.shape)
-    prev = jnp.pad(segment_ids[:, :-1], ((0, 0), (1, 0)), constant_values=-1)
-    starts = jnp.where(segment_ids != prev, idx, 0)
-    return idx - jax.lax.cummax(starts, axis=1)
 
 
 def _cache_length(cache: Any) -> int:
