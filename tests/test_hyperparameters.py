@@ -21,6 +21,7 @@ from ftjax import checkpoint as checkpoint_lib
 from ftjax import params as params_lib
 from ftjax.config import ConfigError, default_config, validate
 from ftjax.run import Run
+from ftjax.tune.population import with_overrides
 from tests import tiny
 from tests.test_lm_data import tiny_llama
 
@@ -28,15 +29,8 @@ IDS = np.array([[5, 17, 42, 99, 3, 250, 7, 8, 61, 12]], np.int32)
 
 
 def _optim_cfg(**overrides):
-    o = default_config().optim
-    o.schedule.type, o.clip_norm, o.weight_decay, o.decay_exclude = "constant", 0.0, 0.0, ""
-    for key, value in overrides.items():
-        node = o
-        parts = key.split(".")
-        for p in parts[:-1]:
-            node = node[p]
-        node[parts[-1]] = value
-    return o
+    base = {"schedule.type": "constant", "clip_norm": 0.0, "weight_decay": 0.0, "decay_exclude": ""}
+    return with_overrides(default_config(), {f"optim.{k}": v for k, v in {**base, **overrides}.items()}).optim
 
 
 # ------------------------------------------------------------------------------------------- LoRA+

@@ -49,6 +49,7 @@ def sentiment_csvs(directory: str, n_train: int = 96, n_test: int = 40, seed: in
 def tiny_config(model_dir: str, data_dir: str, **overrides):
     """A complete config for a fast run of the tiny BERT on the sentiment CSVs."""
     from ftjax.config import default_config
+    from ftjax.tune.population import with_overrides
 
     c = default_config()
     c.model.name_or_path = model_dir
@@ -65,10 +66,4 @@ def tiny_config(model_dir: str, data_dir: str, **overrides):
     c.train.compilation_cache = ""
     c.train.checkpoint.async_save = False
     c.mesh.data = -1
-    for key, value in overrides.items():
-        node = c
-        parts = key.split(".")
-        for p in parts[:-1]:
-            node = node[p]
-        node[parts[-1]] = value
-    return c
+    return with_overrides(c, overrides)
