@@ -3,8 +3,11 @@ empty persistent compilation cache, the second (a fresh workdir) reuses it. Prin
 train examples/s, time to first step, compile seconds, compiled programs and MFU (from summary.json), and
 with --peer the HF Trainer run of benchmarks/peer_hf_trainer.py on the same data, for the ratios.
 
-    python benchmarks/main_job_cold_warm.py --epochs 1 --peer
+    python benchmarks/main_job_cold_warm.py --epochs 1 --peer [--peer_reuse_memory]
     python benchmarks/main_job_cold_warm.py --epochs 1 --max_examples 256     # quicker
+
+--peer_reuse_memory also runs HF Trainer with glibc malloc configured (through its environment variables) the
+way ftjax's train.reuse_host_memory configures it, to show how much of the ratio that setting is.
 """
 
 from __future__ import annotations
@@ -34,17 +37,23 @@ def ftjax_run(workdir: str, cache: str, args: argparse.Namespace) -> dict:
     perf = summary.get("perf", {})
     return {"wall_s": wall, "train_examples_per_s": summary["timing"]["train_examples_per_second"],
             "test_accuracy": summary.get("test", {}).get("accuracy"),
-            "time_to_first_step_s": perf.get("time_to_first_step_s"), "compile_s": perf.get("compile_s"),
+            "time_to_first_step_s": perf.get("time_to_first_step_s"),
+            "loop_begin_to_first_step_s": perf.get("loop_begin_to_first_step_s"), "compile_s": perf.get("compile_s"),
             "programs_compiled": perf.get("programs_compiled"), "mfu": perf.get("mfu")}
 
 
-def peer_run(args: argparse.Namespace, root: str) -> dict:
-    out = os.path.join(root, "peer.json")
+# glibc's environment spelling of what ftjax.host_memory sets with mallopt (train.reuse_host_memory).
+REUSE_MEMORY_ENV = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**31 - 1)}
+
+
+def peer_run(args: argparse.Namespace, root: str, reuse_memory: bool = False) -> dict:
+    out = os.path.join(root, f"peer{'_reuse' if reuse_memory else ''}.json")
     cmd = [sys.executable, "benchmarks/peer_hf_trainer.py", "--epochs", str(args.epochs), "--output_json", out]
     if args.max_examples:
         cmd += ["--max_examples", str(args.max_examples)]
     t0 = time.time()
-    subprocess.run(cmd, cwd=REPO, check=True)
+    env = {**os.environ, **(REUSE_MEMORY_ENV if reuse_memory else {})}
+    subprocess.run(cmd, cwd=REPO, check=True, env=env)
     with open(out) as f:
         result = json.load(f)
     result["wall_s"] = time.time() - t0
@@ -56,6 +65,8 @@ def main() -> None:
     p.add_argument("--epochs", type=float, default=1.0)
     p.add_argument("--max_examples", type=int, default=0)
     p.add_argument("--peer", action="store_true", help="also run HF Trainer (benchmarks/peer_hf_trainer.py)")
+    p.add_argument("--peer_reuse_memory", action="store_true",
+                   help="also run HF Trainer with glibc malloc set as train.reuse_host_memory sets it for ftjax")
     p.add_argument("--output_json", default="")
     args = p.parse_args()
     root = tempfile.mkdtemp(prefix="ftjax_cold_warm_")
@@ -64,6 +75,8 @@ def main() -> None:
                "warm": ftjax_run(os.path.join(root, "warm"), cache, args)}
     if args.peer:
         results["hf_trainer"] = peer_run(args, root)
+    if args.peer_reuse_memory:
+        results["hf_trainer_reuse_memory"] = peer_run(args, root, reuse_memory=True)
     for name, r in results.items():
         print(f"{name:>10}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                           for k, v in r.items() if not isinstance(v, (dict, list))))
@@ -74,6 +87,9 @@ def main() -> None:
             r = results[name]
             print(f"{name}: {r['train_examples_per_s'] / hf_rate:.2f}x HF Trainer's train examples/s, "
                   f"{hf['wall_s'] / r['wall_s']:.2f}x its wall time")
+            if "hf_trainer_reuse_memory" in results:
+                hf_reuse = results["hf_trainer_reuse_memory"]["train_examples_per_s_excl_eval"]
+                print(f"{name}: {r['train_examples_per_s'] / hf_reuse:.2f}x HF Trainer with the same malloc settings")
     if args.output_json:
         with open(args.output_json, "w") as f:
             json.dump(results, f, indent=1)

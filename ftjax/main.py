@@ -23,6 +23,7 @@ from ftjax import (
     distributed,  # registers --coordinator_address, --num_processes, --process_id, --cpu_devices
     dry_run,
     fileio,
+    host_memory,
     lora,
     models,
     trainer,
@@ -211,8 +212,10 @@ def main(argv) -> None:
             run_mode("compare", _CONFIG.value, _WORKDIR.value)
             return
         workdir = _WORKDIR.value[0]
-        distributed.init_from_flags()  # before anything touches JAX devices
         cfg = _CONFIG.value if _CONFIG.value is not None else workdir_lib.saved_config(workdir)
+        if cfg.train.get("reuse_host_memory", True):
+            host_memory.reuse_freed_memory()  # before JAX starts its backend's threads
+        distributed.init_from_flags()  # before anything touches JAX devices
         run_mode(_MODE.value, cfg, workdir)
     except user_errors() as e:
         logging.error("%s", e)

@@ -37,6 +37,7 @@ CHANGEABLE = {
     "train.overfit_patience": "the overfitting warning from now on",
     "train.compilation_cache": "where compiled programs are cached",
     "train.progress": "the progress display",
+    "train.reuse_host_memory": "how this process's malloc reuses memory (same math)",
     "train.precompile": "when programs compile",
     "data.test_split": "the final test evaluation",
     "data.lm.num_samples": "LM samples written at each eval",

@@ -51,6 +51,7 @@ def test_train_eval_export_and_dry_run_modes(recipe, tmp_path):
     workdir = str(tmp_path / "run")
     out = _cli(f"--config={config}", f"--workdir={workdir}", "--config.train.epochs=2")
     assert "test: loss=" in out.stdout and "accuracy=" in out.stdout
+    assert "malloc keeps freed memory for reuse" in out.stderr  # train.reuse_host_memory, on by default
     for name in ("summary.json", "metrics.jsonl", "run.json", "plots/loss.png"):
         assert os.path.exists(os.path.join(workdir, name)), name
     summary = json.loads(_read(os.path.join(workdir, "summary.json")))
@@ -92,7 +93,9 @@ def test_train_eval_export_and_dry_run_modes(recipe, tmp_path):
 def test_flag_override_reaches_the_run(recipe, tmp_path):
     config, _ = recipe
     workdir = str(tmp_path / "run")
-    _cli(f"--config={config}", f"--workdir={workdir}", "--config.train.steps=3", "--config.optim.lr=0.002")
+    out = _cli(f"--config={config}", f"--workdir={workdir}", "--config.train.steps=3", "--config.optim.lr=0.002",
+               "--config.train.reuse_host_memory=False")
+    assert "train.reuse_host_memory" not in out.stderr
     saved = json.loads(_read(os.path.join(workdir, "run.json")))["config"]
     assert saved["train.steps"] == 3 and saved["optim.lr"] == 0.002
     assert json.loads(_read(os.path.join(workdir, "summary.json")))["steps"] == 3
