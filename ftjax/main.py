@@ -213,7 +213,7 @@ def main(argv) -> None:
             return
         workdir = _WORKDIR.value[0]
         cfg = _CONFIG.value if _CONFIG.value is not None else workdir_lib.saved_config(workdir)
-        if cfg.train.get("reuse_host_memory", True):
+        if cfg.train.reuse_host_memory:
             host_memory.reuse_freed_memory()  # before JAX starts its backend's threads
         distributed.init_from_flags()  # before anything touches JAX devices
         run_mode(_MODE.value, cfg, workdir)
