@@ -23,12 +23,14 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def ftjax_run(workdir: str, cache: str, args: argparse.Namespace) -> dict:
+def ftjax_run(workdir: str, cache: str, epochs: float, max_examples: int = 0, seed: int = 0) -> dict:
+    """The main job (`python -m ftjax.main --config=configs/minilm_food_reviews.py`) in a subprocess; its
+    numbers from summary.json."""
     cmd = [sys.executable, "-m", "ftjax.main", "--config=configs/minilm_food_reviews.py", f"--workdir={workdir}",
-           f"--config.train.epochs={args.epochs}", f"--config.train.compilation_cache={cache}",
-           "--config.train.progress=False"]
-    if args.max_examples:
-        cmd.append(f"--config.data.max_examples={args.max_examples}")
+           f"--config.train.epochs={epochs}", f"--config.train.compilation_cache={cache}",
+           f"--config.train.seed={seed}", "--config.train.progress=False"]
+    if max_examples:
+        cmd.append(f"--config.data.max_examples={max_examples}")
     t0 = time.time()
     subprocess.run(cmd, cwd=REPO, check=True)
     wall = time.time() - t0
@@ -37,6 +39,7 @@ def ftjax_run(workdir: str, cache: str, args: argparse.Namespace) -> dict:
     perf = summary.get("perf", {})
     return {"wall_s": wall, "train_examples_per_s": summary["timing"]["train_examples_per_second"],
             "test_accuracy": summary.get("test", {}).get("accuracy"),
+            "val_accuracy": summary.get("val", {}).get("accuracy"), "best_step": summary.get("best_step"),
             "time_to_first_step_s": perf.get("time_to_first_step_s"),
             "loop_begin_to_first_step_s": perf.get("loop_begin_to_first_step_s"), "compile_s": perf.get("compile_s"),
             "programs_compiled": perf.get("programs_compiled"), "mfu": perf.get("mfu")}
@@ -46,11 +49,13 @@ def ftjax_run(workdir: str, cache: str, args: argparse.Namespace) -> dict:
 REUSE_MEMORY_ENV = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**31 - 1)}
 
 
-def peer_run(args: argparse.Namespace, root: str, reuse_memory: bool = False) -> dict:
-    out = os.path.join(root, f"peer{'_reuse' if reuse_memory else ''}.json")
-    cmd = [sys.executable, "benchmarks/peer_hf_trainer.py", "--epochs", str(args.epochs), "--output_json", out]
-    if args.max_examples:
-        cmd += ["--max_examples", str(args.max_examples)]
+def peer_run(root: str, epochs: float, max_examples: int = 0, seed: int = 0, reuse_memory: bool = False) -> dict:
+    """benchmarks/peer_hf_trainer.py in a subprocess (its JSON result, plus the subprocess's wall time)."""
+    out = os.path.join(root, f"peer_seed{seed}{'_reuse' if reuse_memory else ''}.json")
+    cmd = [sys.executable, "benchmarks/peer_hf_trainer.py", "--epochs", str(epochs), "--seed", str(seed),
+           "--output_json", out]
+    if max_examples:
+        cmd += ["--max_examples", str(max_examples)]
     t0 = time.time()
     env = {**os.environ, **(REUSE_MEMORY_ENV if reuse_memory else {})}
     subprocess.run(cmd, cwd=REPO, check=True, env=env)
@@ -71,12 +76,12 @@ def main() -> None:
     args = p.parse_args()
     root = tempfile.mkdtemp(prefix="ftjax_cold_warm_")
     cache = os.path.join(root, "jax_cache")
-    results = {"cold": ftjax_run(os.path.join(root, "cold"), cache, args),
-               "warm": ftjax_run(os.path.join(root, "warm"), cache, args)}
+    results = {"cold": ftjax_run(os.path.join(root, "cold"), cache, args.epochs, args.max_examples),
+               "warm": ftjax_run(os.path.join(root, "warm"), cache, args.epochs, args.max_examples)}
     if args.peer:
-        results["hf_trainer"] = peer_run(args, root)
+        results["hf_trainer"] = peer_run(root, args.epochs, args.max_examples)
     if args.peer_reuse_memory:
-        results["hf_trainer_reuse_memory"] = peer_run(args, root, reuse_memory=True)
+        results["hf_trainer_reuse_memory"] = peer_run(root, args.epochs, args.max_examples, reuse_memory=True)
     for name, r in results.items():
         print(f"{name:>10}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                           for k, v in r.items() if not isinstance(v, (dict, list))))

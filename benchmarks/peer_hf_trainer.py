@@ -25,7 +25,6 @@ VALIDATION_FRACTION = 0.1  # of train, held out with the seed, evaluated every e
 WEIGHT_DECAY = 0.01  # Trainer excludes biases and LayerNorm weights, as ftjax does.
 WARMUP = 0.1  # fraction of the run; then linear decay to 0.
 MAX_GRAD_NORM = 1.0
-SEED = 0
 TEXT_FIELD, LABEL_FIELD = "review", "score"
 
 
@@ -58,6 +57,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=0,
         help="use only the first N train rows and N test rows, for a quick smoke run (0 = all)",
     )
+    p.add_argument("--seed", type=int, default=0,
+                   help="seeds the validation hold-out (the same rows ftjax's train.seed holds out), the head's "
+                        "init and the data order (default 0, ftjax's default train.seed)")
     p.add_argument("--output_json", type=str, default="", help="also write the results to this JSON file")
     p.add_argument("--model_dir", type=str, default="", help="HF folder of the model (default: the installed MiniLM)")
     p.add_argument("--data_dir", type=str, default="",
@@ -77,8 +79,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def load_splits(max_examples: int, data_dir: str = "") -> tuple[dict[str, tuple[list[str], list[int]]], list[str]]:
-    """Train/validation/test (texts, label ids); validation is a seeded 10% of train; labels sorted -> ids."""
+def load_splits(
+    max_examples: int, data_dir: str = "", seed: int = 0
+) -> tuple[dict[str, tuple[list[str], list[int]]], list[str]]:
+    """Train/validation/test (texts, label ids); validation is the seeded 10% of train that ftjax holds out
+    with train.seed=`seed` (ftjax.data.batching.holdout_indices), so both train on the same rows; labels
+    sorted -> ids."""
+    from ftjax.data.batching import holdout_indices
+
     if data_dir:
         import pandas as pd
 
@@ -98,9 +106,7 @@ def load_splits(max_examples: int, data_dir: str = "") -> tuple[dict[str, tuple[
     to_id = {name: i for i, name in enumerate(label_names)}
     texts = [str(t) for t in train[TEXT_FIELD]]
     labels = [to_id[s] for s in train[LABEL_FIELD]]
-    order = np.random.default_rng(SEED).permutation(len(texts))
-    n_val = max(1, round(VALIDATION_FRACTION * len(texts)))
-    val_idx, train_idx = sorted(order[:n_val]), sorted(order[n_val:])
+    val_idx, train_idx = holdout_indices(len(texts), VALIDATION_FRACTION, seed)
     splits = {
         "train": ([texts[i] for i in train_idx], [labels[i] for i in train_idx]),
         "validation": ([texts[i] for i in val_idx], [labels[i] for i in val_idx]),
@@ -133,8 +139,8 @@ def main(argv: list[str] | None = None) -> dict:
     )
 
     path = Path(args.model_dir) if args.model_dir else model_dir()
-    splits, label_names = load_splits(args.max_examples, args.data_dir)
-    transformers.set_seed(SEED)  # before the model: the classifier head's init depends on it.
+    splits, label_names = load_splits(args.max_examples, args.data_dir, args.seed)
+    transformers.set_seed(args.seed)  # before the model: the classifier head's init depends on it.
     tokenizer = AutoTokenizer.from_pretrained(path)
     data = {name: encode(tokenizer, *split) for name, split in splits.items()}
     model = AutoModelForSequenceClassification.from_pretrained(
@@ -153,7 +159,7 @@ def main(argv: list[str] | None = None) -> dict:
         lr_scheduler_type="linear",
         warmup_steps=WARMUP,  # a float < 1 is a fraction of the total steps in transformers 5.
         max_grad_norm=MAX_GRAD_NORM,
-        seed=SEED,
+        seed=args.seed,
         fp16=False,
         bf16=False,
         eval_strategy="epoch",
@@ -190,6 +196,7 @@ def main(argv: list[str] | None = None) -> dict:
         "epochs": args.epochs,
         "batch_size": args.batch_size,
         "lr": args.lr,
+        "seed": args.seed,
         "max_len": MAX_LEN,
         "train_steps": int(train_out.global_step),
         # epochs * n_train / train wall time; the wall time includes the per-epoch validation passes.
