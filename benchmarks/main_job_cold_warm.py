@@ -39,6 +39,8 @@ def ftjax_run(workdir: str, cache: str, epochs: float, max_examples: int = 0, se
     perf = summary.get("perf", {})
     return {"wall_s": wall, "train_examples_per_s": summary["timing"]["train_examples_per_second"],
             "test_accuracy": summary.get("test", {}).get("accuracy"),
+            # The last weights' (HF Trainer reports its last): summary["last"] exists when the best step is earlier.
+            "last_test_accuracy": summary.get("last", summary).get("test", {}).get("accuracy"),
             "val_accuracy": summary.get("val", {}).get("accuracy"), "best_step": summary.get("best_step"),
             "time_to_first_step_s": perf.get("time_to_first_step_s"),
             "loop_begin_to_first_step_s": perf.get("loop_begin_to_first_step_s"), "compile_s": perf.get("compile_s"),

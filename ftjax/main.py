@@ -121,6 +121,10 @@ def _train(cfg, workdir: str) -> dict:
     for split in ("val", "test"):
         if split in summary:
             print(f"{split}: " + " ".join(f"{k}={v:.4f}" for k, v in summary[split].items()))
+    if "last" in summary:  # the numbers above are the best checkpoint's
+        last = summary["last"]
+        print(f"test of the last weights (step {last['step']}; best step {summary['best_step']} above): "
+              + " ".join(f"{k}={v:.4f}" for k, v in last["test"].items()))
     timing = summary["timing"]
     print(f"train examples/s: {timing['train_examples_per_second']:.1f}   wall: {timing['wall_seconds']:.0f}s")
     perf = summary.get("perf") or {}

@@ -175,10 +175,16 @@ def hold_workdir(workdir: str) -> WorkdirLock:
 
 
 def finish(run: Run, ckpt: Checkpointer, loop: Loop, early: EarlyStopping, t_start: float) -> dict[str, Any]:
-    """Restores the best checkpoint, evaluates it on validation (and test), writes summary.json + plots."""
+    """Restores the best checkpoint, evaluates it on validation (and test), writes summary.json + plots.
+    When the best step is not the last, the last weights are scored on test first (summary["last"]): what
+    selecting the best checkpoint gained or lost, and the number to set beside a trainer that keeps its
+    last weights (HF Trainer's default)."""
     ckpt.wait()
     best = ckpt.best_step()
+    last = None
     if best is not None and best != loop.step:
+        if run.data.has_split("test"):
+            last = {"step": loop.step, "test": run.evaluate("test")}
         run.state, _ = ckpt.restore(best, run.abstract_state())
     stopper = early.stoppers[0]
     status = loop.status[0]
@@ -197,6 +203,8 @@ def finish(run: Run, ckpt: Checkpointer, loop: Loop, early: EarlyStopping, t_sta
         summary["test"] = run.evaluate("test")
         with MetricWriter(run.workdir, enabled=run.primary) as writer:
             writer.write(loop.step, "test", summary["test"])
+    if last is not None:
+        summary["last"] = last
     summary["timing"] = {**loop.timing, "wall_seconds": time.time() - t_start,
                          # Real (non-padding) examples over the training loop's wall time, evaluation excluded.
                          "train_examples_per_second": loop.examples_per_second()}

@@ -60,7 +60,8 @@ def make_run(workdir, lr: float, accuracy: float, *, data=DATA, forgetting: bool
         w.write(30, "test", {"loss": 0.8, "accuracy": accuracy - 0.02})
     if summary:
         fileio.write_json(fileio.path(workdir) / "summary.json", {
-            "status": "done", "steps": 30, "best_step": 30,
+            "status": "done", "steps": 30, "best_step": 30 if accuracy < 0.85 else 20,
+            **({} if accuracy < 0.85 else {"last": {"step": 30, "test": {"loss": 0.9, "accuracy": 0.84}}}),
             "val": {"loss": 1.0 - accuracy / 2, "accuracy": accuracy, "count": 50},
             "test": {"loss": 0.8, "accuracy": accuracy - 0.02},
             "timing": {"train_examples_per_second": 100.0 * accuracy, "wall_seconds": 12.0},
@@ -99,6 +100,8 @@ def test_report_has_the_diff_the_final_numbers_and_overlaid_curves(three_runs, t
     assert cells["lr_2"][col["MFU"]] == "**19.0%**" and cells["lr_3"][col["MFU"]] == "18.0%"
     assert cells["lr_1"][col["test loss"]] == "**0.8000**" == cells["lr_3"][col["test loss"]]  # ties: all bold
     assert "best step" in col and "examples/s" in col and "val count" not in col
+    # Only lr_2's best step came before its last: the last weights' test numbers, "-" for the others.
+    assert cells["lr_2"][col["last test accuracy"]] == "**0.8400**" and cells["lr_1"][col["last test loss"]] == "-"
 
     out = path.parent
     for name in ("train_loss.png", "val_loss.png", "val_accuracy.png", "gap_val_minus_train_loss.png", "lr.png",

@@ -129,6 +129,7 @@ def test_early_stopping_stops_at_the_right_eval_and_restores_the_best(model_dir,
         assert len(val) - 1 - [s for s, _ in val].index(best_step) < 2
     assert summary["best_step"] == best_step
     assert summary["val"]["loss"] == pytest.approx(best_loss, rel=1e-5)
+    assert ("last" in summary) == (best_step != summary["steps"])  # the last weights' test numbers, if not best
 
 
 def test_a_workdir_holding_another_model_is_an_error(model_dir, data_dir, tmp_path):

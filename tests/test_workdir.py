@@ -98,6 +98,13 @@ def test_eval_and_export_take_the_best_checkpoint_and_leave_a_trainers_files_alo
     assert f"checkpoint: step {summary['best_step']}, best val_loss" in out.stdout
     assert json.loads((tmp_path / "eval.json").read_text())["step"] == summary["best_step"]
     assert in_flight.exists()
+    # summary["last"]: the last weights' test numbers, the same as evaluating the last checkpoint.
+    assert summary["last"]["step"] == summary["steps"]
+    assert summary["last"]["test"]["loss"] != summary["test"]["loss"]
+    _cli(f"--workdir={tmp_path}", "--mode=eval", f"--step={summary['steps']}")
+    at_last = json.loads((tmp_path / "eval.json").read_text())
+    assert at_last["step"] == summary["steps"]
+    assert at_last["test"] == pytest.approx(summary["last"]["test"], rel=1e-5)
     export = tmp_path / "exported"
     _cli(f"--workdir={tmp_path}", "--mode=export", f"--export_dir={export}", f"--step={summary['steps']}")
     assert json.loads((export / "ftjax_export.json").read_text())["step"] == summary["steps"]

@@ -204,13 +204,16 @@ def _final_columns(runs: list[RunData]) -> list[tuple[str, str, Any]]:
     """(header, direction "min" | "max" | "", getter) for each column of the final-numbers table."""
     cols: list[tuple[str, str, Any]] = [("best step", "", lambda s: s.get("best_step")),
                                         ("steps", "", lambda s: s.get("steps"))]
-    for split in ("val", "test"):
+    # The best checkpoint's val / test numbers, and the last weights' test numbers where the best was earlier.
+    sections = (("val", lambda s: s.get("val", {})), ("test", lambda s: s.get("test", {})),
+                ("last test", lambda s: s.get("last", {}).get("test", {})))
+    for label, numbers in sections:
         names: list[str] = []
         for r in runs:
-            names += [k for k in (r.summary or {}).get(split, {}) if k not in names and k not in _SKIP_KEYS]
+            names += [k for k in numbers(r.summary or {}) if k not in names and k not in _SKIP_KEYS]
         names.sort(key=lambda k: k != "loss")
-        cols += [(f"{split} {k}", "min" if lower_is_better(k) else "max",
-                  lambda s, split=split, k=k: s.get(split, {}).get(k)) for k in names]
+        cols += [(f"{label} {k}", "min" if lower_is_better(k) else "max",
+                  lambda s, numbers=numbers, k=k: numbers(s).get(k)) for k in names]
     cols += [("examples/s", "max", lambda s: s.get("timing", {}).get("train_examples_per_second")),
              ("MFU", "max", lambda s: (s.get("perf") or {}).get("mfu")),
              ("wall s", "", lambda s: s.get("timing", {}).get("wall_seconds"))]
