@@ -49,7 +49,7 @@ _TRIPS = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
 def hlo_matmul_flops(hlo: str) -> float:
     """2 x output elements x contracted size of every dot in an optimized HLO module, each counted as often as
     it runs: fused computations through their callers, while-loop bodies (the CPU attention's `lax.map` over
-    the batch) times their known trip count."""
+    chunks of the batch) times their known trip count."""
     assert " convolution(" not in hlo  # not parsed here
     shapes = {m.group(1): [int(d) for d in m.group(2).split(",") if d] for m in _SHAPE.finditer(hlo)}
     own, calls, entry, name = {}, {}, None, None
@@ -147,7 +147,8 @@ def test_total_flops_match_xla_cost_analysis_where_matmuls_dominate():
     # hidden 256, 128 tokens per row: the matmuls are ~97% of XLA's count; the rest is elementwise (softmax
     # over B x H x L^2, LayerNorm, GELU, the AdamW update: ~10-20 flops per element or param), which the
     # model-FLOPs convention leaves out. So ours is below XLA's by a few percent, never above.
-    # One row: XLA's cost analysis counts a while loop's body once, and on CPU attention loops over the rows.
+    # One row: XLA's cost analysis counts a while loop's body once (CPU attention loops over chunks of rows
+    # when the scores exceed common.ATTENTION_SCORES_BYTES).
     model = models.from_config(_bert(hidden=256, inter=1024, vocab=256), "classification", num_labels=3)
     compiled, trainable, model = _compiled_step(model, "classification", 1, 128)
     ours = flops.step_flops(model, trainable, flops.Shape(1, 128)).train

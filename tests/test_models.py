@@ -152,6 +152,28 @@ def test_padding_does_not_change_outputs_at_real_tokens(tmp_path):
     assert max_diff(padded[1, :5], ignored[1, :5]) > 1e-3  # the mask is really used
 
 
+@pytest.mark.parametrize("bias_kind", ["none", "padding", "packed"])
+def test_cpu_attention_in_chunks_matches_jax_nn(monkeypatch, bias_kind):
+    """common.chunked_attention (CPU float32) equals jax.nn.dot_product_attention, in one chunk and when the
+    scores budget splits 5 examples into chunks of 2 (a loop, so memory stays bounded)."""
+    from ftjax.models import common
+
+    b, length, heads, d = 5, 16, 3, 8
+    q, k, v = (jax.random.normal(jax.random.key(i), (b, length, heads, d)) for i in range(3))
+    real = jnp.arange(length)[None, :] < jnp.array([16, 9, 12, 3, 16])[:, None]
+    neg = jnp.finfo(jnp.float32).min
+    bias = {"none": None, "padding": jnp.where(real, 0.0, neg)[:, None, None, :],
+            # two segments per row (packed examples): block-diagonal [B, 1, L, L]
+            "packed": jnp.where((jnp.arange(length)[:, None] < 7) == (jnp.arange(length)[None, :] < 7), 0.0,
+                                neg)[None, None].repeat(b, 0)}[bias_kind]
+    want = jax.nn.dot_product_attention(q, k, v, bias=bias)
+    for budget, loops in ((common.ATTENTION_SCORES_BYTES, False), (2 * 4 * heads * length * length, True)):
+        monkeypatch.setattr(common, "ATTENTION_SCORES_BYTES", budget)
+        fresh = lambda *a: common.chunked_attention(*a)  # a new function: jax caches traces per function
+        assert max_diff(jax.jit(fresh)(q, k, v, bias), want) < 1e-5, budget
+        assert ("scan" in str(jax.make_jaxpr(fresh)(q, k, v, bias))) == loops
+
+
 @pytest.mark.slow
 def test_real_minilm_matches_pytorch_on_tokenized_sentences():
     tok = models.load_tokenizer(MINILM)
