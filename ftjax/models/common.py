@@ -249,8 +249,9 @@ def softmax_attention(
 
     Heads-major ([..., H, L, D] operands, transposed once) rather than einsums on [B, L, H, D]: XLA:CPU runs
     the latter as strided, transposing batched matmuls. Measured on a quiet 2-core AVX-512 Xeon: the MiniLM
-    train step at 20 x 128 (dropout on) 882 -> 822 ms; its attention without dropout at 32 x 128, 14.7 ms vs
-    25.0 ms for jax.nn.dot_product_attention (torch SDPA, a fused kernel: 5.1 ms)."""
+    train step at 20 x 128 with a padding mask (dropout on) 882 -> 807 ms, with packed rows' [B, 1, L, L]
+    bias unchanged (~860 ms); its attention without dropout at 32 x 128, 14.7 ms vs 25.0 ms for
+    jax.nn.dot_product_attention (torch SDPA, a fused kernel: 5.1 ms)."""
     scale = jnp.asarray(1.0 / math.sqrt(q.shape[-1]), q.dtype)
     scores = jnp.matmul(jnp.swapaxes(q, -3, -2) * scale, jnp.moveaxis(k, -3, -1), preferred_element_type=jnp.float32)
     if bias is not None:
