@@ -269,8 +269,8 @@ def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array 
     """`softmax_attention` for XLA:CPU inference over chunks of examples whose scores fit in
     ATTENTION_SCORES_BYTES (MiniLM at 32 x 128: one chunk, 25 MB; a 2k-token model: one example at a time,
     so memory stays bounded by one example's scores). On a quiet 2-core AVX-512 Xeon the MiniLM forward at
-    32 x 128 went from 1.27x to 1.16x torch's time (jax.nn.dot_product_attention one example at a time
-    before). float32 only (XLA:CPU rejects the f16 dot)."""
+    32 x 128 went from 1.26-1.30x to 1.15-1.20x torch's time (jax.nn.dot_product_attention one example at
+    a time before). float32 only (XLA:CPU rejects the f16 dot)."""
     b, lq, heads, _ = q.shape
     if bias is not None:
         bias = jnp.broadcast_to(bias, (b, *bias.shape[1:]))
