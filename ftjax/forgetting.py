@@ -19,6 +19,7 @@ import ml_collections
 import numpy as np
 
 from ftjax import params as params_lib
+from ftjax import stacking
 from ftjax.data import sources
 from ftjax.data import text as text_lib
 from ftjax.data.errors import DataError
@@ -74,10 +75,14 @@ def depth_groups(depths: dict[str, int], num_layers: int) -> tuple[list[str], di
     return names, {path: index[name(d)] for path, d in depths.items()}
 
 
-def drift_sums(params: Any, anchor: Any, group_of: dict[str, int], groups: int) -> jax.Array:
+def drift_sums(params: Any, anchor: Any, group_of: dict[str, int], groups: int, stacks: dict | None = None
+               ) -> jax.Array:
     """[groups, 2]: per group, sum ||W - W0||^2 and sum ||W0||^2 over the anchor's params (float32);
-    jit it: one reduction over the tree. Params absent from `group_of` count in no group."""
-    flat_p, flat_a = params_lib.flatten(params), params_lib.flatten(anchor)
+    jit it: one reduction over the tree. Params absent from `group_of` count in no group. `group_of` is keyed
+    by per-layer paths: a scanned stack's params (`stacks`, ftjax.stacking) count layer by layer."""
+    stacks = stacks or {}
+    flat_p = stacking.unstack(params_lib.flatten(params), stacks)
+    flat_a = stacking.unstack(params_lib.flatten(anchor), stacks)
     diff = [jnp.float32(0.0)] * groups
     ref = [jnp.float32(0.0)] * groups
     for path, w0 in flat_a.items():

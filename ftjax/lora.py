@@ -21,9 +21,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ftjax import fileio, hf, models
+from ftjax import fileio, hf, models, stacking
 from ftjax import params as params_lib
 from ftjax.config import ConfigError
+from ftjax.models import common
 from ftjax.models.common import AXES
 
 LORA_LEAVES = ("lora_a", "lora_b", "lora_magnitude")
@@ -50,7 +51,7 @@ class LoRALinear(nnx.Module):
     n = ||W + s A B||_c is the norm of each output's column (held constant in the gradient, as PEFT does)
     and m starts at ||W||_c; with dropout on, x there is dropout(x) (PEFT's formula)."""
 
-    def __init__(self, base: nnx.Linear, rank: int, alpha: float, dropout: float, key: jax.Array, index: int,
+    def __init__(self, base: nnx.Linear, rank: int, alpha: float, dropout: float, key: jax.Array | list, index: int,
                  rslora: bool = False, dora: bool = False):
         self.kernel = base.kernel
         self.bias = base.bias if base.bias is not None else nnx.data(None)
@@ -67,17 +68,24 @@ class LoRALinear(nnx.Module):
         ):
             setattr(self, name, getattr(base, name))
         din, dout = base.in_features, base.out_features
-        axes = tuple(base.kernel.get_metadata().get(AXES) or (None, None))
+        kernel_axes = tuple(base.kernel.get_metadata().get(AXES) or (None,) * base.kernel[...].ndim)
+        # A Linear of a scanned stack (kernel [layers, in, out]): one adapter per layer, stacked like it, each
+        # drawn from its own layer's key (`key` is then the list of them), as the unrolled model's would be.
+        stacked = isinstance(key, (list, tuple))
+        lead, axes = (kernel_axes[:1], kernel_axes[1:]) if stacked else ((), kernel_axes)
+        keys = list(key) if stacked else [key]
         # PEFT: nn.init.kaiming_uniform_(lora_A.weight, a=sqrt(5)) on [r, in]: U(-1/sqrt(in), 1/sqrt(in)).
         bound = 1.0 / math.sqrt(din)
-        a = jax.random.uniform(key, (din, rank), jnp.float32, -bound, bound).astype(base.param_dtype)
-        self.lora_a = nnx.Param(a, **{AXES: (axes[0], None)})
-        self.lora_b = nnx.Param(jnp.zeros((rank, dout), base.param_dtype), **{AXES: (None, axes[1])})
+        a = jnp.stack([jax.random.uniform(k, (din, rank), jnp.float32, -bound, bound) for k in keys])
+        a = (a if stacked else a[0]).astype(base.param_dtype)
+        self.lora_a = nnx.Param(a, **{AXES: (*lead, axes[0], None)})
+        self.lora_b = nnx.Param(jnp.zeros((*([len(keys)] if stacked else []), rank, dout), base.param_dtype),
+                                **{AXES: (*lead, None, axes[1])})
         self.rank, self.alpha, self.dropout_rate, self.index = int(rank), float(alpha), float(dropout), int(index)
         self.rslora, self.dora = bool(rslora), bool(dora)
         if self.dora:  # m = ||W0||_c: the layer starts as the base layer
-            norm = jnp.linalg.norm(jnp.asarray(base.kernel[...], jnp.float32), axis=0)
-            self.lora_magnitude = nnx.Param(norm.astype(base.param_dtype), **{AXES: (axes[1],)})
+            norm = jnp.linalg.norm(jnp.asarray(base.kernel[...], jnp.float32), axis=-2)
+            self.lora_magnitude = nnx.Param(norm.astype(base.param_dtype), **{AXES: (*lead, axes[1])})
 
     @property
     def scale(self) -> float:
@@ -90,7 +98,10 @@ class LoRALinear(nnx.Module):
         key = _DROPOUT_KEY.get()
         dropped = key is not None and self.dropout_rate > 0
         if dropped:
-            keep = jax.random.bernoulli(jax.random.fold_in(key, self.index), 1.0 - self.dropout_rate, x.shape)
+            key = jax.random.fold_in(key, self.index)
+            layer = common.layer_index()  # a scanned stack's adapter: each layer its own mask
+            key = key if layer is None else jax.random.fold_in(key, layer)
+            keep = jax.random.bernoulli(key, 1.0 - self.dropout_rate, x.shape)
             x = jnp.where(keep, x / (1.0 - self.dropout_rate), 0).astype(x.dtype)
         x, a, b, w = self.promote_dtype((x, self.lora_a[...], self.lora_b[...], self.kernel[...]), dtype=self.dtype)
         delta = ((x @ a) @ b) * self.scale
@@ -107,7 +118,7 @@ def dora_norm(kernel: Any, a: Any, b: Any, scale: float) -> jax.Array:
     """||W + s A B||_c in float32: the L2 norm over the inputs of each output's column of the [in, out] kernel
     (PEFT's torch.linalg.norm(weight, dim=1) on the [out, in] weight)."""
     f32 = lambda v: jnp.asarray(v, jnp.float32)
-    return jnp.linalg.norm(f32(kernel) + scale * (f32(a) @ f32(b)), axis=0)
+    return jnp.linalg.norm(f32(kernel) + scale * (f32(a) @ f32(b)), axis=-2)
 
 
 _WRAPPED: dict[type, type] = {}
@@ -165,7 +176,9 @@ def apply_lora(model: nnx.Module, lora_cfg: Any, seed: int = 0) -> nnx.Module:
     if not 0.0 <= dropout < 1.0:
         raise ConfigError("optim.lora.dropout", dropout, "in [0, 1)")
     found = [(p, n) for p, n in nnx.iter_graph(model) if isinstance(n, nnx.Linear) and p]
-    hits = [(p, n) for p, n in found if _targeted(model, targets)(module_path(p))]
+    stacks = model.stacks() if hasattr(model, "stacks") else {}
+    hits = [(p, n) for p, n in found if _targets_stack_or_module(_targeted(model, targets), module_path(p), stacks,
+                                                                  targets)]
     if not hits:
         shown = ", ".join(module_path(p) for p, _ in found[:6])
         raise ConfigError(
@@ -176,7 +189,13 @@ def apply_lora(model: nnx.Module, lora_cfg: Any, seed: int = 0) -> nnx.Module:
         )
     base_key = jax.random.key(seed)
     for index, (path, linear) in enumerate(hits):
-        key = jax.random.fold_in(base_key, zlib.crc32(module_path(path).encode()))
+        name = module_path(path)
+        prefix = stacking.stack_of(name, stacks)
+        if prefix is None:
+            key = jax.random.fold_in(base_key, zlib.crc32(name.encode()))
+        else:  # per layer, the key of the unrolled model's module path (equal adapters scanned or not)
+            key = [jax.random.fold_in(base_key, zlib.crc32(stacking.layer_path(name, prefix, i).encode()))
+                   for i in range(stacks[prefix])]
         parent = model
         for part in path[:-1]:
             parent = parent[part] if isinstance(part, int) else getattr(parent, part)
@@ -187,6 +206,20 @@ def apply_lora(model: nnx.Module, lora_cfg: Any, seed: int = 0) -> nnx.Module:
             setattr(parent, path[-1], wrapped)
     model.__class__ = _with_lora_call(type(model))
     return model
+
+
+def _targets_stack_or_module(match: Any, name: str, stacks: dict[str, int], targets: str) -> bool:
+    """Whether a module is adapted: its path matches, or (a Linear of a scanned stack) every layer's path
+    does; a targets regex that picks only some layers of a stack is refused (one adapter spans the stack)."""
+    prefix = stacking.stack_of(name, stacks)
+    if prefix is None or match(name):
+        return bool(match(name))
+    hits = [i for i in range(stacks[prefix]) if match(stacking.layer_path(name, prefix, i))]
+    if hits and len(hits) < stacks[prefix]:
+        raise ConfigError("optim.lora.targets", targets, f"selects layers {hits} of the scanned stack {prefix!r} "
+                          "but not the others: adapt whole stacks, or set model.scan_layers=false for LoRA on "
+                          "some layers only")
+    return bool(hits)
 
 
 def _targeted(model: nnx.Module, targets: str) -> Any:
@@ -246,7 +279,7 @@ def merged_params(model: nnx.Module, params: dict | None = None) -> dict:
             merged = jnp.asarray(value, jnp.float32) + modules[mod].scale * (a @ b)
             if modules[mod].dora:
                 magnitude = jnp.asarray(flat[f"{mod}/lora_magnitude"], jnp.float32)
-                merged = merged * (magnitude / jnp.linalg.norm(merged, axis=0))[None, :]
+                merged = merged * (magnitude / jnp.linalg.norm(merged, axis=-2))[..., None, :]
             value = merged.astype(value.dtype)
         out[path] = value
     return _unflatten(out, params)
@@ -263,6 +296,16 @@ def _unflatten(flat: dict[str, Any], like: dict) -> dict:
             src = src[key]
             dst = dst.setdefault(key, {})
         dst[_key(src, parts[-1])] = value
+    return out
+
+
+def _layer_modules(modules: dict[str, LoRALinear], stacks: dict[str, int]) -> dict[str, LoRALinear]:
+    """{per-layer module path: its LoRALinear}: a scanned stack's adapter is listed once per layer."""
+    out = {}
+    for mod, linear in modules.items():
+        prefix = stacking.stack_of(mod, stacks)
+        names = [mod] if prefix is None else [stacking.layer_path(mod, prefix, i) for i in range(stacks[prefix])]
+        out.update({name: linear for name in names})
     return out
 
 
@@ -334,17 +377,21 @@ def export_peft(
     target = hf.check_export_target(out_dir, overwrite=overwrite,
                                     base_folders=models.base_folders(model) + local_base)
     tensors: dict[str, np.ndarray] = {}
-    for mod in modules:
+    stacks = model.stacks() if hasattr(model, "stacks") else {}
+    per_layer = stacking.unstack({p: np.asarray(jax.device_get(v)) for p, v in flat.items() if is_lora_param(p)},
+                                 stacks)  # a scanned stack's adapters: one PEFT module per layer
+    layer_modules = _layer_modules(modules, stacks)
+    for mod in layer_modules:
         name = f"base_model.model.{_hf_module(mod)}"
-        tensors[f"{name}.lora_A.weight"] = np.asarray(jax.device_get(flat[f"{mod}/lora_a"])).T.copy()
-        tensors[f"{name}.lora_B.weight"] = np.asarray(jax.device_get(flat[f"{mod}/lora_b"])).T.copy()
-        if modules[mod].dora:  # PEFT's DoRA magnitude [out] (its key has no ".weight")
-            tensors[f"{name}.lora_magnitude_vector"] = np.asarray(jax.device_get(flat[f"{mod}/lora_magnitude"]))
+        tensors[f"{name}.lora_A.weight"] = per_layer[f"{mod}/lora_a"].T.copy()
+        tensors[f"{name}.lora_B.weight"] = per_layer[f"{mod}/lora_b"].T.copy()
+        if layer_modules[mod].dora:  # PEFT's DoRA magnitude [out] (its key has no ".weight")
+            tensors[f"{name}.lora_magnitude_vector"] = per_layer[f"{mod}/lora_magnitude"]
     extra = _modules_to_save(model, flat, also_trained)
     if extra:
         for key, value in models.hf_state_dict(model, _unflatten(extra, params)).items():
             tensors[f"base_model.model.{key}"] = np.ascontiguousarray(value)
-    cfg = _peft_config(model, modules, extra, base_model_name_or_path)
+    cfg = _peft_config(model, layer_modules, extra, base_model_name_or_path)
     with fileio.atomic_dir(target) as tmp:
         fileio.write_text(tmp / "adapter_config.json", json.dumps(cfg, indent=2) + "\n")
         hf.write_safetensors(tensors, tmp / "adapter_model.safetensors")

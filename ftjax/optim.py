@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
-from ftjax import fileio
+from ftjax import fileio, stacking
 from ftjax import params as params_lib
 from ftjax.config import OPTIMIZERS, ConfigError, validate
 from ftjax.param_table import FROZEN, Group, ParamInfo, build_table
@@ -171,6 +173,7 @@ class Optimizer:
     config: Any  # the optim ConfigDict it was built from
     abstract_params: Any  # ShapeDtypeStructs of the params, to size the optimizer state
     groups: tuple[Group, ...] = ()  # optim.groups then "default", with their merged schedules
+    stacks: dict[str, int] = dataclasses.field(default_factory=dict)  # scanned stacks (ftjax.stacking)
 
     @property
     def phase_starts(self) -> tuple[int, ...]:
@@ -180,8 +183,45 @@ class Optimizer:
         )
 
     def trainable_at(self, step: int) -> frozenset[str]:
-        """Paths of the params that train at `step`."""
+        """Per-layer paths (the table's) of the params that train at `step`."""
         return frozenset(p for p, r in self.table.items() if r.trainable_at(step))
+
+    def _layers_of(self) -> dict[str, list[str]]:
+        """{param path: its per-layer table paths} (one path for an unstacked param)."""
+        by_index: dict[str, list[tuple[int, str]]] = {}
+        for virtual in self.table:  # the table is in tree (sorted-key) order: layer 10 before layer 2
+            path, index = stacking.split_layer_path(virtual, self.stacks)
+            by_index.setdefault(path, []).append((index or 0, virtual))
+        return {path: [v for _, v in sorted(rows)] for path, rows in by_index.items()}
+
+    def trainable_params_at(self, step: int) -> frozenset[str]:
+        """Paths in the params tree that the step differentiates at `step`: a stacked param when any of its
+        layers trains (the others' gradients are masked: `grad_masks_at`)."""
+        return frozenset(p for p, rows in self._layers_of().items()
+                         if any(self.table[v].trainable_at(step) for v in rows))
+
+    def per_param(self, value: Callable[[ParamInfo], Any]) -> Any:
+        """A tree like the params of `value(row)`: a scalar per param, or for a stacked param whose layers
+        differ an array [layers, 1, ...] that broadcasts against it (e.g. per-layer LR multipliers)."""
+        layers = self._layers_of()
+
+        def one(path, leaf):
+            values = [value(self.table[v]) for v in layers[path]]
+            if len(values) == 1 or all(v == values[0] for v in values):
+                return values[0]
+            return np.asarray(values).reshape((len(values),) + (1,) * (len(leaf.shape) - 1))
+
+        return params_lib.map_with_path(one, self.abstract_params)
+
+    def grad_masks_at(self, step: int) -> dict[str, tuple[bool, ...]]:
+        """{stacked param path: per-layer trains-at-`step` flags} for stacked params only partly trained at
+        `step`; the step zeroes the other layers' gradients (before clipping, norms and the optimizer)."""
+        out = {}
+        for path, rows in self._layers_of().items():
+            flags = tuple(self.table[v].trainable_at(step) for v in rows)
+            if len(flags) > 1 and any(flags) and not all(flags):
+                out[path] = flags
+        return out
 
     def lr_at(self, step: int) -> dict[str, float]:
         """{group: its LR at `step`} (the group's lr_mult times its schedule; LLRD scales layers below it)."""
@@ -315,22 +355,29 @@ def lora_line(lora: Any) -> str:
 
 
 def build(
-    optim_cfg: Any, params: Any, *, total_steps: int, steps_per_epoch: int, head_pattern: str | None = None
+    optim_cfg: Any, params: Any, *, total_steps: int, steps_per_epoch: int, head_pattern: str | None = None,
+    stacks: dict[str, int] | None = None,
 ) -> Optimizer:
     """The optimizer for `params` (nested dict of arrays or ShapeDtypeStructs) under `optim_cfg` (cfg.optim).
 
     tx = clip_by_global_norm(clip_norm) -> multi_transform({label: chain}) where each trainable label's chain
     is: optimizer preconditioning (scale_by_adam ...) -> decoupled weight decay (+ wd * p, or wd * (p - p0))
     -> scale by -lr_mult * schedule(step); labels that unfreeze at step N are gated (zeros and untouched
-    state until N, the global schedule after); frozen params -> set_to_zero (no state).
+    state until N, the global schedule after); frozen params -> set_to_zero (no state). `stacks`
+    (ftjax.stacking): the table has a row per layer of a scanned stack, and a stack whose layers get different
+    labels is optimised per run of layers (`LayerSegments`), exactly as the unrolled model would be.
     """
     o = optim_cfg
     validate({"optim": o}, section="optim")  # the values, by their declaration; the rest needs the tree
     if total_steps < 1:
         raise ConfigError("train.steps", total_steps, "the run must have >= 1 optimizer step")
     steps_per_epoch = max(int(steps_per_epoch), 1)
+    stacks = dict(stacks or {})
+    abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+    # The table has one row per layer of a scanned stack (the unrolled model's paths).
+    per_layer = params_lib.unflatten(stacking.unstack(params_lib.flatten(abstract), stacks))
     table, groups = build_table(
-        o, params, total_steps=total_steps, steps_per_epoch=steps_per_epoch, head_pattern=head_pattern
+        o, per_layer, total_steps=total_steps, steps_per_epoch=steps_per_epoch, head_pattern=head_pattern
     )
     args = _group_schedule_args(o, groups, total_steps, steps_per_epoch)
     base_lr = {name: SCHEDULE_FNS[kind](a) for name, (kind, a) in args.items()}
@@ -338,15 +385,90 @@ def build(
     for r in table.values():
         if r.label not in transforms:
             transforms[r.label] = optax.set_to_zero() if r.frozen else _label_chain(o, r, base_lr[r.group])
-    labels = params_lib.map_with_path(lambda p, _: table[p].label, params)
-    tx = optax.multi_transform(transforms, labels)
+    segments = _segments(table, stacks)
+    labels = params_lib.map_with_path(
+        lambda p, _: segments[p][0][2] if len(segments[p]) == 1 else "per-layer", abstract)
+    view = LayerSegments({p: segs for p, segs in segments.items() if len(segs) > 1})
+    tx = optax.multi_transform(transforms, view.labels(abstract, segments))
     # Always a 2-chain, so the state's structure does not depend on whether clipping is on.
     tx = optax.chain(optax.clip_by_global_norm(o.clip_norm) if o.clip_norm > 0 else optax.identity(), tx)
-    abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+    tx = view.wrap(tx)
     schedules = {g.name: _scaled(base_lr[g.name], g.lr_mult) for g in groups}
     return Optimizer(
-        tx, table, labels, schedules, args, total_steps, steps_per_epoch, o, abstract, tuple(groups)
+        tx, table, labels, schedules, args, total_steps, steps_per_epoch, o, abstract, tuple(groups), stacks
     )
+
+
+def _segments(table: dict[str, ParamInfo], stacks: dict[str, int]) -> dict[str, list[tuple[int, int, str]]]:
+    """{param path: [(first layer, end layer, label), ...]}: the runs of consecutive layers of a stacked param
+    that share a multi_transform label (one run for an unstacked param, or a stack whose layers agree)."""
+    labels: dict[str, dict[int, str]] = {}
+    for virtual, row in table.items():
+        path, index = stacking.split_layer_path(virtual, stacks)
+        labels.setdefault(path, {})[index or 0] = row.label
+    out: dict[str, list[tuple[int, int, str]]] = {}
+    for path, by_index in labels.items():
+        runs = out.setdefault(path, [])
+        for i in sorted(by_index):
+            if runs and runs[-1][2] == by_index[i]:
+                runs[-1] = (runs[-1][0], i + 1, by_index[i])
+            else:
+                runs.append((i, i + 1, by_index[i]))
+    return out
+
+
+SEGMENT = "segment_{}_{}"  # the key of layers [a, b) of a stacked param in the optimizer's view
+
+
+class LayerSegments:
+    """The optimizer's view of stacked params whose layers differ (LLRD multipliers, per-layer freezing or
+    unfreezing steps): each such param is split along its layer axis into runs of layers with one label,
+    {"segment_A_B": layers A..B-1}, so every run gets exactly the chain (and the state, or none when frozen)
+    its layers would get unrolled. Params whose layers agree, and unstacked ones, pass unchanged."""
+
+    def __init__(self, segments: dict[str, list[tuple[int, int, str]]]):
+        self.segments = segments
+
+    def _map(self, tree: Any, fn: Callable[[str, Any], Any], prefix: str = "") -> Any:
+        if isinstance(tree, dict) and prefix.rstrip("/") not in self.segments:
+            return {k: self._map(v, fn, f"{prefix}{k}/") for k, v in tree.items()}
+        return fn(prefix.rstrip("/"), tree)
+
+    def split(self, tree: Any) -> Any:
+        def one(path, x):
+            if path not in self.segments or x is None:
+                return x
+            return {SEGMENT.format(a, b): x[a:b] for a, b, _ in self.segments[path]}
+        return self._map(tree, one) if self.segments else tree
+
+    def join(self, tree: Any) -> Any:
+        def one(path, x):
+            if path not in self.segments:
+                return x
+            return jnp.concatenate([x[SEGMENT.format(a, b)] for a, b, _ in self.segments[path]], axis=0)
+        return self._map(tree, one) if self.segments else tree
+
+    def labels(self, params: Any, segments: dict[str, list[tuple[int, int, str]]]) -> Any:
+        """The multi_transform labels of the view: each segment its run's label."""
+        def one(path, _):
+            if path in self.segments:
+                return {SEGMENT.format(a, b): label for a, b, label in self.segments[path]}
+            return segments[path][0][2]
+        return self._map(params, one)
+
+    def wrap(self, tx: optax.GradientTransformation) -> optax.GradientTransformation:
+        """`tx` applied to the view: its state is over the segments; updates come back as whole params."""
+        if not self.segments:
+            return tx
+
+        def init(params):
+            return tx.init(self.split(params))
+
+        def update(updates, state, params=None):
+            new, state = tx.update(self.split(updates), state, None if params is None else self.split(params))
+            return self.join(new), state
+
+        return optax.GradientTransformation(init, update)
 
 
 def _group_schedule_args(

@@ -33,6 +33,19 @@ def flatten(tree: Any) -> dict[str, Any]:
     return {path_str(kp): leaf for kp, leaf in leaves}
 
 
+def unflatten(flat: dict[str, Any]) -> dict:
+    """The nested dict of {"a/3/b": leaf} paths; numeric parts become int keys (list indices), so the tree
+    orders layers as an nnx.List does (2 before 10)."""
+    nested: dict = {}
+    for path, value in flat.items():
+        node = nested
+        parts = path.split("/")
+        for part in parts[:-1]:
+            node = node.setdefault(int(part) if part.isdigit() else part, {})
+        node[parts[-1]] = value
+    return nested
+
+
 def map_with_path(fn: Callable[[str, Any], Any], tree: Any) -> Any:
     """tree_map where fn also gets the param's '/'-joined path."""
     return jax.tree_util.tree_map_with_path(lambda kp, x: fn(path_str(kp), x), tree)

@@ -10,9 +10,11 @@ from __future__ import annotations
 import re
 from typing import Any
 
+import jax
 from flax import nnx
 
 from ftjax import params as params_lib
+from ftjax import stacking
 from ftjax.config import ConfigError
 from ftjax.models import _init_value
 
@@ -42,17 +44,29 @@ def top_layer_paths(paths: list[str], n: int, layer_pattern: str) -> list[str]:
 
 def reinit_top_layers(model: Any, n: int, layer_pattern: str, seed: int) -> list[str]:
     """Re-initialises (in place, each param keeping its dtype and sharding) the top `n` layers of `model`
-    and its pooler; returns their param paths."""
+    and its pooler; returns their (per-layer) param paths. A scanned stack's layers are re-drawn in its
+    stacked params with the values the unrolled model's would get."""
     state = nnx.state(model, nnx.Param)
     pure = nnx.to_pure_dict(state)
     flat = params_lib.flatten(pure)
-    chosen = set(top_layer_paths(list(flat), n, layer_pattern))
+    stacks = model.stacks() if hasattr(model, "stacks") else {}
+    view = stacking.layer_view(flat, stacks)
+    chosen = set(top_layer_paths(list(view), n, layer_pattern))
     std = float(getattr(model.hf_config, "initializer_range", 0.02))
+    layers_of: dict[str, list[tuple[int, str]]] = {}
+    for virtual in chosen:
+        path, index = view[virtual]
+        layers_of.setdefault(path, []).append((index, virtual))
 
     def fresh(path: str, x: Any) -> Any:
-        if path not in chosen:
+        if path not in layers_of:
             return x
-        return _init_value(path, tuple(x.shape), x.dtype, std, seed, getattr(x, "sharding", None))
+        sharding = getattr(x, "sharding", None)
+        for index, virtual in layers_of[path]:
+            if index is None:
+                return _init_value(virtual, tuple(x.shape), x.dtype, std, seed, sharding)
+            x = x.at[index].set(_init_value(virtual, tuple(x.shape[1:]), x.dtype, std, seed))
+        return x if sharding is None else jax.device_put(x, sharding)
 
     nnx.replace_by_pure_dict(state, params_lib.map_with_path(fresh, pure))
     nnx.update(model, state)

@@ -108,6 +108,7 @@ class Run:
             raise ValueError(f"Run purpose={purpose!r}: 'train', 'eval' or 'export'")
         config_lib.validate(cfg)
         workdir_lib.check_workdir_path(workdir)
+        workdir_lib.adopt_saved_structure(cfg, workdir)  # an older run keeps the layer layout it was built with
         self.cfg, self.workdir, self.purpose = cfg, workdir, purpose
         self.primary = distributed.is_primary()
         fileio.path(workdir).mkdir(parents=True, exist_ok=True)
@@ -134,14 +135,15 @@ class Run:
         self.total_steps = total_steps_of(cfg.train, self.steps_per_epoch)
         self.eval_every = eval_every_of(cfg.train, self.steps_per_epoch)
         self.optimizer = optim.build(cfg.optim, params, total_steps=self.total_steps,
-                                     steps_per_epoch=self.steps_per_epoch, head_pattern=head_pattern)
+                                     steps_per_epoch=self.steps_per_epoch, head_pattern=head_pattern,
+                                     stacks=self.model.stacks())
         self.averaging = averaging_lib.from_config(cfg.train, self.total_steps, self.steps_per_epoch)
         if purpose == "train":
             self._record()
         self._init_state(params)
         self.key = jax.random.key(cfg.train.seed)
         self.step_cfg = StepConfig(cfg.model.task, cfg.train.grad_accum, cfg.train.label_smoothing)
-        self._train_steps: dict[frozenset, Callable] = {}
+        self._train_steps: dict[tuple, Callable] = {}
         self.eval_step = jax.jit(
             make_eval_step(self.graphdef, self.rest, cfg.model.task),
             in_shardings=(self.param_shardings, sharding_lib.batch_sharding(self.mesh)),
@@ -172,6 +174,7 @@ class Run:
             dtype=compute_dtype(cfg.model.dtype),
             param_dtype=cfg.model.param_dtype,
             remat=cfg.model.remat,
+            scan_layers=cfg.model.scan_layers,
             allow_pickle=cfg.model.allow_pickle,
             seed=cfg.train.seed,
             mesh=self.mesh,  # each tensor read alone and placed straight into its sharding
@@ -195,7 +198,7 @@ class Run:
         self.state = {"step": jax.device_put(jnp.int32(0), sharding_lib.replicated(self.mesh)),
                       "params": params, "opt_state": opt_state}
         if self.averaging.on:  # EMA / SWA copies of the trained params, sharded like them
-            averaged = frozenset(p for p, r in self.optimizer.table.items() if not r.frozen)
+            averaged = self.optimizer.trainable_params_at(self.total_steps)  # every param trained at some step
             out = averaging_lib.shardings(self.averaging, self.param_shardings, averaged,
                                           sharding_lib.replicated(self.mesh))
             with jax.set_mesh(self.mesh):
@@ -205,18 +208,20 @@ class Run:
 
     def train_step_for(self, step: int) -> Callable:
         """The compiled step for the trainable set at `step` (one program per unfreezing phase)."""
-        trainable = self.optimizer.trainable_at(step)
-        if trainable not in self._train_steps:
+        trainable = self.optimizer.trainable_params_at(step)
+        masks = self.optimizer.grad_masks_at(step)
+        key = (trainable, tuple(sorted(masks.items())))
+        if key not in self._train_steps:
             fn = make_train_step(self.graphdef, self.rest, self.optimizer.tx, trainable, self.step_cfg,
-                                 self.averaging if self.averaging.on else None)
-            self._train_steps[trainable] = jax.jit(
+                                 self.averaging if self.averaging.on else None, grad_masks=masks)
+            self._train_steps[key] = jax.jit(
                 fn,
                 in_shardings=(self.state_shardings, sharding_lib.batch_sharding(self.mesh),
                               sharding_lib.replicated(self.mesh)),
                 out_shardings=(self.state_shardings, sharding_lib.replicated(self.mesh)),
                 donate_argnums=(0,),
             )
-        return self._train_steps[trainable]
+        return self._train_steps[key]
 
     def batch_structs(self, rows: int | None) -> list[dict]:
         """Abstract global batches of `rows` rows per process (None: a training batch's), one per bucket

@@ -130,8 +130,11 @@ def spec_for(
                 spec[i] = axis
                 used.add(axis)
                 break
-    if FSDP_AXIS in mesh.shape and sum(d > 1 for d in shape) >= 2:
-        allowed = range(len(shape)) if fsdp_dims is None else fsdp_dims
+    # A scanned stack's leading "layers" axis is never split: each scan step takes one layer whole. The
+    # rest of a stacked param is placed as the layer's own param would be (a stacked vector stays a vector).
+    first = 1 if logical and logical[0] == "layers" else 0
+    if FSDP_AXIS in mesh.shape and sum(d > 1 for d in shape[first:]) >= 2:
+        allowed = range(first, len(shape)) if fsdp_dims is None else [d + first for d in fsdp_dims]
         free = sorted((i for i in allowed if spec[i] is None), key=lambda i: -shape[i])
         for i in free:
             if fits(shape[i], logical[i], FSDP_AXIS):
@@ -169,10 +172,16 @@ def like_params(tree: Any, params: Any, param_shardings: Any, mesh: Mesh) -> Any
 
     def one(keypath: Any, leaf: Any) -> NamedSharding:
         names = [str(k.key) for k in keypath if isinstance(k, jax.tree_util.DictKey)]
+        # A run of layers of a stacked param (ftjax.optim.LayerSegments) is placed as the param: its layer
+        # axis is never split.
+        segment = bool(names) and names[-1].startswith("segment_")
+        names = names[:-1] if segment else names
         for i in range(len(names)):
             path = "/".join(names[i:])
-            if path in flat_s and tuple(flat_p[path].shape) == tuple(leaf.shape):
-                return flat_s[path]
+            if path in flat_s:
+                want = tuple(flat_p[path].shape)
+                if (want[1:] == tuple(leaf.shape)[1:]) if segment else (want == tuple(leaf.shape)):
+                    return flat_s[path]
         return replicated(mesh)
 
     return jax.tree_util.tree_map_with_path(one, tree)

@@ -125,12 +125,15 @@ def make_train_step(
     trainable: frozenset[str],
     step_cfg: StepConfig,
     averaging: averaging_lib.Averaging | None = None,
+    grad_masks: dict[str, tuple[bool, ...]] | None = None,
 ) -> Callable[[State, dict, jax.Array], tuple[State, dict]]:
     """A pure `train_step(state, batch, key) -> (state, metrics)`; jit it with shardings and donation.
 
     Only params whose path is in `trainable` are differentiated; the others enter the loss as constants,
     so XLA never computes their gradients (nor the activations' gradients below the lowest trainable op).
     With `averaging` on, state["avg"] (EMA / SWA of the params, `ftjax.averaging`) is updated in the step.
+    `grad_masks` ({stacked param path: per-layer flags}, `Optimizer.grad_masks_at`): the layers of a scanned
+    stack that do not train at this phase get zero gradients, as their unrolled params would get none.
     """
 
     def is_trainable(path: str) -> bool:
@@ -168,6 +171,8 @@ def make_train_step(
             )
         denom = jnp.maximum(weight, 1.0)
         grads = jax.tree_util.tree_map(lambda g, p: (g / denom).astype(p.dtype), grads, train_params)
+        if grad_masks:
+            grads = params_lib.map_with_path(lambda path, g: _mask_layers(g, grad_masks.get(path)), grads)
         grad_norm = optax.tree.norm(grads)
         # The optimizer sees the full tree; frozen leaves get zeros, which set_to_zero / the unfreeze gate
         # never read, so XLA drops them.
@@ -192,6 +197,14 @@ def make_train_step(
         return new_state, metrics
 
     return train_step
+
+
+def _mask_layers(g: jax.Array, flags: tuple[bool, ...] | None) -> jax.Array:
+    """`g` with the layers (leading axis) whose flag is False zeroed."""
+    if flags is None:
+        return g
+    keep = jnp.asarray(flags, g.dtype).reshape((len(flags),) + (1,) * (g.ndim - 1))
+    return g * keep
 
 
 def make_eval_step(graphdef: nnx.GraphDef, rest: nnx.State, task: str) -> Callable[[Any, dict], dict]:

@@ -54,6 +54,13 @@ CHANGEABLE = {
 }
 
 
+# Fields added after runs existed whose default would change what an older run built: a run.json without the
+# field means this value (so resuming, evaluating or exporting an older run rebuilds the same model).
+BEFORE_FIELD = {
+    "model.scan_layers": False,  # older runs kept one param per layer; a scanned model stacks them
+}
+
+
 def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     """{"a.b": value} of a nested dict / ConfigDict (lists for tuples, as JSON has them)."""
     d = d.to_dict() if isinstance(d, ml_collections.ConfigDict) else d
@@ -85,7 +92,11 @@ def _tuples(value: Any) -> Any:
 def config_from_dict(saved: dict) -> ml_collections.ConfigDict:
     """The config a run was started with, rebuilt from run.json on top of today's defaults."""
     cfg = default_config()
-    for field, value in flatten(saved).items():
+    saved_fields = flatten(saved)
+    for field, value in BEFORE_FIELD.items():
+        if field not in saved_fields:
+            saved_fields[field] = value
+    for field, value in saved_fields.items():
         node = cfg
         parts = field.split(".")
         for part in parts[:-1]:
@@ -122,6 +133,22 @@ def read_run(workdir: str) -> dict | None:
         raise TrainingError(f"{e}. It describes the run in {workdir}: without it, start a new --workdir") from None
 
 
+def adopt_saved_structure(cfg: ml_collections.ConfigDict, workdir: str) -> None:
+    """A run started before a BEFORE_FIELD field existed keeps that field's old value (unless the config sets
+    it otherwise: then resume_changes names the change), so today's default does not rebuild it differently."""
+    run = read_run(workdir)
+    if run is None:
+        return
+    saved, defaults = flatten(run.get("config", {})), flatten(default_config())
+    for field, value in BEFORE_FIELD.items():
+        if field not in saved and flatten(cfg).get(field) == defaults.get(field):
+            section, name = field.rsplit(".", 1)
+            node = cfg
+            for part in section.split("."):
+                node = node[part]
+            node[name] = value
+
+
 def saved_config(workdir: str) -> ml_collections.ConfigDict:
     """The resolved config of the run in `workdir` (for --mode=eval|export|dry_run without --config)."""
     run = read_run(workdir)
@@ -153,7 +180,8 @@ def resume_changes(old: dict, new: dict) -> tuple[list[tuple[str, Any, Any]], li
     # resume across ftjax versions that add fields.
     defaults = flatten(default_config())
     for field in sorted(set(old_cfg) | set(new_cfg)):
-        a, b = old_cfg.get(field, defaults.get(field)), new_cfg.get(field, defaults.get(field))
+        a = old_cfg.get(field, BEFORE_FIELD.get(field, defaults.get(field)))
+        b = new_cfg.get(field, defaults.get(field))
         if a != b:
             (applied if field in CHANGEABLE else refused).append((field, a, b))
     for split in sorted(set(old["data"]) & set(new["data"])):

@@ -40,6 +40,7 @@ def trained(tmp_path_factory):
     c.optim.lora.alpha = 8.0
     c.optim.lora.dropout = 0.1
     c.optim.lora.targets = r".*/(q_proj|v_proj|o_proj|up_proj)"
+    c.model.scan_layers = False  # these tests read per-layer paths; tests/test_scan_layers.py covers scanned LoRA
     c.train.batch_size = 2
     c.train.steps = 3
     c.train.compilation_cache = ""

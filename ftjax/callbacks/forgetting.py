@@ -65,7 +65,8 @@ class WeightDrift:
         export = run.model.export_params
         with jax.set_mesh(run.mesh):
             self.anchor = jax.jit(lambda p: jax.tree_util.tree_map(jnp.copy, export(p)))(run.state["params"])
-        self.fn = jax.jit(lambda p, a: lib.drift_sums(export(p), a, group_of, len(self.names)),
+        stacks = run.model.stacks()
+        self.fn = jax.jit(lambda p, a: lib.drift_sums(export(p), a, group_of, len(self.names), stacks),
                           out_shardings=sharding_lib.replicated(run.mesh))
 
     def values(self, params: Any) -> dict[str, float]:
@@ -156,7 +157,8 @@ class PretrainObjective:
             return None, f"the checkpoint has no {task} head (no tensor matching its head pattern)"
         lm = models.from_pretrained(cfg.model.name_or_path, task=task, dtype=compute_dtype(cfg.model.dtype),
                                     param_dtype=cfg.model.param_dtype, allow_pickle=cfg.model.allow_pickle,
-                                    seed=cfg.train.seed, mesh=run.mesh)
+                                    seed=cfg.train.seed, mesh=run.mesh,
+                                    scan_layers=cfg.model.scan_layers)  # stacked like the run's, path for path
         missing = lm.load_report["initialized"]
         if missing:
             return None, f"the checkpoint has no {task} head ({', '.join(missing[:4])} not in it)"

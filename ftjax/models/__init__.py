@@ -23,7 +23,7 @@ from flax import nnx
 from jax.sharding import Mesh
 from transformers.models.auto import modeling_auto
 
-from ftjax import fileio, hf
+from ftjax import fileio, hf, stacking
 from ftjax import params as params_lib
 from ftjax import sharding as sharding_lib
 from ftjax.config import TASKS
@@ -37,7 +37,7 @@ from ftjax.hf import (
     UnsupportedModelError,
 )
 from ftjax.models import registry
-from ftjax.models.common import Ctx, HFModel
+from ftjax.models.common import Ctx, HFModel, remat_name
 from ftjax.models.registry import Family
 
 __all__ = [
@@ -223,49 +223,54 @@ def _shardings(abstract: HFModel, abstract_state: Any, cfg: Any, mesh: Mesh | No
     return params_lib.flatten(tree)  # NamedSharding is a pytree leaf
 
 
-def _nested(values: dict[str, Any]) -> dict:
-    nested: dict = {}
-    for path, value in values.items():
-        node = nested
-        parts = path.split("/")
-        for part in parts[:-1]:
-            node = node.setdefault(int(part) if part.isdigit() else part, {})
-        node[parts[-1]] = value
-    return nested
-
-
 def _build(
     family: Family, cfg: Any, task: str, *, weights: hf.Weights | None, classifier_dropout: float | None,
-    dtype: Any, param_dtype: Any, remat: bool, seed: int, mesh: Mesh | None = None, folder: str | None = None,
+    dtype: Any, param_dtype: Any, remat: Any, seed: int, mesh: Mesh | None = None, folder: str | None = None,
+    scan_layers: bool = False,
 ) -> HFModel:
     template = Ctx(
         rngs=None, dtype=dtype, param_dtype=param_dtype, init_range=float(getattr(cfg, "initializer_range", 0.02)),
-        remat=bool(remat), classifier_dropout=classifier_dropout,
+        remat=remat_name(remat), classifier_dropout=classifier_dropout,
+        scan_layers=bool(scan_layers) and family.scannable,
     )
     abstract = nnx.eval_shape(lambda: family.build(cfg, task, dataclasses.replace(template, rngs=nnx.Rngs(seed))))
     graphdef, abstract_state = nnx.split(abstract)
     shapes = params_lib.flatten(abstract_state.to_pure_dict())
+    stacks = abstract.stacks()
+    # Checkpoints, init and reports go by per-layer paths (HF keys "model.layers.3..."), scanned or not.
+    layer_shapes = stacking.unstack(shapes, stacks)
     shardings = _shardings(abstract, abstract_state, cfg, mesh)
     files = weights.files if weights is not None else []
     where = files[0] if len(files) == 1 else (f"{len(files)} shards in {files[0].rsplit('/', 1)[0]}" if files else "")
-    ckpt, ignored = _checkpoint_keys(family, weights.names() if weights is not None else [], list(shapes))
-    _check_shapes(family, shapes, ckpt, weights, where, task)
+    ckpt, ignored = _checkpoint_keys(family, weights.names() if weights is not None else [], list(layer_shapes))
+    _check_shapes(family, layer_shapes, ckpt, weights, where, task)
 
-    values, initialized = {}, []
-    for path, abstract_leaf in shapes.items():
-        key, sharding = _hf_key(path), shardings.get(path)
+    initialized: list[str] = []
+
+    def value_of(path: str, shape: tuple, sharding: Any) -> Any:
+        """A checkpoint tensor in ftjax's layout (host), or HF's init for a param the checkpoint lacks."""
+        key = _hf_key(path)
         if key not in ckpt:
             initialized.append(path)
-            values[path] = _init_value(path, tuple(abstract_leaf.shape), param_dtype, template.init_range, seed,
-                                       sharding)
-            continue
+            return _init_value(path, shape, param_dtype, template.init_range, seed, sharding)
         host = weights.read(ckpt.pop(key))
-        host = np.ascontiguousarray(_relayout(family, path, host, to_hf=False), dtype=param_dtype)
-        values[path] = _place(host, sharding)
-        del host  # one checkpoint tensor in host memory at a time
+        return np.ascontiguousarray(_relayout(family, path, host, to_hf=False), dtype=param_dtype)
+
+    values = {}
+    for path, abstract_leaf in shapes.items():
+        sharding, prefix = shardings.get(path), stacking.stack_of(path, stacks)
+        if prefix is None:
+            value = value_of(path, tuple(abstract_leaf.shape), sharding)
+            values[path] = value if isinstance(value, jax.Array) else _place(value, sharding)
+            continue
+        # A stacked leaf: its layers' tensors read one by one, stacked on the host (one param of all layers).
+        layers = [np.asarray(value_of(stacking.layer_path(path, prefix, i), tuple(abstract_leaf.shape[1:]), None))
+                  for i in range(stacks[prefix])]
+        values[path] = _place(np.stack(layers), sharding)
+        del layers
     unused = sorted(ckpt)
 
-    nnx.replace_by_pure_dict(abstract_state, _nested(values))
+    nnx.replace_by_pure_dict(abstract_state, params_lib.unflatten(values))
     model = nnx.merge(graphdef, abstract_state)
     model._set_info(family.name, task, family.head_patterns[task], cfg)
     model.load_report.update(files=list(files), folder=folder, initialized=initialized, unused=unused,
@@ -279,26 +284,30 @@ def _build(
 
 def from_config(
     hf_config: Any, task: str = "base", num_labels: int | None = None, id2label: dict | None = None,
-    dropout: dict | None = None, dtype: Any = "float32", param_dtype: Any = "float32", remat: bool = False,
-    seed: int = 0,
+    dropout: dict | None = None, dtype: Any = "float32", param_dtype: Any = "float32", remat: Any = "none",
+    seed: int = 0, scan_layers: bool = False,
 ) -> HFModel:
-    """A randomly initialised (HF-style) model for a transformers config; for tests and benchmarks."""
+    """A randomly initialised (HF-style) model for a transformers config; for tests and benchmarks. The init
+    of each param depends only on its per-layer path and the seed, so scanned and unrolled models are equal."""
     family = _family_for(hf_config, task, "config")
     cfg, rate = _apply_overrides(hf_config, family, num_labels, id2label, dropout)
     return _build(family, cfg, task, weights=None, classifier_dropout=rate, dtype=_dtype(dtype, "dtype"),
-                  param_dtype=_dtype(param_dtype, "param_dtype"), remat=remat, seed=seed)
+                  param_dtype=_dtype(param_dtype, "param_dtype"), remat=remat, seed=seed, scan_layers=scan_layers)
 
 
 def from_pretrained(
     name_or_path: str, task: str = "base", num_labels: int | None = None, id2label: dict | None = None,
-    dropout: dict | None = None, dtype: Any = "float32", param_dtype: Any = "float32", remat: bool = False,
-    allow_pickle: bool = False, seed: int = 0, mesh: Mesh | None = None,
+    dropout: dict | None = None, dtype: Any = "float32", param_dtype: Any = "float32", remat: Any = "none",
+    allow_pickle: bool = False, seed: int = 0, mesh: Mesh | None = None, scan_layers: bool = False,
 ) -> HFModel:
     """Loads an HF folder (or hub id when online) into the ftjax model for `task`.
 
     task: one of TASKS the family supports; num_labels / id2label set the head size and label names;
     dropout: {"hidden" | "attention" | "classifier": rate} overrides; dtype: compute dtype; param_dtype:
-    storage dtype; remat: recompute each layer in the backward pass; allow_pickle: read pytorch_model.bin.
+    storage dtype; remat: a remat policy name (what each layer keeps for the backward pass; see
+    common.REMAT_POLICIES); allow_pickle: read pytorch_model.bin; scan_layers: families that can (decoders)
+    scan one layer over params stacked on a leading "layers" axis (HF keys are stacked on load, unstacked
+    on export).
     Params missing from the checkpoint (a new head) get HF's init and are listed in `model.load_report`.
     The checkpoint is read one tensor at a time. mesh: each param is placed straight into the sharding the
     trainer gives it (ftjax.sharding.param_shardings), each device receiving only its slice; None: the
@@ -315,7 +324,7 @@ def from_pretrained(
     cfg, rate = _apply_overrides(hf_config, family, num_labels, id2label, dropout)
     weights = hf.open_weights(folder, allow_pickle=allow_pickle)
     return _build(family, cfg, task, weights=weights, classifier_dropout=rate, dtype=compute,
-                  param_dtype=storage, remat=remat, seed=seed, mesh=mesh, folder=folder)
+                  param_dtype=storage, remat=remat, seed=seed, mesh=mesh, folder=folder, scan_layers=scan_layers)
 
 
 def hf_architecture(model_type: str, task: str) -> str:
@@ -331,8 +340,9 @@ def hf_state_dict(model: HFModel, params: dict | None = None) -> dict[str, np.nd
     if params is None:
         params = nnx.state(model, nnx.Param).to_pure_dict()
     out, family = {}, registry.get(model.hf_config.model_type)
-    for path, value in params_lib.flatten(params).items():
-        out[_hf_key(path)] = _relayout(family, path, np.asarray(jax.device_get(value)), to_hf=True)
+    flat = {p: np.asarray(jax.device_get(v)) for p, v in params_lib.flatten(params).items()}
+    for path, value in stacking.unstack(flat, model.stacks()).items():  # scanned stacks: one key per layer
+        out[_hf_key(path)] = _relayout(family, path, value, to_hf=True)
     return out
 
 

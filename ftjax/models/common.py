@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ftjax.config.fields import REMAT_POLICIES, remat_policy
 from ftjax.hf import UnsupportedModelError
 
 NO_HEAD = r"(?!x)x"  # head_pattern of a task without a head (matches no param path).
@@ -56,8 +57,9 @@ class Ctx:
     dtype: Any = jnp.float32  # compute dtype.
     param_dtype: Any = jnp.float32  # storage dtype.
     init_range: float = 0.02  # HF initializer_range: std of normal init for kernels and embeddings.
-    remat: bool = False
+    remat: str = "none"  # a REMAT_POLICIES name: what each layer keeps for the backward pass.
     classifier_dropout: float | None = None  # override of the head's dropout rate (None: the family's).
+    scan_layers: bool = False  # families that can: one scanned layer over params stacked on a "layers" axis.
 
 
 def normal_init(std: float) -> Callable:
@@ -293,21 +295,120 @@ def run_layers(
     h: jax.Array,
     bias: jax.Array | None,
     *,
-    remat: bool,
+    remat: str,
     deterministic: bool,
     rngs: nnx.Rngs | None,
 ) -> jax.Array:
-    """Applies the layers in order; with remat each layer's activations are recomputed in the backward pass."""
+    """Applies the layers in order; `remat` (a REMAT_POLICIES name) says what each layer keeps for the
+    backward pass."""
 
     def apply(layer, x, b, r):
         return layer(x, b, deterministic=deterministic, rngs=r)
 
-    step = nnx.remat(apply) if remat else apply
+    step = with_remat(apply, remat)
     record_hidden(h)
     for layer in layers:
         h = step(layer, h, bias, rngs)
         record_hidden(h)
     return h
+
+
+def remat_name(value: Any) -> str:
+    """A REMAT_POLICIES name from model.remat (ftjax.config.remat_policy; True = full, False = none)."""
+    name = remat_policy(value)
+    if name is None:
+        raise ValueError(f"model.remat={value!r} is invalid: one of {', '.join(REMAT_POLICIES)}")
+    return name
+
+
+def checkpoint_policy(name: str) -> Callable | None:
+    """The jax.checkpoint policy of a remat name ("none" is not checkpointed at all; "full" saves nothing):
+    dots saves every matmul output, dots_no_batch those without batch dims (the projections, not attention
+    scores), offload moves those to pinned host memory instead of keeping them on the device."""
+    cp = jax.checkpoint_policies
+    return {
+        "full": cp.nothing_saveable,
+        "dots": cp.checkpoint_dots,
+        "dots_no_batch": cp.checkpoint_dots_with_no_batch_dims,
+        "offload": cp.offload_dot_with_no_batch_dims("device", "pinned_host"),
+    }[remat_name(name)]
+
+
+def with_remat(fn: Callable, remat: Any) -> Callable:
+    """`fn` (taking a module first) under nnx.remat with the named policy; `fn` itself for "none"."""
+    name = remat_name(remat)
+    return fn if name == "none" else nnx.remat(fn, policy=checkpoint_policy(name))
+
+
+STACK_AXIS = "layers"  # the logical name of a stacked layer axis (replicated: DEFAULT_RULES in ftjax.sharding)
+
+
+def stack_layers(layers: list[nnx.Module]) -> nnx.Module:
+    """One module holding `layers`' params stacked on a leading "layers" axis (built abstractly, under
+    nnx.eval_shape, like every model: values come from the checkpoint). The layers must have the same
+    structure; per-layer differences (e.g. sliding windows) must live outside the layer. The result has
+    `stack_size` (the number of layers), which `HFModel.stacks()` finds."""
+    graphdef, _ = nnx.split(layers[0])
+    states = [nnx.split(layer)[1] for layer in layers]
+    try:
+        stacked = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *states)
+    except ValueError as e:
+        raise UnsupportedModelError(f"the layers of this model differ in structure and cannot be scanned ({e}); "
+                                    "set model.scan_layers=false") from None
+    for _, variable in nnx.iter_graph(stacked):
+        if isinstance(variable, nnx.Param):
+            axes = variable.get_metadata().get(AXES) or (None,) * (variable.get_value().ndim - 1)
+            variable.set_metadata(AXES, (STACK_AXIS, *axes))
+    stack = nnx.merge(graphdef, stacked)
+    stack.stack_size = len(layers)
+    return stack
+
+
+def scan_layers(stack: nnx.Module, h: jax.Array, xs: Any, body: Callable, *, remat: Any) -> tuple[jax.Array, Any]:
+    """Runs `body(layer, h, i, x_i) -> (h, y_i)` over the layers of a `stack_layers` module with jax.lax.scan:
+    one traced layer whatever the depth. xs: per-layer inputs (leading axis = layers) or None; returns
+    (h, ys). With remat each layer is checkpointed with the named policy; hidden states are recorded per
+    layer, and `layer_index()` is the (traced) index of the layer being run."""
+    graphdef, state = nnx.split(stack)
+    recording = _HIDDEN.get() is not None
+
+    def step(carry, layer_xs):
+        layer_state, i, x = layer_xs
+        token = _LAYER.set(i)
+        try:
+            out, y = body(nnx.merge(graphdef, layer_state), carry, i, x)
+        finally:
+            _LAYER.reset(token)
+        return out, (y, out if recording else None)
+
+    name = remat_name(remat)
+    if name != "none":
+        step = jax.checkpoint(step, policy=checkpoint_policy(name), prevent_cse=False)
+    record_hidden(h)
+    index = jnp.arange(stack.stack_size, dtype=jnp.int32)
+    h, (ys, hidden) = jax.lax.scan(step, h, (state, index, xs))
+    if recording:
+        for i in range(hidden.shape[0]):
+            record_hidden(hidden[i])
+    return h, ys
+
+
+_LAYER: contextvars.ContextVar[Any] = contextvars.ContextVar("ftjax_layer_index", default=None)
+
+
+def layer_index() -> Any:
+    """Inside a scanned stack's layer: the index of the layer being run (a traced int32); else None. Lets a
+    module shared by all layers of a stack (a LoRA adapter's dropout) draw per-layer randomness."""
+    return _LAYER.get()
+
+
+def layer_rngs(rngs: nnx.Rngs | None, deterministic: bool) -> Callable[[Any], nnx.Rngs | None]:
+    """Per-layer dropout streams: layer i draws from fold_in(key, i) of one key taken from `rngs`, the same
+    in an unrolled loop and a scan (where the layers cannot share one mutable Rngs)."""
+    if rngs is None or deterministic:
+        return lambda i: None
+    key = rngs.dropout()
+    return lambda i: nnx.Rngs(dropout=jax.random.fold_in(key, i))
 
 
 # `output_hidden_states=True` on a task model's call: while its backbone runs, the layer loops record the
@@ -375,6 +476,11 @@ class HFModel(nnx.Module):
                 axes = node.get_metadata().get(AXES)
                 out["/".join(str(p) for p in path)] = tuple(axes) if axes else (None,) * node.get_value().ndim
         return out
+
+    def stacks(self) -> dict[str, int]:
+        """{module path: number of layers} of the scanned layer stacks (`stack_layers`); {} when unrolled."""
+        return {"/".join(str(p) for p in path): int(node.stack_size) for path, node in nnx.iter_graph(self)
+                if isinstance(node, nnx.Module) and isinstance(getattr(node, "stack_size", None), int)}
 
     def export_params(self, params: dict | None = None) -> dict:
         """The values an HF checkpoint of this model holds: `params` (a nested dict as from

@@ -88,11 +88,18 @@ class DecoderInputs:
 
 
 def _cache_length(cache: Any) -> int:
+    if isinstance(cache, dict):  # a scanned stack's cache: [layers, batch, length, kv_heads, head_dim]
+        return int(cache["k"].shape[2])
     return int(cache[0]["k"].shape[1])
 
 
-def init_cache(num_layers: int, batch: int, length: int, kv_heads: int, head_dim: int, dtype: Any) -> list:
-    """An empty KV cache: one {"k", "v"} pair of zeros [batch, length, kv_heads, head_dim] per layer."""
+def init_cache(num_layers: int, batch: int, length: int, kv_heads: int, head_dim: int, dtype: Any,
+               stacked: bool = False) -> list | dict:
+    """An empty KV cache: one {"k", "v"} pair of zeros [batch, length, kv_heads, head_dim] per layer, or for a
+    scanned stack one pair with a leading layer axis."""
+    if stacked:
+        zeros = jnp.zeros((num_layers, batch, length, kv_heads, head_dim), dtype)
+        return {"k": zeros, "v": zeros}
     zeros = jnp.zeros((batch, length, kv_heads, head_dim), dtype)
     return [{"k": zeros, "v": zeros} for _ in range(num_layers)]
 
@@ -194,29 +201,54 @@ def keep_last(x: jax.Array, logits_to_keep: int) -> jax.Array:
     return x if not logits_to_keep else x[:, -logits_to_keep:]
 
 
-def run_decoder_layers(layers, x, inputs: DecoderInputs, cache, extra, *, remat: bool, deterministic: bool,
-                       rngs: nnx.Rngs | None):
-    """Applies each layer `layer(x, mask, extra, layer_cache, cache_index, deterministic=, rngs=)` in order;
-    with remat (and no cache) each layer's activations are recomputed in the backward pass."""
-    masks = {w: inputs.mask(w) for w in sorted({layer.window for layer in layers}, key=lambda w: w or 0)}
+def run_decoder_layers(layers, x, inputs: DecoderInputs, cache, extra, *, remat: str, deterministic: bool,
+                       rngs: nnx.Rngs | None, windows: tuple | None = None):
+    """Applies each layer `layer(x, mask, extra, layer_cache, cache_index, deterministic=, rngs=)` in order:
+    unrolled over an nnx.List, or scanned over a `common.stack_layers` module (one traced layer; `windows`
+    gives each layer's sliding window, and a stacked cache {"k", "v": [layers, ...]} goes in and out).
+    Without a cache each layer is checkpointed with the `remat` policy. Layer i's dropout draws from
+    fold_in(key, i) both ways, so a scanned model trains exactly as the unrolled one."""
+    stacked = getattr(layers, "stack_size", None)
+    if windows is None:
+        windows = tuple(layer.window for layer in layers)
+    masks = {w: inputs.mask(w) for w in sorted(set(windows), key=lambda w: w or 0)}
     cache_index = None if cache is None else inputs.q_slots[0]
+    rngs_of = common.layer_rngs(rngs, deterministic)
+    if stacked is not None:
+        return _scan_decoder_layers(layers, x, masks, windows, cache, cache_index, extra, rngs_of, remat=remat,
+                                    deterministic=deterministic)
     new_cache = None if cache is None else []
 
     def apply(layer, h, mask, ex, r):
         out, _ = layer(h, mask, ex, None, None, deterministic=deterministic, rngs=r)
         return out
 
-    step = nnx.remat(apply) if remat and cache is None else apply
+    step = common.with_remat(apply, remat if cache is None else "none")
     common.record_hidden(x)
     for i, layer in enumerate(layers):
         if cache is None:
-            x = step(layer, x, masks[layer.window], extra, rngs)
+            x = step(layer, x, masks[windows[i]], extra, rngs_of(i))
         else:
-            x, layer_cache = layer(x, masks[layer.window], extra, cache[i], cache_index,
-                                   deterministic=deterministic, rngs=rngs)
+            x, layer_cache = layer(x, masks[windows[i]], extra, cache[i], cache_index,
+                                   deterministic=deterministic, rngs=rngs_of(i))
             new_cache.append(layer_cache)
         common.record_hidden(x)
     return x, new_cache
+
+
+def _scan_decoder_layers(stack, x, masks, windows, cache, cache_index, extra, rngs_of, *, remat, deterministic):
+    """run_decoder_layers over a stacked module: the per-layer mask is picked by index from the distinct
+    windows' masks (most models have one or two), the cache and the layer index travel as scan inputs."""
+    order = list(masks)
+    mask_stack = masks[order[0]][None] if len(order) == 1 else jnp.stack([masks[w] for w in order])
+    which = jnp.asarray([order.index(w) for w in windows], jnp.int32)
+
+    def body(layer, h, i, xs):
+        w, layer_cache = xs
+        mask = mask_stack[0] if len(order) == 1 else jax.lax.dynamic_index_in_dim(mask_stack, w, keepdims=False)
+        return layer(h, mask, extra, layer_cache, cache_index, deterministic=deterministic, rngs=rngs_of(i))
+
+    return common.scan_layers(stack, x, (which, cache), body, remat=remat if cache is None else "none")
 
 
 class DecoderTask(HFModel):
@@ -233,7 +265,8 @@ class DecoderTask(HFModel):
         """An empty KV cache for `batch` sequences of up to `length` tokens (for ftjax.generate)."""
         backbone = self._backbone()
         kv_heads, dim = backbone.kv_shape
-        return init_cache(backbone.num_layers, batch, length, kv_heads, dim, dtype or backbone.dtype)
+        return init_cache(backbone.num_layers, batch, length, kv_heads, dim, dtype or backbone.dtype,
+                          stacked=bool(getattr(backbone, "scanned", False)))
 
     def _init_heads(self, cfg: Any, task: str, ctx: Ctx, tied_default: bool) -> None:
         """HF's heads: lm_head for causal_lm (absent when the config ties it to the embedding), score (no

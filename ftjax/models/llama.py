@@ -131,7 +131,12 @@ class LlamaModel(nnx.Module):
     def __init__(self, cfg: Any, ctx: Ctx):
         arch = arch_for(cfg)
         self.embed_tokens = common.embed(cfg.vocab_size, cfg.hidden_size, ctx, ("vocab", "embed"))
-        self.layers = nnx.List([DecoderLayer(cfg, arch, ctx, w) for w in layer_windows(cfg)])
+        self.windows = tuple(layer_windows(cfg))
+        self.scanned = bool(ctx.scan_layers)
+        if self.scanned:  # one layer's program over params stacked [layers, ...]; the windows stay outside
+            self.layers = common.stack_layers([DecoderLayer(cfg, arch, ctx, None) for _ in self.windows])
+        else:
+            self.layers = nnx.List([DecoderLayer(cfg, arch, ctx, w) for w in self.windows])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ctx)
         inv_freq, scaling = decoder.rope_parameters(cfg, head_dim(cfg))
         self.rope = (tuple(float(f) for f in inv_freq), scaling)  # static: a tuple, not an array attribute.
@@ -143,7 +148,7 @@ class LlamaModel(nnx.Module):
         x = self.embed_tokens(inputs.input_ids)
         rope = decoder.rope_cos_sin(inputs.position_ids, self.rope[0], self.rope[1], x.dtype)
         x, cache = decoder.run_decoder_layers(self.layers, x, inputs, cache, rope, remat=self.remat,
-                                              deterministic=deterministic, rngs=rngs)
+                                              deterministic=deterministic, rngs=rngs, windows=self.windows)
         return self.norm(x), cache
 
 
@@ -192,4 +197,5 @@ FAMILY = Family(
     dropout_fields={"attention": "attention_dropout"},
     ignore_keys=(r"(model\.)?layers\.\d+\.self_attn\.rotary_emb\.inv_freq", r"(model\.)?rotary_emb\.inv_freq"),
     check_config=check_config,
+    scannable=True,
 )

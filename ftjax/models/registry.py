@@ -43,6 +43,8 @@ class Family:
     # Regexes (fullmatch) of param paths whose HF tensor already has ftjax's [in, out] kernel layout
     # (GPT-2's Conv1D weights): loaded and saved without the Linear transpose.
     untransposed: tuple[str, ...] = ()
+    # Whether its layer stack can run scanned (model.scan_layers): layers of one structure, params stacked.
+    scannable: bool = False
 
 
 def register(family: Family) -> Family:

@@ -93,19 +93,19 @@ def cross_kv(attn: Attention, encoder_hidden: jax.Array | None, layer_cache: dic
     return attn.project_kv(encoder_hidden)
 
 
-def run_encoder_layers(layers, x, allowed, bias, *, remat: bool, deterministic: bool, rngs):
-    """`layer(x, allowed, bias, deterministic=, rngs=)` in order; with remat recomputed in the backward pass."""
+def run_encoder_layers(layers, x, allowed, bias, *, remat: str, deterministic: bool, rngs):
+    """`layer(x, allowed, bias, deterministic=, rngs=)` in order; each checkpointed with the `remat` policy."""
 
     def apply(layer, h, a, b, r):
         return layer(h, a, b, deterministic=deterministic, rngs=r)
 
-    step = nnx.remat(apply) if remat else apply
+    step = common.with_remat(apply, remat)
     for layer in layers:
         x = step(layer, x, allowed, bias, rngs)
     return x
 
 
-def run_decoder_layers(layers, x, masks: tuple, encoder_hidden, cache, cache_index, *, remat: bool,
+def run_decoder_layers(layers, x, masks: tuple, encoder_hidden, cache, cache_index, *, remat: str,
                        deterministic: bool, rngs):
     """`layer(x, masks, encoder_hidden, layer_cache, cache_index, ...) -> (x, layer_cache)` in order; masks =
     (self allowed, self bias, cross allowed). Returns (x, the new cache or None)."""
@@ -113,7 +113,7 @@ def run_decoder_layers(layers, x, masks: tuple, encoder_hidden, cache, cache_ind
     def apply(layer, h, m, enc, r):
         return layer(h, m, enc, None, None, deterministic=deterministic, rngs=r)[0]
 
-    step = nnx.remat(apply) if remat and cache is None else apply
+    step = common.with_remat(apply, remat if cache is None else "none")
     new_cache = None if cache is None else []
     for i, layer in enumerate(layers):
         if cache is None:

@@ -203,7 +203,7 @@ class Population:
         for k, cfg in enumerate(self.cfgs):
             opt = optim.build(cfg.optim, run.optimizer.abstract_params, total_steps=run.total_steps,
                               steps_per_epoch=run.steps_per_epoch,
-                              head_pattern=getattr(run.model, "head_pattern", None))
+                              head_pattern=getattr(run.model, "head_pattern", None), stacks=run.model.stacks())
             groups = list(opt.schedule_args)
             if lr_tables is not None:
                 table = np.tile(np.asarray(lr_tables[k], np.float32)[None], (len(groups), 1))
@@ -213,15 +213,14 @@ class Population:
                     for kind, args in opt.schedule_args.values()
                 ]).astype(np.float32)
             tables.append(table)
-            rows = opt.table
-            mults.append(params_lib.map_with_path(lambda p, _, rows=rows: np.float32(rows[p].lr_mult),
-                                                  run.state["params"]))
-            decays.append(params_lib.map_with_path(
-                lambda p, _, rows=rows: np.float32(rows[p].weight_decay if rows[p].decay else 0.0),
-                run.state["params"]))
+            mults.append(opt.per_param(lambda r: np.float32(r.lr_mult)))
+            decays.append(opt.per_param(lambda r: np.float32(r.weight_decay if r.decay else 0.0)))
             if k == 0:
-                self.group_index = params_lib.map_with_path(
-                    lambda p, _, rows=rows, groups=groups: groups.index(rows[p].group), run.state["params"])
+                self.group_index = opt.per_param(lambda r, groups=groups: groups.index(r.group))
+                if any(np.ndim(g) for g in jax.tree_util.tree_leaves(self.group_index)):
+                    raise config_lib.ConfigError(
+                        "optim.groups", cfg.optim.groups, "puts layers of one scanned stack in different groups, "
+                        "which a population cannot share: set model.scan_layers=false")
         hparams = {
             "lr_table": np.stack(tables),
             "lr_mult": _stack(mults),
@@ -253,11 +252,12 @@ class Population:
 
     def _step_fn(self, step: int) -> Callable:
         run = self.run
-        trainable = run.optimizer.trainable_at(step)
+        trainable = run.optimizer.trainable_params_at(step)
+        masks = run.optimizer.grad_masks_at(step)
         if trainable not in self._steps:
             def member(state, hp, active, batch, key):
                 step_cfg = StepConfig(run.cfg.model.task, run.cfg.train.grad_accum, hp["label_smoothing"])
-                fn = make_train_step(run.graphdef, run.rest, self._tx(hp), trainable, step_cfg)
+                fn = make_train_step(run.graphdef, run.rest, self._tx(hp), trainable, step_cfg, grad_masks=masks)
                 new, metrics = fn(state, batch, key)
                 new = jax.tree_util.tree_map(lambda n, o: jnp.where(active, n, o), new, state)
                 return new, metrics
