@@ -3,17 +3,19 @@
 # put this checkout on every worker, install jax[tpu] + ftjax, run the same `python3 -m ftjax.main` on all
 # workers (JAX finds its peers from the VM metadata) streaming their logs, then delete the slice.
 #
-#   launch/tpu_vm.sh [all|create|setup|run|delete] --name N --zone Z [--type v5litepod-16] [--project P]
+#   launch/tpu_vm.sh [all|plan|create|setup|run|delete] --name N --zone Z [--type v5litepod-16] [--project P]
 #       [--version RUNTIME] [--spot | --preemptible] [--queued] [--git URL [--ref REF]] [--jax_version V]
-#       [--keep] [--dry_run] -- --config=configs/X.py --workdir=gs://BUCKET/run
+#       [--keep] [--skip_plan] [--dry_run] -- --config=configs/X.py --workdir=gs://BUCKET/run
 #
-# all (default) = create, setup, run, then delete (unless --keep; also after a failure or Ctrl-C). setup
-# copies this checkout (or clones --git). The workdir must be shared by all workers (a gs:// path);
-# rerunning the same command after a preemption resumes from it.
+# all (default) = plan, create, setup, run, then delete (unless --keep; also after a failure or Ctrl-C). plan
+# compiles the fine-tune here, for --type's TPU topology (ftjax --mode=dry_run --topology, through libtpu:
+# needs ftjax and libtpu installed locally), and stops with its line when it does not fit, before any VM
+# exists (--skip_plan skips it). setup copies this checkout (or clones --git). The workdir must be shared by
+# all workers (a gs:// path); rerunning the same command after a preemption resumes from it.
 set -euo pipefail
 
 usage() {
-  sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'
   exit "${1:-0}"
 }
 die() { echo "tpu_vm.sh: error: $*" >&2; exit 2; }
@@ -38,7 +40,7 @@ run() {
 
 ACTION=all
 case ${1:-} in
-  all | create | setup | run | delete) ACTION=$1; shift ;;
+  all | plan | create | setup | run | delete) ACTION=$1; shift ;;
 esac
 NAME=""
 ZONE=""
@@ -52,6 +54,7 @@ SPOT=0
 PREEMPTIBLE=0
 QUEUED=0
 KEEP=0
+SKIP_PLAN=0
 while (($#)); do
   opt=$1 val="" inline=0
   if [[ $opt == --*=* ]]; then val=${opt#*=} opt=${opt%%=*} inline=1; fi
@@ -78,6 +81,7 @@ while (($#)); do
     --preemptible) PREEMPTIBLE=1; shift ;;
     --queued) QUEUED=1; shift ;;
     --keep) KEEP=1; shift ;;
+    --skip_plan) SKIP_PLAN=1; shift ;;
     --dry_run) DRY_RUN=1; shift ;;
     -h | --help) usage 0 ;;
     --) shift; break ;;
@@ -100,7 +104,7 @@ if [[ -z $VERSION ]]; then
     *) die "no default runtime image for --type $TYPE; pass --version (see gcloud compute tpus versions list)" ;;
   esac
 fi
-if [[ $ACTION == all || $ACTION == run ]] && ((${#FTJAX_ARGS[@]} == 0)); then
+if [[ $ACTION == all || $ACTION == run || $ACTION == plan ]] && ((${#FTJAX_ARGS[@]} == 0)); then
   die "nothing to run: put ftjax's flags after --, e.g. -- --config=configs/X.py --workdir=gs://B/run"
 fi
 
@@ -111,6 +115,38 @@ keep_args=(--name "$NAME" --zone "$ZONE")
 [[ -n $PROJECT ]] && common+=("--project=$PROJECT")
 ssh_all=(gcloud compute tpus tpu-vm ssh "$NAME" "${common[@]}" --worker=all)
 jax_spec="jax[tpu]${JAX_VERSION:+==$JAX_VERSION}"
+
+plan() {
+  # The same config compiled ahead of time for this slice, on this machine; the plan's own folder keeps
+  # dry_run.json (the run's workdir is left alone: it may be a gs:// path this machine cannot write).
+  local args=() arg plan_dir="${TMPDIR:-/tmp}/ftjax-plan-$NAME"
+  for arg in "${FTJAX_ARGS[@]}"; do
+    case $arg in
+      --workdir=* | --mode=* | --topology=*) ;;
+      *) args+=("$arg") ;;
+    esac
+  done
+  local cmd=(python3 -m ftjax.main --mode=dry_run "--topology=$TYPE" "--workdir=$plan_dir" "${args[@]}")
+  if ((DRY_RUN)); then
+    run "${cmd[@]}"
+    return
+  fi
+  python3 -c "import ftjax" 2>/dev/null \
+    || die "plan: ftjax is not importable here (pip install -e '.[plan]' in this checkout), or pass --skip_plan"
+  echo "tpu_vm.sh: planning the fine-tune for $TYPE here before creating anything: $(quote_all "${cmd[@]}")" >&2
+  "${cmd[@]}" || die "plan failed (above); fix the config, or pass --skip_plan to launch anyway"
+  local verdict
+  verdict=$(python3 - "$plan_dir/dry_run.json" <<'PY'
+import json, sys
+plan = json.load(open(sys.argv[1]))
+print("fits" if plan["fits"] else "no", plan.get("advice") or "")
+PY
+) || die "plan: no readable $plan_dir/dry_run.json"
+  if [[ $verdict != fits* ]]; then
+    die "the fine-tune does not fit $TYPE (plan: $plan_dir/dry_run.json): ${verdict#no }"
+  fi
+  echo "tpu_vm.sh: the plan fits $TYPE ($plan_dir/dry_run.json)" >&2
+}
 
 create() {
   if ((QUEUED)); then
@@ -184,11 +220,13 @@ delete_on_exit() {
 }
 
 case $ACTION in
+  plan) plan ;;
   create) create ;;
   setup) setup ;;
   run) run_ftjax ;;
   delete) delete ;;
   all)
+    ((SKIP_PLAN)) || plan
     create
     if ((KEEP)); then
       echo "tpu_vm.sh: keeping $NAME; delete it with: $(quote_all "$0" delete "${keep_args[@]}")" >&2

@@ -3,11 +3,13 @@ launcher's wait/fail behaviour with a stand-in python, and shellcheck."""
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import shutil
 import stat
 import subprocess
+import sys
 import time
 
 import pytest
@@ -199,7 +201,11 @@ def _ssh_command(words: list[str]) -> str:
 def test_tpu_all_creates_copies_installs_runs_and_deletes():
     lines = _lines(_run("tpu_vm.sh", "--name", "ft1", "--zone", "us-west4-a", "--type", "v5litepod-16",
                         "--spot", "--project=p1", "--dry_run", "--", *FTJAX_ARGS))
-    create, tar, scp, install, run, delete = lines
+    plan, create, tar, scp, install, run, delete = lines
+    # First the plan, here, for the slice's topology, with the run's config (not its gs:// workdir).
+    assert plan[:5] == ["python3", "-m", "ftjax.main", "--mode=dry_run", "--topology=v5litepod-16"]
+    assert plan[5].startswith("--workdir=") and plan[5].endswith("ftjax-plan-ft1")
+    assert [a for a in FTJAX_ARGS if not a.startswith("--workdir=")] == plan[6:]
     assert create == ["gcloud", "compute", "tpus", "tpu-vm", "create", "ft1", "--zone=us-west4-a",
                       "--project=p1", "--accelerator-type=v5litepod-16", "--version=v2-alpha-tpuv5-lite",
                       "--spot"]
@@ -224,7 +230,8 @@ def test_tpu_queued_resource_with_git_and_keep(tmp_path):
     proc = _run("tpu_vm.sh", "--name", "q1", "--zone", "z", "--type", "v4-32", "--queued", "--spot", "--git",
                 "https://example.com/ftjax.git", "--ref", "feature/x", "--jax_version", "0.10.2", "--keep",
                 "--dry_run", "--", "--workdir=gs://b/r")
-    create, describe, install, run = _lines(proc)
+    plan, create, describe, install, run = _lines(proc)
+    assert "--topology=v4-32" in plan
     assert create == ["gcloud", "compute", "tpus", "queued-resources", "create", "q1", "--node-id=q1", "--zone=z",
                       "--accelerator-type=v4-32", "--runtime-version=tpu-ubuntu2204-base", "--spot"]
     assert describe[:6] == ["gcloud", "compute", "tpus", "queued-resources", "describe", "q1"]
@@ -272,7 +279,7 @@ def test_tpu_failed_run_still_deletes_the_slice(tmp_path):
     calls = tmp_path / "calls"
     _fake_tool(tmp_path, "gcloud", f'echo "$*" >> {shlex.quote(str(calls))}\n'
                '[[ "$*" == *ftjax.main* ]] && exit 5\nexit 0\n')
-    proc = _run("tpu_vm.sh", "--name", "f1", "--zone", "z", "--", "--workdir=w",
+    proc = _run("tpu_vm.sh", "--name", "f1", "--zone", "z", "--skip_plan", "--", "--workdir=w",
                 env=_env(PATH=f"{tmp_path}:{os.environ['PATH']}", TMPDIR=str(tmp_path)))
     assert proc.returncode == 5, proc.stderr
     verbs = [line.split()[2:4] for line in calls.read_text().splitlines()]
@@ -304,3 +311,32 @@ def test_local_sigterm_reaches_every_process(tmp_path):
     assert proc.returncode == 143
     for i in range(2):
         assert "got-TERM" in (logs / f"process_{i}.log").read_text()
+
+
+def _fake_planner(tmp_path, fits: bool) -> None:
+    """python3 whose `-m ftjax.main --mode=dry_run` writes a dry_run.json (fits or not) into --workdir; any
+    other python3 call is the real one."""
+    plan = {"fits": fits, "advice": "" if fits else "more fsdp: set --config.mesh.fsdp=16"}
+    _fake_tool(tmp_path, "python3", f"""
+if [[ "$*" == *ftjax.main* ]]; then
+  for a in "$@"; do [[ $a == --workdir=* ]] && d=${{a#--workdir=}}; done
+  mkdir -p "$d" && echo {shlex.quote(json.dumps(plan))} > "$d/dry_run.json"; exit 0
+fi
+exec {shlex.quote(sys.executable)} "$@"
+""")
+
+
+@pytest.mark.parametrize("fits", [True, False])
+def test_tpu_plan_runs_first_and_a_plan_that_does_not_fit_creates_nothing(tmp_path, fits):
+    calls = tmp_path / "calls"
+    _fake_tool(tmp_path, "gcloud", f'echo "$*" >> {shlex.quote(str(calls))}\nexit 0\n')
+    _fake_planner(tmp_path, fits)
+    proc = _run("tpu_vm.sh", "--name", "p1", "--zone", "z", "--type", "v5p-16", "--", "--config=c.py",
+                "--workdir=gs://b/r", env=_env(PATH=f"{tmp_path}:{os.environ['PATH']}", TMPDIR=str(tmp_path)))
+    verbs = [line.split()[2:4] for line in calls.read_text().splitlines()] if calls.exists() else []
+    if fits:
+        assert proc.returncode == 0, proc.stderr
+        assert verbs[0] == ["tpu-vm", "create"] and "the plan fits v5p-16" in proc.stderr
+    else:
+        assert proc.returncode == 2 and verbs == [], proc.stderr
+        assert "does not fit v5p-16" in proc.stderr and "more fsdp" in proc.stderr

@@ -143,3 +143,20 @@ def test_fields_added_by_a_newer_ftjax_at_their_defaults_do_not_block_a_resume()
     assert workdir_lib.resume_changes(old, new) == ([], [])
     changed = {**new, "config": {**new["config"], "train.early_stop.metric": "accuracy"}}
     assert workdir_lib.resume_changes(old, changed)[1] == [("train.early_stop.metric", "loss", "accuracy")]
+
+
+def test_a_run_from_before_scanned_layers_keeps_its_unrolled_layout(tmp_path):
+    """run.json without model.scan_layers: the run was built unrolled, and resuming, evaluating or exporting
+    it rebuilds it unrolled (today's default would stack its layers and not fit its checkpoints)."""
+    from ftjax.config import default_config
+
+    cfg = default_config()
+    saved = {k: v for k, v in workdir_lib.flatten(cfg).items() if k != "model.scan_layers"}
+    fileio.write_json(tmp_path / "run.json", {"config": saved, "data": {}, "model": {}, "labels": []})
+    assert workdir_lib.saved_config(str(tmp_path)).model.scan_layers is False
+    assert cfg.model.scan_layers is True
+    workdir_lib.adopt_saved_structure(cfg, str(tmp_path))
+    assert cfg.model.scan_layers is False
+    old = {"config": saved, "data": {}, "model": {}, "labels": []}
+    new = {**old, "config": workdir_lib.flatten(default_config())}  # a resume asking for the scanned layout
+    assert workdir_lib.resume_changes(old, new)[1] == [("model.scan_layers", False, True)]
