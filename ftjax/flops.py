@@ -399,3 +399,67 @@ def total_peak(devices: Sequence[Any]) -> tuple[float, str]:
     if devices[0].platform == "cpu":
         return peak, source
     return peak * len(devices), f"{len(devices)} x {source}"
+
+
+# ---- FLOPs of a compiled program (for dry_run's HLO / model FLOP ratio).
+
+# Optimized HLO names values %x; the text of a lowered (unoptimized) module drops the %.
+_SHAPE = re.compile(r"%?([\w.\-]+) = \w+\[([\d,]*)\]")
+_DOT = re.compile(r"= \w+\[([\d,]*)\]\S* dot\(%?([\w.\-]+), ")
+
+
+_HEADER = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$")
+_CALLEE = re.compile(r"(calls|to_apply|body|condition)=%?([\w.\-]+)")
+_TRIPS = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
+_BOUND = re.compile(r"= s32\[\]\S* constant\((\d+)\)")
+
+
+def hlo_matmul_flops(hlo: str) -> float:
+    """2 x output elements x contracted size of every dot in an HLO module, each counted as often as it runs:
+    fused and called computations through their callers, while-loop bodies (a scanned layer stack, the CPU
+    attention's `lax.map` over chunks) times their trip count. XLA's own cost_analysis counts a loop body once,
+    so for a scanned model it misses all layers but one. Give it a lowered module (`lowered.as_text(dialect=
+    "hlo")`: the whole mesh's program, with remat's recomputation) or a CPU/GPU compiled one (one device's);
+    TPU-compiled programs rewrite dots as windowed convolutions, which this does not count. Fused kernels
+    (Pallas custom calls such as splash attention) hide their FLOPs."""
+    shapes = {m.group(1): [int(d) for d in m.group(2).split(",") if d] for m in _SHAPE.finditer(hlo)}
+    own, calls, bounds, entry, name = {}, {}, {}, None, None
+    for line in hlo.splitlines():
+        header = _HEADER.match(line)
+        if header:
+            name = header.group(1)
+            own[name], calls[name] = 0.0, []
+            entry = name if line.startswith("ENTRY") else entry
+            continue
+        if name is None:
+            continue
+        m = _DOT.search(line)
+        if m:
+            out = math.prod(int(d) for d in m.group(1).split(",") if d)
+            dims = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", line).group(1)
+            lhs = shapes[m.group(2)]
+            own[name] += 2.0 * out * math.prod(lhs[int(i)] for i in dims.split(",") if i)
+        bound = _BOUND.search(line)
+        if bound:
+            bounds.setdefault(name, []).append(int(bound.group(1)))
+        trips = _TRIPS.search(line)
+        callees = dict((kind, callee) for kind, callee in _CALLEE.findall(line))
+        for kind, callee in _CALLEE.findall(line):
+            # A while loop runs its body known_trip_count times; TPU programs omit it: then the bound its
+            # condition compares the counter with (a scan's length).
+            times: Any = 1
+            if kind == "body":
+                times = int(trips.group(1)) if trips else ("condition", callees.get("condition"), line[:200])
+            calls[name].append((callee, times))
+
+    def trip_count(condition: str | None, line: str) -> int:
+        found = sorted(set(bounds.get(condition, [])))
+        if len(found) != 1:
+            raise ValueError(f"hlo_matmul_flops: a while loop without a known trip count: {line}")
+        return found[0]
+
+    def total(comp: str) -> float:
+        return own[comp] + sum((times if isinstance(times, int) else trip_count(*times[1:])) * total(callee)
+                               for callee, times in calls[comp])
+
+    return total(entry)

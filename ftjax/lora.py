@@ -14,6 +14,7 @@ import math
 import os
 import re
 import zlib
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -124,6 +125,20 @@ def dora_norm(kernel: Any, a: Any, b: Any, scale: float) -> jax.Array:
 _WRAPPED: dict[type, type] = {}
 
 
+def _with_key(head: Callable[[jax.Array], jax.Array], key: jax.Array | None) -> Callable[[jax.Array], jax.Array]:
+    """`head` run with the model call's adapter dropout key (a head returned by a return_hidden call runs after
+    the call, e.g. chunk by chunk in ftjax.losses, and its adapter must still drop out)."""
+
+    def run(hidden: jax.Array) -> jax.Array:
+        token = _DROPOUT_KEY.set(key)
+        try:
+            return head(hidden)
+        finally:
+            _DROPOUT_KEY.reset(token)
+
+    return run
+
+
 def _with_lora_call(cls: type) -> type:
     """A subclass of the model class whose call sets the adapters' dropout key during a training call, and
     whose `export_params` (what models.save_pretrained writes) merges the adapters into the kernels."""
@@ -135,9 +150,12 @@ def _with_lora_call(cls: type) -> type:
             key = rngs.dropout() if (not deterministic and rngs is not None) else None
             token = _DROPOUT_KEY.set(key)
             try:
-                return cls.__call__(self, *args, deterministic=deterministic, rngs=rngs, **kwargs)
+                out = cls.__call__(self, *args, deterministic=deterministic, rngs=rngs, **kwargs)
             finally:
                 _DROPOUT_KEY.reset(token)
+            if isinstance(out, dict) and callable(out.get("lm_head")):  # return_hidden: the head runs later
+                out["lm_head"] = _with_key(out["lm_head"], key)
+            return out
 
         namespace = {
             "__call__": __call__,

@@ -58,6 +58,10 @@ _LR_MAX = flags.DEFINE_float("lr_max", 1.0, "--mode=lr_find: last (highest) lear
 _LR_STEPS = flags.DEFINE_integer("lr_steps", 100, "--mode=lr_find: steps of the ramp (per member).")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "--mode=export: replace a non-empty --export_dir.")
 _POPULATION = flags.DEFINE_integer("population", 0, "--mode=lr_find: K > 0 trains K constant LRs at once.")
+_TOPOLOGY = flags.DEFINE_string(
+    "topology", None, "--mode=dry_run: plan for this TPU slice instead of the live devices, compiled ahead of time "
+    "here (needs libtpu): v5litepod-16 / v5e-16, v6e-8, v4-32, v5p-16 (gcloud's names: v4/v5p count TensorCores), "
+    "a libtpu topology (v5e:4x4), or cpu:N.")
 _COMPARE_OUT = flags.DEFINE_string("compare_out", None, "--mode=compare: report folder (default: the first "
                                    "workdir's parent/compare).")
 
@@ -65,7 +69,7 @@ _COMPARE_OUT = flags.DEFINE_string("compare_out", None, "--mode=compare: report 
 def user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions a user can cause; they end the run with their message, not a traceback."""
     return (ConfigError, DataError, DistributedConfigError, ModelLoadError, TrainingError, CheckpointError,
-            FileNotFoundError, FileExistsError, NotADirectoryError, compare.CompareError)
+            FileNotFoundError, FileExistsError, NotADirectoryError, compare.CompareError, dry_run.TopologyError)
 
 
 def _restore_for_inference(run: Run, workdir: str) -> tuple[int, str, Any]:
@@ -135,9 +139,8 @@ def _train(cfg, workdir: str) -> dict:
 
 
 def _dry_run(cfg, workdir: str) -> dict:
-    report = dry_run.report(Run(cfg, workdir, purpose="eval"))
-    print(report)
-    return {"report": report}
+    """The run as shapes (config.json only, no weights or data), compiled for --topology or the live devices."""
+    return dry_run.dry_run(cfg, workdir, _TOPOLOGY.value)
 
 
 def _eval(cfg, workdir: str) -> dict:
@@ -211,6 +214,8 @@ def main(argv) -> None:
                              f"{_WORKDIR.value} (several are for --mode=compare)")
     if _CONFIG.value is None and _MODE.value not in ("eval", "export", "dry_run", "compare"):
         raise app.UsageError(f"--mode={_MODE.value} needs --config (eval, export and dry_run read WORKDIR/run.json)")
+    if _TOPOLOGY.value and _MODE.value != "dry_run":
+        raise app.UsageError(f"--topology plans a run: it goes with --mode=dry_run, not --mode={_MODE.value}")
     try:
         if _MODE.value == "compare":  # reads finished runs' files only: no devices, no config
             run_mode("compare", _CONFIG.value, _WORKDIR.value)

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from flax import nnx
 
 from ftjax import averaging as averaging_lib
 from ftjax import config as config_lib
@@ -22,6 +23,7 @@ from ftjax import distributed, fileio, hf, lora, models, optim
 from ftjax import metrics as metrics_lib
 from ftjax import params as params_lib
 from ftjax import sharding as sharding_lib
+from ftjax.data import structure
 from ftjax import workdir as workdir_lib
 from ftjax.loop import TrainingError
 from ftjax.reinit import reinit_top_layers
@@ -49,11 +51,12 @@ def eval_every_of(train_cfg: Any, steps_per_epoch: int) -> int:
     return int(train_cfg.eval_every) or steps_per_epoch
 
 
-def compute_dtype(name: str) -> str:
-    """model.dtype with "auto" resolved: bfloat16 on accelerators, float32 on CPU."""
+def compute_dtype(name: str, platform: str | None = None) -> str:
+    """model.dtype with "auto" resolved: bfloat16 on accelerators, float32 on CPU (`platform`: the run's
+    devices', e.g. a TPU topology's when planning on a CPU; default: jax.default_backend())."""
     if name != "auto":
         return name
-    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+    return "float32" if (platform or jax.default_backend()) == "cpu" else "bfloat16"
 
 
 def check_batch_sizes(train_cfg: Any, data_parallel: int) -> None:
@@ -92,7 +95,12 @@ def check_model_fits(cfg: Any) -> None:
             )
 
 
-_TARGET_KEYS = ("labels", "decoder_input_ids", "decoder_attention_mask")  # seq2seq: target-length arrays
+PURPOSES = ("train", "eval", "export", "plan")
+LABELLED_TASKS = ("classification", "token_classification", "image_classification")  # a head of num_labels
+
+
+def _struct(x: Any, sharding: Any) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
 
 
 class Run:
@@ -101,35 +109,49 @@ class Run:
     purpose "train" builds the data and records the run in WORKDIR/run.json under the resume policy
     (ftjax.workdir); "eval" builds the data and records nothing; "export" reads no data at all (labels and
     steps per epoch come from run.json), so a workdir can be exported without its training data.
+    "plan" is the same run as shapes: it reads the model folder's config.json and nothing else (no weights,
+    no tokenizer, no data); params, optimizer state (and EMA / SWA) are ShapeDtypeStructs with their
+    shardings over `devices` (live ones, or a TPU topology's abstract devices: ftjax.dry_run), the batches
+    come from the config (ftjax.data.structure), and the train / eval steps are the ones training jits, to
+    be lowered and compiled ahead of time. Labels come from model.num_labels (or an earlier run.json).
     """
 
     def __init__(self, cfg: Any, workdir: str, *, devices: list | None = None, purpose: str = "train"):
-        if purpose not in ("train", "eval", "export"):
-            raise ValueError(f"Run purpose={purpose!r}: 'train', 'eval' or 'export'")
+        if purpose not in PURPOSES:
+            raise ValueError(f"Run purpose={purpose!r}: one of {PURPOSES}")
         config_lib.validate(cfg)
         workdir_lib.check_workdir_path(workdir)
         workdir_lib.adopt_saved_structure(cfg, workdir)  # an older run keeps the layer layout it was built with
         self.cfg, self.workdir, self.purpose = cfg, workdir, purpose
         self.primary = distributed.is_primary()
         fileio.path(workdir).mkdir(parents=True, exist_ok=True)
-        setup_compilation_cache(cfg.train.compilation_cache)
+        self.abstract = purpose == "plan"
+        if not self.abstract:  # a plan measures its compile time: no cache hits
+            setup_compilation_cache(cfg.train.compilation_cache)
         self.mesh = sharding_lib.make_mesh(cfg.mesh, devices)
+        self.platform = self.mesh.devices.flat[0].platform
         sharding_lib.log_mesh(self.mesh)
         check_batch_sizes(cfg.train, sharding_lib.data_parallel_size(self.mesh))
         check_model_fits(cfg)
         image = cfg.model.task == "image_classification"
-        self.tokenizer = None if image else models.load_tokenizer(cfg.model.name_or_path)
-        if purpose == "export":
+        self.tokenizer = None if image or self.abstract else models.load_tokenizer(cfg.model.name_or_path)
+        if purpose in ("export", "plan"):
             self.data = None
             saved = workdir_lib.read_run(workdir) or {}
             self.label_names = list(saved.get("labels", []))
             self.steps_per_epoch = int(saved.get("steps_per_epoch", 1))
+            self.batch_layout = structure.from_config(cfg) if self.abstract else None
+            if self.abstract and cfg.model.task in LABELLED_TASKS and not (cfg.model.num_labels or self.label_names):
+                raise config_lib.ConfigError(
+                    "model.num_labels", None, f"a plan reads no data, so it cannot count the labels of "
+                    f"model.task={cfg.model.task!r}: set model.num_labels (e.g. --config.model.num_labels=2)")
         else:
             self.data = data_lib.build(
                 cfg, self.tokenizer, process_index=jax.process_index(), process_count=jax.process_count(),
                 data_parallel=sharding_lib.data_parallel_size(self.mesh),
             )
             self.label_names, self.steps_per_epoch = list(self.data.label_names), self.data.steps_per_epoch
+            self.batch_layout = self.data.batch_layout
         self.model, head_pattern = self._load_model()
         self.graphdef, params, self.rest = params_lib.split(self.model)
         self.total_steps = total_steps_of(cfg.train, self.steps_per_epoch)
@@ -141,11 +163,13 @@ class Run:
         if purpose == "train":
             self._record()
         self._init_state(params)
-        self.key = jax.random.key(cfg.train.seed)
-        self.step_cfg = StepConfig(cfg.model.task, cfg.train.grad_accum, cfg.train.label_smoothing)
+        self.key = jax.random.key(cfg.train.seed) if not self.abstract else _struct(
+            jax.eval_shape(lambda: jax.random.key(cfg.train.seed)), sharding_lib.replicated(self.mesh))
+        self.step_cfg = StepConfig(cfg.model.task, cfg.train.grad_accum, cfg.train.label_smoothing,
+                                   cfg.model.loss_chunk_tokens)
         self._train_steps: dict[tuple, Callable] = {}
         self.eval_step = jax.jit(
-            make_eval_step(self.graphdef, self.rest, cfg.model.task),
+            make_eval_step(self.graphdef, self.rest, cfg.model.task, cfg.model.loss_chunk_tokens),
             in_shardings=(self.param_shardings, sharding_lib.batch_sharding(self.mesh)),
             out_shardings=sharding_lib.replicated(self.mesh),
         )
@@ -171,39 +195,53 @@ class Run:
             num_labels=cfg.model.num_labels or (len(names) if names else None),
             id2label=dict(enumerate(names)) if names else None,
             dropout=dropout or None,
-            dtype=compute_dtype(cfg.model.dtype),
+            dtype=compute_dtype(cfg.model.dtype, self.platform),
             param_dtype=cfg.model.param_dtype,
             remat=cfg.model.remat,
             scan_layers=cfg.model.scan_layers,
+            attention=cfg.model.attention,
             allow_pickle=cfg.model.allow_pickle,
             seed=cfg.train.seed,
             mesh=self.mesh,  # each tensor read alone and placed straight into its sharding
+            abstract=self.abstract,  # a plan: config.json only, every param a ShapeDtypeStruct
         )
-        if cfg.model.reinit_layers:  # the top layers re-drawn with the model's init (Zhang et al. 2021)
+        # The top layers re-drawn with the model's init (Zhang et al. 2021); shapes unchanged, so a plan skips it.
+        if cfg.model.reinit_layers and not self.abstract:
             reinit_top_layers(model, cfg.model.reinit_layers, cfg.optim.layer_pattern, cfg.train.seed)
         if not cfg.optim.lora.rank:
             return model, getattr(model, "head_pattern", None)
         # Adapters on the targeted Linear layers; the optimizer freezes everything else.
-        model = lora.apply_lora(model, cfg.optim.lora, seed=cfg.train.seed)
+        if self.abstract:  # the adapters as shapes too (DoRA's magnitude would need the base weights)
+            model = nnx.eval_shape(lambda m: lora.apply_lora(m, cfg.optim.lora, seed=cfg.train.seed), model)
+        else:
+            model = lora.apply_lora(model, cfg.optim.lora, seed=cfg.train.seed)
         return model, lora.optim_head_pattern(model)
 
     def _init_state(self, params: Any) -> None:
         self.param_shardings = sharding_lib.param_shardings(params, self.model.logical_axes(), self.mesh,
                                                             head_dim=sharding_lib.head_dim_of(self.model))
-        params = jax.device_put(params, self.param_shardings)
+        replicated = sharding_lib.replicated(self.mesh)
+
+        def placed(fn: Callable, shardings: Any, *args: Any) -> Any:
+            """fn(*args) computed into `shardings`; for a plan, its ShapeDtypeStructs with those shardings."""
+            if self.abstract:
+                return jax.tree_util.tree_map(_struct, jax.eval_shape(fn, *args), shardings)
+            with jax.set_mesh(self.mesh):
+                return jax.jit(fn, out_shardings=shardings)(*args)
+
+        if self.abstract:
+            params = jax.tree_util.tree_map(_struct, params, self.param_shardings)
+        else:
+            params = jax.device_put(params, self.param_shardings)
         opt_shardings = sharding_lib.like_params(jax.eval_shape(self.optimizer.tx.init, params), params,
                                                  self.param_shardings, self.mesh)
-        with jax.set_mesh(self.mesh):
-            opt_state = jax.jit(self.optimizer.tx.init, out_shardings=opt_shardings)(params)
-        self.state = {"step": jax.device_put(jnp.int32(0), sharding_lib.replicated(self.mesh)),
-                      "params": params, "opt_state": opt_state}
+        opt_state = placed(self.optimizer.tx.init, opt_shardings, params)
+        step = _struct(jnp.int32(0), replicated) if self.abstract else jax.device_put(jnp.int32(0), replicated)
+        self.state = {"step": step, "params": params, "opt_state": opt_state}
         if self.averaging.on:  # EMA / SWA copies of the trained params, sharded like them
             averaged = self.optimizer.trainable_params_at(self.total_steps)  # every param trained at some step
-            out = averaging_lib.shardings(self.averaging, self.param_shardings, averaged,
-                                          sharding_lib.replicated(self.mesh))
-            with jax.set_mesh(self.mesh):
-                self.state["avg"] = jax.jit(lambda p: averaging_lib.init(self.averaging, p, averaged),
-                                            out_shardings=out)(params)
+            out = averaging_lib.shardings(self.averaging, self.param_shardings, averaged, replicated)
+            self.state["avg"] = placed(lambda p: averaging_lib.init(self.averaging, p, averaged), out, params)
         self.state_shardings = jax.tree_util.tree_map(lambda x: x.sharding, self.state)
 
     def train_step_for(self, step: int) -> Callable:
@@ -223,38 +261,24 @@ class Run:
             )
         return self._train_steps[key]
 
-    def batch_structs(self, rows: int | None) -> list[dict]:
-        """Abstract global batches of `rows` rows per process (None: a training batch's), one per bucket
-        length (seq2seq: per (source, target) length pair), for compiling ahead of time."""
-        probe = next(iter(self.data.train_iterator(0, 0)))
-        rows = probe[next(iter(probe))].shape[0] if rows is None else rows
-        seq_len = probe["input_ids"].shape[1] if "input_ids" in probe else None
-        pairs = getattr(self.data, "seq2seq_pairs", None)
-        lengths = list(pairs) if pairs else [(n, None) for n in (tuple(self.data.bucket_lengths or ()) or (seq_len,))]
+    def batch_structs(self, kind: str, longest: bool = False) -> list[dict]:
+        """Abstract global "train" or "eval" batches, sharded as shard_batch places them, one per padded
+        length (seq2seq: per (source, target) pair; `longest`: only the largest), for compiling ahead of
+        time; the structure is the data's own (ftjax.data.structure), from the config for a plan."""
         sharding = sharding_lib.batch_sharding(self.mesh)
-        structs = []
-        for source, target in lengths:
-            out = {}
-            for key, value in probe.items():
-                shape = (rows * jax.process_count(),) + value.shape[1:]
-                if target is not None and value.ndim >= 2 and key in _TARGET_KEYS:
-                    shape = (shape[0], target) + value.shape[2:]
-                elif value.ndim >= 2 and (target is not None or (seq_len is not None and value.shape[1] == seq_len)):
-                    shape = (shape[0], source) + value.shape[2:]
-                out[key] = jax.ShapeDtypeStruct(shape, value.dtype, sharding=sharding)
-            structs.append(out)
-        return structs
+        structures = self.batch_layout.structures(kind)
+        return [{k: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding) for k, (shape, dtype) in s.items()}
+                for s in (structures[-1:] if longest else structures)]
 
     def precompile(self, step: int) -> None:
         """Compiles the train step (for the trainable set at `step`) and the eval step for every bucket length
         at once, in threads (XLA compiles release the GIL), instead of one at a time mid-run as each length
         first appears; the jit caches then hold them."""
         t0 = time.time()
-        eval_rows = self.data.eval_batch_size // jax.process_count()
         train_fn = self.train_step_for(step)
         with jax.set_mesh(self.mesh):
-            lowered = [train_fn.lower(self.state, b, self.key) for b in self.batch_structs(None)]
-            lowered += [self.eval_step.lower(self.state["params"], b) for b in self.batch_structs(eval_rows)]
+            lowered = [train_fn.lower(self.state, b, self.key) for b in self.batch_structs("train")]
+            lowered += [self.eval_step.lower(self.state["params"], b) for b in self.batch_structs("eval")]
         with concurrent.futures.ThreadPoolExecutor(max_workers=min(len(lowered), os.cpu_count() or 1)) as pool:
             list(pool.map(lambda program: program.compile(), lowered))
         logging.info("compiled %d programs (train + eval, %d lengths) in %.1fs", len(lowered),

@@ -17,6 +17,7 @@ import optax
 from flax import nnx
 
 from ftjax import averaging as averaging_lib
+from ftjax import losses as losses_lib
 from ftjax import params as params_lib
 
 # {"step": int32 scalar, "params": nested dict, "opt_state": optax state(, "avg": EMA / SWA, ftjax.averaging)}
@@ -41,11 +42,7 @@ def classification_loss(logits: jax.Array, batch: dict, label_smoothing: float =
 
 def token_loss_sum(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Per-example (sum of token losses, number of labelled tokens); label -100 is ignored, as in HF."""
-    logits = logits.astype(jnp.float32)
-    valid = labels != -100
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(valid, labels, 0))
-    loss = jnp.where(valid, loss, 0.0)
-    return loss.sum(-1), valid.sum(-1).astype(jnp.float32)
+    return losses_lib.token_losses(logits, labels).sum(-1), (labels != -100).sum(-1).astype(jnp.float32)
 
 
 def causal_lm_loss_sum(
@@ -53,12 +50,7 @@ def causal_lm_loss_sum(
 ) -> tuple[jax.Array, jax.Array]:
     """token_loss_sum with HF's shift: logits at t predict labels[t + 1] (labels are the input ids, -100
     where no loss); with packed rows (segment_ids) never across a document boundary."""
-    targets = jnp.concatenate([labels[:, 1:], jnp.full_like(labels[:, :1], -100)], axis=1)
-    if segment_ids is not None:
-        same = segment_ids[:, 1:] == segment_ids[:, :-1]
-        same = jnp.concatenate([same, jnp.zeros_like(same[:, :1])], axis=1)
-        targets = jnp.where(same, targets, -100)
-    return token_loss_sum(logits, targets)
+    return token_loss_sum(logits, losses_lib.causal_targets(labels, segment_ids))
 
 
 def seq2seq_loss_sum(
@@ -67,15 +59,8 @@ def seq2seq_loss_sum(
     """Per-example (sum of target-token losses, labelled tokens) of decoder logits [B, T, V] against labels
     [B, T] (logits at t predict labels[t]; -100 ignored). Label smoothing as HF's LabelSmoother:
     (1 - e) * nll + e * mean over the vocabulary of -log p."""
-    if isinstance(label_smoothing, (int, float)) and not label_smoothing:
-        return token_loss_sum(logits, labels)
-    logits = logits.astype(jnp.float32)
-    valid = labels != -100
-    lse = jax.nn.logsumexp(logits, axis=-1)
-    nll = lse - jnp.take_along_axis(logits, jnp.where(valid, labels, 0)[..., None], axis=-1)[..., 0]
-    smooth = lse - logits.mean(-1)
-    loss = jnp.where(valid, (1.0 - label_smoothing) * nll + label_smoothing * smooth, 0.0)
-    return loss.sum(-1), valid.sum(-1).astype(jnp.float32)
+    loss = losses_lib.token_losses(logits, labels, label_smoothing)
+    return loss.sum(-1), (labels != -100).sum(-1).astype(jnp.float32)
 
 
 def model_inputs(batch: dict) -> dict:
@@ -98,6 +83,32 @@ def loss_and_weight(logits: jax.Array, batch: dict, task: str, label_smoothing: 
     return (per_example * w).sum(), w.sum()
 
 
+CHUNKED_TASKS = ("causal_lm", "seq2seq")  # the LM tasks whose models can return hidden states + head.
+
+
+def call_options(task: str, loss_chunk_tokens: int) -> dict:
+    """Extra model-call arguments of the step: with the chunked loss on, the LM models return their final hidden
+    states ("lm_hidden") and head ("lm_head") instead of [B, L, V] logits."""
+    return {"return_hidden": True} if loss_chunk_tokens and task in CHUNKED_TASKS else {}
+
+
+def output_loss_and_weight(out: dict, batch: dict, task: str, label_smoothing: Any,
+                           loss_chunk_tokens: int = 0) -> tuple[jax.Array, jax.Array]:
+    """loss_and_weight of a model call's output: from its logits, or (when the model returned "lm_hidden",
+    see call_options) chunk by chunk through `ftjax.losses.chunked_token_loss_sum`, with the same targets."""
+    if "lm_hidden" not in out:
+        return loss_and_weight(out["logits"], batch, task, label_smoothing)
+    if task == "causal_lm":
+        targets = losses_lib.causal_targets(batch["labels"], batch.get("segment_ids"))
+        label_smoothing = 0.0  # causal_lm_loss_sum is unsmoothed
+    else:
+        targets = batch["labels"]
+    loss_sum, tokens = losses_lib.chunked_token_loss_sum(
+        out["lm_hidden"], out["lm_head"], targets, label_smoothing=label_smoothing, chunk_tokens=loss_chunk_tokens)
+    w = batch["weights"].astype(jnp.float32)
+    return (loss_sum * w).sum(), (tokens * w).sum()
+
+
 # ----------------------------------------------------------------------------------------------------
 # The step.
 
@@ -107,6 +118,7 @@ class StepConfig:
     task: str
     grad_accum: int = 1
     label_smoothing: float = 0.0
+    loss_chunk_tokens: int = 0  # model.loss_chunk_tokens: 0 = the loss from full logits
 
 
 def _split_micro(batch: dict, grad_accum: int) -> dict:
@@ -139,10 +151,13 @@ def make_train_step(
     def is_trainable(path: str) -> bool:
         return path in trainable
 
+    options = call_options(step_cfg.task, step_cfg.loss_chunk_tokens)
+
     def loss_fn(train_params, frozen_params, micro, key):
         model = params_lib.merge(graphdef, params_lib.combine(train_params, frozen_params), rest)
-        out = model(**model_inputs(micro), deterministic=False, rngs=nnx.Rngs(dropout=key))
-        loss_sum, weight = loss_and_weight(out["logits"], micro, step_cfg.task, step_cfg.label_smoothing)
+        out = model(**model_inputs(micro), **options, deterministic=False, rngs=nnx.Rngs(dropout=key))
+        loss_sum, weight = output_loss_and_weight(out, micro, step_cfg.task, step_cfg.label_smoothing,
+                                                  step_cfg.loss_chunk_tokens)
         return loss_sum, weight
 
     def train_step(state: State, batch: dict, key: jax.Array) -> tuple[State, dict]:
@@ -207,17 +222,20 @@ def _mask_layers(g: jax.Array, flags: tuple[bool, ...] | None) -> jax.Array:
     return g * keep
 
 
-def make_eval_step(graphdef: nnx.GraphDef, rest: nnx.State, task: str) -> Callable[[Any, dict], dict]:
+def make_eval_step(graphdef: nnx.GraphDef, rest: nnx.State, task: str,
+                   loss_chunk_tokens: int = 0) -> Callable[[Any, dict], dict]:
     """`eval_step(params, batch) -> {"loss_sum", "weight"(, "confusion")}` with dropout off (token tasks:
-    causal_lm, masked_lm, seq2seq: the weight counts labelled tokens; the loss is unsmoothed)."""
+    causal_lm, masked_lm, seq2seq: the weight counts labelled tokens; the loss is unsmoothed). With
+    `loss_chunk_tokens` the LM losses are computed in chunks, as in the train step."""
+    options = call_options(task, loss_chunk_tokens)
 
     def eval_step(params, batch):
         model = params_lib.merge(graphdef, params, rest)
-        out = model(**model_inputs(batch), deterministic=True)
-        logits = out["logits"]
-        loss_sum, weight = loss_and_weight(logits, batch, task, 0.0)
+        out = model(**model_inputs(batch), **options, deterministic=True)
+        loss_sum, weight = output_loss_and_weight(out, batch, task, 0.0, loss_chunk_tokens)
         result = {"loss_sum": loss_sum, "weight": weight}
         if task in ("classification", "image_classification"):
+            logits = out["logits"]
             # A [C, C] confusion matrix (rows: label, cols: prediction) is all the host needs for
             # accuracy and macro-F1, and being replicated it is readable on every process.
             # Packed rows: [B, S] examples, flattened.

@@ -20,6 +20,7 @@ from ftjax.loop import TrainingError
 
 RUN_FILE = "run.json"
 LOCK_FILE = "train.lock"
+DRY_RUN_FILE = "dry_run.json"  # --mode=dry_run: the plan (per-chip memory, fits, compile time, FLOPs)
 
 # The resume policy: fields that may change when a run is resumed, and what the change does. Every other
 # field is fixed for the life of the run (model, data, batch size, seed, optimizer, schedule shape ...).
@@ -43,6 +44,7 @@ CHANGEABLE = {
     "data.lm.num_samples": "LM samples written at each eval",
     "data.lm.sample_max_new_tokens": "LM samples written at each eval",
     "model.remat": "memory/compute trade-off (same math)",
+    "model.loss_chunk_tokens": "memory/compute trade-off (same math)",
     "model.allow_pickle": "how the base weights may be read",
     "forgetting.monitors": "which forgetting monitors run from now on (they only observe)",
     "forgetting.budget": "the forgetting budget from now on",

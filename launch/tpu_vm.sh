@@ -139,7 +139,7 @@ plan() {
   verdict=$(python3 - "$plan_dir/dry_run.json" <<'PY'
 import json, sys
 plan = json.load(open(sys.argv[1]))
-print("fits" if plan["fits"] else "no", plan.get("advice") or "")
+print("fits" if plan["fits"] is not False else "no", plan.get("suggestion") or "")
 PY
 ) || die "plan: no readable $plan_dir/dry_run.json"
   if [[ $verdict != fits* ]]; then

@@ -9,6 +9,9 @@ if "xla_force_host_platform_device_count" not in flags:
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# libtpu (AOT compiles for TPU topologies) takes a machine-wide lock; a test's subprocess (the CLI) and the
+# test process may both load it.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 
 import pytest  # after the environment above: nothing may import jax before it is set

@@ -4,8 +4,6 @@ Throughput callback on a toy stepper."""
 from __future__ import annotations
 
 import json
-import math
-import re
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +11,7 @@ import numpy as np
 import pytest
 import transformers
 
+from ftjax.flops import hlo_matmul_flops
 from ftjax import flops, lora, models, optim
 from ftjax import params as params_lib
 from ftjax import step as step_lib
@@ -35,49 +34,6 @@ def _llama(**kw):
     base = {"vocab_size": 128, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
             "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64}
     return transformers.LlamaConfig(**{**base, **kw})
-
-
-_SHAPE = re.compile(r"%([\w.\-]+) = \w+\[([\d,]*)\]")
-_DOT = re.compile(r"= \w+\[([\d,]*)\]\S* dot\(%([\w.\-]+), ")
-
-
-_HEADER = re.compile(r"^(?:ENTRY )?%([\w.\-]+) .*\{$")
-_CALLEE = re.compile(r"(calls|to_apply|body|condition)=%([\w.\-]+)")
-_TRIPS = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
-
-
-def hlo_matmul_flops(hlo: str) -> float:
-    """2 x output elements x contracted size of every dot in an optimized HLO module, each counted as often as
-    it runs: fused computations through their callers, while-loop bodies (the CPU attention's `lax.map` over
-    chunks of the batch) times their known trip count."""
-    assert " convolution(" not in hlo  # not parsed here
-    shapes = {m.group(1): [int(d) for d in m.group(2).split(",") if d] for m in _SHAPE.finditer(hlo)}
-    own, calls, entry, name = {}, {}, None, None
-    for line in hlo.splitlines():
-        header = _HEADER.match(line)
-        if header:
-            name = header.group(1)
-            own[name], calls[name] = 0.0, []
-            entry = name if line.startswith("ENTRY") else entry
-            continue
-        if name is None:
-            continue
-        m = _DOT.search(line)
-        if m:
-            out = math.prod(int(d) for d in m.group(1).split(",") if d)
-            dims = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", line).group(1)
-            lhs = shapes[m.group(2)]
-            own[name] += 2.0 * out * math.prod(lhs[int(i)] for i in dims.split(",") if i)
-        trips = _TRIPS.search(line)
-        for kind, callee in _CALLEE.findall(line):
-            if kind == "body":
-                assert trips, f"while loop without a known trip count: {line[:200]}"
-            calls[name].append((callee, int(trips.group(1)) if kind == "body" else 1))
-
-    def total(comp: str) -> float:
-        return own[comp] + sum(times * total(callee) for callee, times in calls[comp])
-
-    return total(entry)
 
 
 def _compiled_step(model, task, rows, length, optim_overrides=(), lora_cfg=None):

@@ -316,7 +316,7 @@ def test_local_sigterm_reaches_every_process(tmp_path):
 def _fake_planner(tmp_path, fits: bool) -> None:
     """python3 whose `-m ftjax.main --mode=dry_run` writes a dry_run.json (fits or not) into --workdir; any
     other python3 call is the real one."""
-    plan = {"fits": fits, "advice": "" if fits else "more fsdp: set --config.mesh.fsdp=16"}
+    plan = {"fits": fits, "suggestion": None if fits else "does not fit: ...; would fit with: more fsdp: mesh.fsdp=16"}
     _fake_tool(tmp_path, "python3", f"""
 if [[ "$*" == *ftjax.main* ]]; then
   for a in "$@"; do [[ $a == --workdir=* ]] && d=${{a#--workdir=}}; done

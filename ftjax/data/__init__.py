@@ -12,7 +12,7 @@ from typing import Any
 
 import ml_collections
 
-from ftjax.data import examples, lm, seq2seq
+from ftjax.data import examples, lm, seq2seq, structure
 from ftjax.data.batching import TrainIterator
 from ftjax.data.bundle import DataBundle
 from ftjax.data.errors import DataError, DataFileNotFoundError
@@ -34,9 +34,12 @@ def build(
     (data.packing; ftjax/data/example_packing.py: `data_parallel` devices divide its rows, default: cfg.mesh
     over all devices), every other task batches one example per row."""
     if cfg.model.task == "causal_lm":
-        return lm.build(cfg, tokenizer, process_index=process_index, process_count=process_count)
-    if cfg.model.task == "seq2seq":
-        return seq2seq.build(cfg, tokenizer, process_index=process_index, process_count=process_count)
-    return examples.build(
-        cfg, tokenizer, process_index=process_index, process_count=process_count, data_parallel=data_parallel
-    )
+        bundle = lm.build(cfg, tokenizer, process_index=process_index, process_count=process_count)
+    elif cfg.model.task == "seq2seq":
+        bundle = seq2seq.build(cfg, tokenizer, process_index=process_index, process_count=process_count)
+    else:
+        bundle = examples.build(
+            cfg, tokenizer, process_index=process_index, process_count=process_count, data_parallel=data_parallel
+        )
+    bundle.batch_layout = structure.of_bundle(cfg, bundle)  # the batch structure a plan of this run uses too
+    return bundle

@@ -36,6 +36,7 @@ class DataBundle:
     sample_prompts: list[str] = dataclasses.field(default_factory=list)  # causal_lm: prompts for samples.
     fingerprint: dict[str, dict] = dataclasses.field(default_factory=dict)  # per split: source, rows, sha256
     pack_shape: Any = None  # example_packing.PackShape when classification examples are packed, else None
+    batch_layout: Any = None  # structure.BatchLayout: the keys, dtypes and shapes of its batches (set by build)
 
     @property
     def num_labels(self) -> int:

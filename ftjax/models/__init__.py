@@ -226,12 +226,12 @@ def _shardings(abstract: HFModel, abstract_state: Any, cfg: Any, mesh: Mesh | No
 def _build(
     family: Family, cfg: Any, task: str, *, weights: hf.Weights | None, classifier_dropout: float | None,
     dtype: Any, param_dtype: Any, remat: Any, seed: int, mesh: Mesh | None = None, folder: str | None = None,
-    scan_layers: bool = False,
+    scan_layers: bool = False, attention: str = "auto", shapes_only: bool = False,
 ) -> HFModel:
     template = Ctx(
         rngs=None, dtype=dtype, param_dtype=param_dtype, init_range=float(getattr(cfg, "initializer_range", 0.02)),
         remat=remat_name(remat), classifier_dropout=classifier_dropout,
-        scan_layers=bool(scan_layers) and family.scannable,
+        scan_layers=bool(scan_layers) and family.scannable, attention=attention,
     )
     abstract = nnx.eval_shape(lambda: family.build(cfg, task, dataclasses.replace(template, rngs=nnx.Rngs(seed))))
     graphdef, abstract_state = nnx.split(abstract)
@@ -240,6 +240,13 @@ def _build(
     # Checkpoints, init and reports go by per-layer paths (HF keys "model.layers.3..."), scanned or not.
     layer_shapes = stacking.unstack(shapes, stacks)
     shardings = _shardings(abstract, abstract_state, cfg, mesh)
+    if shapes_only:  # a plan: every param a ShapeDtypeStruct (with its sharding); no checkpoint, no allocation
+        nnx.replace_by_pure_dict(abstract_state, params_lib.unflatten({
+            p: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=shardings.get(p)) for p, x in shapes.items()}))
+        model = nnx.merge(graphdef, abstract_state)
+        model._set_info(family.name, task, family.head_patterns[task], cfg)
+        model.load_report.update(files=[], folder=folder, initialized=[], unused=[], ignored=[], abstract=True)
+        return model
     files = weights.files if weights is not None else []
     where = files[0] if len(files) == 1 else (f"{len(files)} shards in {files[0].rsplit('/', 1)[0]}" if files else "")
     ckpt, ignored = _checkpoint_keys(family, weights.names() if weights is not None else [], list(layer_shapes))
@@ -264,9 +271,13 @@ def _build(
             values[path] = value if isinstance(value, jax.Array) else _place(value, sharding)
             continue
         # A stacked leaf: its layers' tensors read one by one, stacked on the host (one param of all layers).
-        layers = [np.asarray(value_of(stacking.layer_path(path, prefix, i), tuple(abstract_leaf.shape[1:]), None))
+        layers = [value_of(stacking.layer_path(path, prefix, i), tuple(abstract_leaf.shape[1:]), None)
                   for i in range(stacks[prefix])]
-        values[path] = _place(np.stack(layers), sharding)
+        if all(isinstance(v, np.ndarray) for v in layers):
+            values[path] = _place(np.stack(layers), sharding)
+        else:  # HF's init of layers the checkpoint lacks (a random model: from_config)
+            stacked = jnp.stack([jnp.asarray(v) for v in layers])
+            values[path] = stacked if sharding is None else jax.device_put(stacked, sharding)
         del layers
     unused = sorted(ckpt)
 
@@ -285,20 +296,22 @@ def _build(
 def from_config(
     hf_config: Any, task: str = "base", num_labels: int | None = None, id2label: dict | None = None,
     dropout: dict | None = None, dtype: Any = "float32", param_dtype: Any = "float32", remat: Any = "none",
-    seed: int = 0, scan_layers: bool = False,
+    seed: int = 0, scan_layers: bool = False, attention: str = "auto",
 ) -> HFModel:
     """A randomly initialised (HF-style) model for a transformers config; for tests and benchmarks. The init
     of each param depends only on its per-layer path and the seed, so scanned and unrolled models are equal."""
     family = _family_for(hf_config, task, "config")
     cfg, rate = _apply_overrides(hf_config, family, num_labels, id2label, dropout)
     return _build(family, cfg, task, weights=None, classifier_dropout=rate, dtype=_dtype(dtype, "dtype"),
-                  param_dtype=_dtype(param_dtype, "param_dtype"), remat=remat, seed=seed, scan_layers=scan_layers)
+                  param_dtype=_dtype(param_dtype, "param_dtype"), remat=remat, seed=seed, scan_layers=scan_layers,
+                  attention=attention)
 
 
 def from_pretrained(
     name_or_path: str, task: str = "base", num_labels: int | None = None, id2label: dict | None = None,
     dropout: dict | None = None, dtype: Any = "float32", param_dtype: Any = "float32", remat: Any = "none",
     allow_pickle: bool = False, seed: int = 0, mesh: Mesh | None = None, scan_layers: bool = False,
+    attention: str = "auto", abstract: bool = False,
 ) -> HFModel:
     """Loads an HF folder (or hub id when online) into the ftjax model for `task`.
 
@@ -307,11 +320,12 @@ def from_pretrained(
     storage dtype; remat: a remat policy name (what each layer keeps for the backward pass; see
     common.REMAT_POLICIES); allow_pickle: read pytorch_model.bin; scan_layers: families that can (decoders)
     scan one layer over params stacked on a leading "layers" axis (HF keys are stacked on load, unstacked
-    on export).
+    on export); attention: model.attention, the decoder families' attention kernel (fused_attention.resolve).
     Params missing from the checkpoint (a new head) get HF's init and are listed in `model.load_report`.
     The checkpoint is read one tensor at a time. mesh: each param is placed straight into the sharding the
     trainer gives it (ftjax.sharding.param_shardings), each device receiving only its slice; None: the
-    default device.
+    default device. abstract: only config.json is read (no weight file is opened) and every param is a
+    jax.ShapeDtypeStruct (sharded as the trainer places it when `mesh` is given): a model to plan with.
     """
     if task not in TASKS:
         raise UnsupportedModelError(f"task={task!r} is invalid: one of {TASKS}")
@@ -322,9 +336,10 @@ def from_pretrained(
     hf_config = hf.load_config(folder)
     family = _family_for(hf_config, task, f"{folder}/config.json")
     cfg, rate = _apply_overrides(hf_config, family, num_labels, id2label, dropout)
-    weights = hf.open_weights(folder, allow_pickle=allow_pickle)
+    weights = None if abstract else hf.open_weights(folder, allow_pickle=allow_pickle)
     return _build(family, cfg, task, weights=weights, classifier_dropout=rate, dtype=compute,
-                  param_dtype=storage, remat=remat, seed=seed, mesh=mesh, folder=folder, scan_layers=scan_layers)
+                  param_dtype=storage, remat=remat, seed=seed, mesh=mesh, folder=folder, scan_layers=scan_layers,
+                  attention=attention, shapes_only=abstract)
 
 
 def hf_architecture(model_type: str, task: str) -> str:

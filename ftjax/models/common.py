@@ -60,6 +60,7 @@ class Ctx:
     remat: str = "none"  # a REMAT_POLICIES name: what each layer keeps for the backward pass.
     classifier_dropout: float | None = None  # override of the head's dropout rate (None: the family's).
     scan_layers: bool = False  # families that can: one scanned layer over params stacked on a "layers" axis.
+    attention: str = "auto"  # model.attention: the decoders' attention kernel (ftjax.models.fused_attention).
 
 
 def normal_init(std: float) -> Callable:

@@ -5,6 +5,7 @@ masks, grouped-query attention with an optional KV cache, rotary embeddings (def
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -14,7 +15,7 @@ import numpy as np
 from flax import nnx
 
 from ftjax.hf import UnsupportedModelError
-from ftjax.models import common
+from ftjax.models import common, fused_attention
 from ftjax.models.common import Ctx, HFModel
 
 ROPE_TYPES = ("default", "linear", "llama3")
@@ -113,13 +114,33 @@ def update_cache(layer_cache: dict, k: jax.Array, v: jax.Array, index: jax.Array
     }
 
 
+@dataclasses.dataclass(frozen=True)
+class KernelMask:
+    """What a fused attention kernel needs instead of a dense mask: causal always, the packed segments and
+    valid keys [B, L] (or None), the sliding window, and the kernel (`fused_attention.resolve`)."""
+
+    segments: Any
+    key_valid: Any
+    window: int | None
+    implementation: str
+
+
+jax.tree_util.register_dataclass(KernelMask, data_fields=["segments", "key_valid"],
+                                 meta_fields=["window", "implementation"])
+
+
 def attend(
-    q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array, scale: float, dropout: nnx.Dropout,
+    q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array | KernelMask, scale: float, dropout: nnx.Dropout,
     *, deterministic: bool, rngs: nnx.Rngs | None, softmax_dtype: Any = jnp.float32,
 ) -> jax.Array:
     """Grouped-query attention. q [B, Lq, H, D], k/v [B, Lk, KVH, D] (H a multiple of KVH; query head h
     uses kv head h // (H // KVH), as HF's repeat_kv), allowed bool [B, 1, Lq, Lk]. Returns [B, Lq, H, D].
-    Masked scores are set (not added) to the float32 minimum, so fully masked rows stay finite."""
+    Masked scores are set (not added) to the float32 minimum, so fully masked rows stay finite. A
+    `KernelMask` (from `layer_masks`) runs the fused kernel it names instead (splash on TPU, cuDNN on GPU)."""
+    if isinstance(allowed, KernelMask):
+        return fused_attention.fused_attention(q, k, v, scale=scale, implementation=allowed.implementation,
+                                               segment_ids=allowed.segments, key_valid=allowed.key_valid,
+                                               window=allowed.window)
     batch, lq, heads, dim = q.shape
     kv_heads = k.shape[2]
     q = q.reshape(batch, lq, kv_heads, heads // kv_heads, dim)
@@ -201,17 +222,51 @@ def keep_last(x: jax.Array, logits_to_keep: int) -> jax.Array:
     return x if not logits_to_keep else x[:, -logits_to_keep:]
 
 
+@dataclasses.dataclass(frozen=True)
+class AttentionSpec:
+    """A backbone's attention, for choosing its kernel: model.attention, heads, kv heads, head dim, dropout."""
+
+    requested: str
+    heads: int
+    kv_heads: int
+    head_dim: int
+    dropout: float
+
+
+def layer_masks(inputs: DecoderInputs, windows: tuple, x: jax.Array, spec: AttentionSpec | None, cache: Any,
+                scanned: bool, deterministic: bool) -> dict:
+    """{window: what each layer's attention gets}: a `KernelMask` where `spec.requested` resolves to a fused
+    kernel (training and eval, not cache decoding), else the dense bool mask [B, 1, Lq, Lk]. A scanned stack
+    runs one kernel for all its layers, so layers with different windows there use xla (or, when a kernel was
+    asked for by name, an error)."""
+    distinct = sorted(set(windows), key=lambda w: w or 0)
+    if spec is None or spec.requested == "xla" or cache is not None:
+        return {w: inputs.mask(w) for w in distinct}
+    batch, length = inputs.input_ids.shape
+    args = dict(q_shape=(batch, length, spec.heads, spec.head_dim), kv_heads=spec.kv_heads, dtype=x.dtype,
+                has_dropout=spec.dropout > 0 and not deterministic, packed=inputs.key_valid is not None)
+    chosen = {w: fused_attention.resolve(spec.requested, window=w, **args) for w in distinct}
+    if scanned and len(distinct) > 1 and set(chosen.values()) != {"xla"}:
+        if spec.requested != "auto":
+            raise ValueError(f"model.attention={spec.requested!r} cannot run: the scanned layers have different "
+                             f"sliding windows {distinct}; fix: model.scan_layers=false, or model.attention=auto")
+        chosen = dict.fromkeys(distinct, "xla")
+    return {w: inputs.mask(w) if impl == "xla" else KernelMask(inputs.segments, inputs.key_valid, w, impl)
+            for w, impl in chosen.items()}
+
+
 def run_decoder_layers(layers, x, inputs: DecoderInputs, cache, extra, *, remat: str, deterministic: bool,
-                       rngs: nnx.Rngs | None, windows: tuple | None = None):
+                       rngs: nnx.Rngs | None, windows: tuple | None = None, attention: AttentionSpec | None = None):
     """Applies each layer `layer(x, mask, extra, layer_cache, cache_index, deterministic=, rngs=)` in order:
     unrolled over an nnx.List, or scanned over a `common.stack_layers` module (one traced layer; `windows`
     gives each layer's sliding window, and a stacked cache {"k", "v": [layers, ...]} goes in and out).
     Without a cache each layer is checkpointed with the `remat` policy. Layer i's dropout draws from
-    fold_in(key, i) both ways, so a scanned model trains exactly as the unrolled one."""
+    fold_in(key, i) both ways, so a scanned model trains exactly as the unrolled one. `attention`: the
+    backbone's, for a fused kernel (`layer_masks`); None: the dense-mask xla path."""
     stacked = getattr(layers, "stack_size", None)
     if windows is None:
         windows = tuple(layer.window for layer in layers)
-    masks = {w: inputs.mask(w) for w in sorted(set(windows), key=lambda w: w or 0)}
+    masks = layer_masks(inputs, windows, x, attention, cache, stacked is not None, deterministic)
     cache_index = None if cache is None else inputs.q_slots[0]
     rngs_of = common.layer_rngs(rngs, deterministic)
     if stacked is not None:
@@ -240,12 +295,12 @@ def _scan_decoder_layers(stack, x, masks, windows, cache, cache_index, extra, rn
     """run_decoder_layers over a stacked module: the per-layer mask is picked by index from the distinct
     windows' masks (most models have one or two), the cache and the layer index travel as scan inputs."""
     order = list(masks)
-    mask_stack = masks[order[0]][None] if len(order) == 1 else jnp.stack([masks[w] for w in order])
+    mask_stack = None if len(order) == 1 else jnp.stack([masks[w] for w in order])  # dense masks (xla) only
     which = jnp.asarray([order.index(w) for w in windows], jnp.int32)
 
     def body(layer, h, i, xs):
         w, layer_cache = xs
-        mask = mask_stack[0] if len(order) == 1 else jax.lax.dynamic_index_in_dim(mask_stack, w, keepdims=False)
+        mask = masks[order[0]] if mask_stack is None else jax.lax.dynamic_index_in_dim(mask_stack, w, keepdims=False)
         return layer(h, mask, extra, layer_cache, cache_index, deterministic=deterministic, rngs=rngs_of(i))
 
     return common.scan_layers(stack, x, (which, cache), body, remat=remat if cache is None else "none")
@@ -285,6 +340,11 @@ class DecoderTask(HFModel):
         embedding = getattr(getattr(self, self.backbone_name), self.embedding_name)
         return embedding.attend(x) if self.tied else self.lm_head(x)
 
+    def lm_logits(self, hidden: jax.Array) -> jax.Array:
+        """The LM head (lm_head, or the tied embedding) on final hidden states [..., hidden] -> [..., vocab]:
+        what a call with return_hidden=True hands back as "lm_head", for losses that apply it chunk by chunk."""
+        return self._lm_logits(hidden)
+
     def _set_info(self, family: str, task: str, head_pattern: str, hf_config: Any) -> None:
         super()._set_info(family, task, head_pattern, hf_config)
         if task == "causal_lm" and getattr(self, "tied", False):  # the tied lm_head is the input embedding.
@@ -293,12 +353,14 @@ class DecoderTask(HFModel):
     def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
                  pixel_values=None, segment_ids=None, cache=None, cache_index=None, logits_to_keep: int = 0, *,
                  deterministic: bool = True, rngs: nnx.Rngs | None = None,
-                 output_hidden_states: bool = False) -> dict:
+                 output_hidden_states: bool = False, return_hidden: bool = False) -> dict:
         """token_type_ids / pixel_values are accepted (the trainer's uniform call) and ignored.
         segment_ids [B, L] (0 = padding): packed sequences; attention stays inside a segment and positions
         restart per segment. cache (from init_cache) + cache_index: incremental decoding; the attention_mask
         then covers all cache slots and the result holds the updated "cache". output_hidden_states adds
-        "hidden_states" as HF: the embeddings, then each layer's output (the last one after the final norm)."""
+        "hidden_states" as HF: the embeddings, then each layer's output (the last one after the final norm).
+        return_hidden (causal_lm): instead of "logits", "lm_hidden" (the final hidden states [B, L, hidden]) and
+        "lm_head" (a function of hidden states giving logits), so a loss need not hold [B, L, vocab] logits."""
         del token_type_ids, pixel_values
         if cache is not None and self.task == "classification":
             raise ValueError("a KV cache is only supported for task causal_lm or base")
@@ -309,6 +371,8 @@ class DecoderTask(HFModel):
             hidden[-1] = x
         if self.task == "base":
             out = {"last_hidden_state": x}
+        elif self.task == "causal_lm" and return_hidden:
+            out = {"lm_hidden": keep_last(x, logits_to_keep), "lm_head": self.lm_logits}
         elif self.task == "causal_lm":
             out = {"logits": self._lm_logits(keep_last(x, logits_to_keep))}
         else:

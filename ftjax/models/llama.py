@@ -141,6 +141,8 @@ class LlamaModel(nnx.Module):
         inv_freq, scaling = decoder.rope_parameters(cfg, head_dim(cfg))
         self.rope = (tuple(float(f) for f in inv_freq), scaling)  # static: a tuple, not an array attribute.
         self.remat, self.dtype = ctx.remat, ctx.dtype
+        self.attention = decoder.AttentionSpec(ctx.attention, cfg.num_attention_heads, cfg.num_key_value_heads,
+                                               head_dim(cfg), float(getattr(cfg, "attention_dropout", 0.0) or 0.0))
         self.kv_shape = (cfg.num_key_value_heads, head_dim(cfg))
         self.num_layers = cfg.num_hidden_layers
 
@@ -148,7 +150,8 @@ class LlamaModel(nnx.Module):
         x = self.embed_tokens(inputs.input_ids)
         rope = decoder.rope_cos_sin(inputs.position_ids, self.rope[0], self.rope[1], x.dtype)
         x, cache = decoder.run_decoder_layers(self.layers, x, inputs, cache, rope, remat=self.remat,
-                                              deterministic=deterministic, rngs=rngs, windows=self.windows)
+                                              deterministic=deterministic, rngs=rngs, windows=self.windows,
+                                              attention=self.attention)
         return self.norm(x), cache
 
 

@@ -136,6 +136,11 @@ class Seq2SeqLM(HFModel):
     decoder_kv_shape: tuple[int, int]  # (heads, head_dim) of the decoder's attention.
     dtype: Any
 
+    def lm_logits(self, hidden: jax.Array) -> jax.Array:
+        """The LM head on decoder hidden states [..., d_model] -> [..., V] (the family's `_logits`: T5's tied
+        scaling, BART's final_logits_bias), for losses that apply it chunk by chunk."""
+        return self._logits(hidden)
+
     def encode(self, input_ids, attention_mask=None, *, deterministic: bool = True,
                rngs: nnx.Rngs | None = None) -> jax.Array:
         """The encoder's last hidden state [B, S, d_model] of input_ids [B, S] (attention_mask 0 = padding)."""
@@ -160,10 +165,12 @@ class Seq2SeqLM(HFModel):
 
     def decode(self, decoder_input_ids, encoder_hidden=None, attention_mask=None, decoder_attention_mask=None,
                cache: list | None = None, cache_index: Any = None, *, deterministic: bool = True,
-               rngs: nnx.Rngs | None = None) -> dict:
+               rngs: nnx.Rngs | None = None, return_hidden: bool = False) -> dict:
         """Decoder logits [B, T, V] of decoder_input_ids [B, T] attending to encoder_hidden (attention_mask: the
         encoder's padding). With `cache` (from init_cache; encoder_hidden may then be None) the ids sit at slots
-        cache_index.., a decoder_attention_mask must cover every cache slot, and the result holds "cache"."""
+        cache_index.., a decoder_attention_mask must cover every cache slot, and the result holds "cache".
+        return_hidden: instead of "logits", "lm_hidden" (the decoder's final hidden states [B, T, d_model]) and
+        "lm_head" (`lm_logits`, hidden states -> logits), so a loss need not hold [B, T, V] logits."""
         if decoder_input_ids is None:
             raise ValueError("decoder_input_ids is required (HF: labels shifted right after "
                              "decoder_start_token_id; see ftjax.data.seq2seq.shift_right)")
@@ -183,23 +190,24 @@ class Seq2SeqLM(HFModel):
         self_allowed = causal_mask(q_slots, k_length, key_mask(decoder_attention_mask))
         x, cache = self._decode(ids, q_slots, self_allowed, key_mask(attention_mask), encoder_hidden, cache,
                                 cache_index, deterministic=deterministic, rngs=rngs)
-        out = {"logits": self._logits(x)}
+        out = {"lm_hidden": x, "lm_head": self.lm_logits} if return_hidden else {"logits": self._logits(x)}
         if cache is not None:
             out["cache"] = cache
         return out
 
     def __call__(self, input_ids=None, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None,
                  token_type_ids=None, segment_ids=None, cache=None, cache_index=None, *, deterministic: bool = True,
-                 rngs: nnx.Rngs | None = None) -> dict:
+                 rngs: nnx.Rngs | None = None, return_hidden: bool = False) -> dict:
         """Teacher-forced logits {"logits": [B, T, V], "encoder_last_hidden_state": [B, S, d_model]} (and the
         updated "cache" when one is given). token_type_ids are accepted (the trainer's uniform call) and
-        ignored; packed rows (segment_ids) are not supported by the encoder-decoder families."""
+        ignored; packed rows (segment_ids) are not supported by the encoder-decoder families. return_hidden: see
+        `decode` ("lm_hidden" and "lm_head" instead of "logits")."""
         del token_type_ids
         if segment_ids is not None:
             raise ValueError("segment_ids (packed rows) are not supported by encoder-decoder models; "
                              "turn packing off for task seq2seq")
         encoder_hidden = self.encode(input_ids, attention_mask, deterministic=deterministic, rngs=rngs)
         out = self.decode(decoder_input_ids, encoder_hidden, attention_mask, decoder_attention_mask, cache,
-                          cache_index, deterministic=deterministic, rngs=rngs)
+                          cache_index, deterministic=deterministic, rngs=rngs, return_hidden=return_hidden)
         out["encoder_last_hidden_state"] = encoder_hidden
         return out

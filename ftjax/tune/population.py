@@ -193,7 +193,8 @@ class Population:
         self.toward_pretrained = member_cfgs[0].optim.decay_toward == "pretrained"
         self._stack_state()
         self._steps: dict[frozenset, Callable] = {}
-        self._eval = jax.jit(jax.vmap(make_eval_step(run.graphdef, run.rest, run.cfg.model.task), in_axes=(0, None)))
+        self._eval = jax.jit(jax.vmap(make_eval_step(run.graphdef, run.rest, run.cfg.model.task,
+                                                     run.cfg.model.loss_chunk_tokens), in_axes=(0, None)))
 
     def _member_hparams(self, lr_tables: np.ndarray | None) -> tuple[dict, list[str]]:
         """Each member's own optimizer, built (and validated) from its config: its LR table per param
@@ -256,7 +257,8 @@ class Population:
         masks = run.optimizer.grad_masks_at(step)
         if trainable not in self._steps:
             def member(state, hp, active, batch, key):
-                step_cfg = StepConfig(run.cfg.model.task, run.cfg.train.grad_accum, hp["label_smoothing"])
+                step_cfg = StepConfig(run.cfg.model.task, run.cfg.train.grad_accum, hp["label_smoothing"],
+                                      run.cfg.model.loss_chunk_tokens)
                 fn = make_train_step(run.graphdef, run.rest, self._tx(hp), trainable, step_cfg, grad_masks=masks)
                 new, metrics = fn(state, batch, key)
                 new = jax.tree_util.tree_map(lambda n, o: jnp.where(active, n, o), new, state)
