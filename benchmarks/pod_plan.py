@@ -44,7 +44,7 @@ MODELS = {
                           max_position_embeddings=131072, rms_norm_eps=1e-5, tie_word_embeddings=False,
                           rope_theta=500000.0, rope_scaling={**LLAMA3_ROPE, "factor": 8.0}),
 }
-SLICES = ("v5litepod-16", "v5p-16", "v5p-64", "v6e-16", "v6e-64")
+SLICES = ("v5litepod-16", "v5p-16", "v6e-16")
 QUICK_SLICES = ("v5litepod-16", "v5p-16")
 
 
@@ -60,14 +60,17 @@ def write_model(folder: str, values: dict) -> str:
     return folder
 
 
-def plan_config(model_dir: str, lora: int, batch: int, seq: int, scan: bool, fsdp: int):
+def plan_config(model_dir: str, lora: int, batch: int, seq: int, scan: bool, fsdp: int, remat: str = "full",
+                attention: str = "auto"):
     from ftjax.config import default_config
 
     c = default_config()
     c.model.name_or_path = model_dir
     c.model.task = "causal_lm"
     c.model.dtype = "bfloat16"
-    c.model.remat = "full"
+    c.model.remat = remat
+    c.model.attention = attention
+    c.model.loss_chunk_tokens = 8192  # no [rows, 4096, vocab] float32 logits (4 GiB per 2 rows at 128k)
     c.model.scan_layers = scan
     c.data.source = "files:/nonexistent/plan-only.txt"  # an abstract plan reads no data
     c.data.max_len = seq
@@ -95,41 +98,68 @@ def one_plan(cfg, topology: str) -> dict:
     return plan
 
 
+def _row(plan: dict, **labels) -> dict:
+    keys = ("chips", "fits", "per_chip_peak_bytes", "hbm_bytes_per_chip", "compile_seconds", "hlo_flops_per_step",
+            "model_flops_per_step", "hlo_to_model_flops", "suggestion", "wall_seconds")
+    return {**labels, **{k: plan.get(k) for k in keys}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="two slices, no 70B unrolled")
+    parser.add_argument("--quick", action="store_true", help="two slices, no unrolled compiles")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "pod_plan.md"))
     parser.add_argument("--json", default=os.path.join(os.path.dirname(__file__), "pod_plan.json"))
     args = parser.parse_args()
     import jax
 
     root = tempfile.mkdtemp(prefix="pod_models_")
-    rows = []
+    folders = {name: write_model(os.path.join(root, name), values) for name, values in MODELS.items()}
     slices = QUICK_SLICES if args.quick else SLICES
-    for name, values in MODELS.items():
-        folder = write_model(os.path.join(root, name), values)
+    rows, depth, flops = [], [], []
+
+    def log(row: dict) -> dict:
+        print(json.dumps(row), flush=True)
+        return row
+
+    # 1. Every model, full and LoRA, on each slice: 8 rows of 4096 tokens per chip.
+    for name, folder in folders.items():
         for lora in (0, 16):
-            for topology in slices:
+            for topology in slices + (("v5p-64",) if name == "Llama-3.1-70B" and not args.quick else ()):
                 chips = _chips(topology)
-                cfg = plan_config(folder, lora, batch=4 * chips, seq=4096, scan=True, fsdp=chips)
-                plan = one_plan(cfg, topology)
-                row = {"model": name, "mode": f"LoRA r{lora}" if lora else "full", "topology": topology,
-                       **{k: plan.get(k) for k in ("chips", "fits", "per_chip_peak_bytes", "hbm_bytes_per_chip",
-                                                   "compile_seconds", "hlo_flops_per_step", "model_flops_per_step",
-                                                   "suggestion")}}
-                if lora == 0 and topology == slices[0] and (name != "Llama-3.1-70B" or not args.quick):
-                    unrolled = one_plan(plan_config(folder, lora, batch=4 * chips, seq=4096, scan=False,
-                                                    fsdp=chips), topology)
-                    row["compile_seconds_unrolled"] = unrolled.get("compile_seconds")
-                rows.append(row)
-                print(json.dumps(row), flush=True)
+                cfg = plan_config(folder, lora, batch=8 * chips, seq=4096, scan=True, fsdp=chips)
+                row = _row(one_plan(cfg, topology), model=name, mode=f"LoRA r{lora}" if lora else "full",
+                           topology=topology, batch=8 * chips)
+                if lora == 0 and topology == "v5p-16" and name != "Llama-3.1-70B" and not args.quick:
+                    unrolled = one_plan(plan_config(folder, 0, batch=8 * chips, seq=4096, scan=False, fsdp=chips),
+                                        topology)
+                    row["compile_seconds_unrolled"] = unrolled["compile_seconds"]
+                rows.append(log(row))
+    # 2. Compile time against depth: Llama-3.1-8B's layer at 2 layers, scanned and unrolled (32 layers: the
+    # Llama-3.1-8B full v5p-16 row above, the same config).
+    eight_b = next((r for r in rows if r["model"] == "Llama-3.1-8B" and r["mode"] == "full"
+                    and r["topology"] == "v5p-16"), None)
+    if eight_b:
+        depth += [{"layers": 32, "scan_layers": True, "compile_seconds": eight_b["compile_seconds"]},
+                  {"layers": 32, "scan_layers": False, "compile_seconds": eight_b.get("compile_seconds_unrolled")}]
+    for layers in (2,):
+        folder = write_model(os.path.join(root, f"8B-{layers}L"), {**MODELS["Llama-3.1-8B"], "num_hidden_layers": layers})
+        for scan in (True, False) if not args.quick else (True,):
+            plan = one_plan(plan_config(folder, 0, batch=64, seq=4096, scan=scan, fsdp=8), "v5p-16")
+            depth.append(log({"layers": layers, "scan_layers": scan, "compile_seconds": plan["compile_seconds"],
+                              "programs": {k: v["compile_seconds"] for k, v in plan["programs"].items()}}))
+    # 3. FLOPs: XLA attention (its matmuls visible), remat none and full.
+    for remat in ("none", "full"):
+        plan = one_plan(plan_config(folders["Llama-3.1-8B"], 0, batch=64, seq=4096, scan=True, fsdp=8, remat=remat,
+                                    attention="xla"), "v5p-16")
+        flops.append(log(_row(plan, model="Llama-3.1-8B", remat=remat, attention="xla", topology="v5p-16")))
     header = (f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; jax {jax.__version__}, "
               f"libtpu {_version('libtpu')}; {time.strftime('%Y-%m-%d')}")
     with open(args.json, "w") as f:
-        json.dump({"machine": header, "rows": rows}, f, indent=1)
+        json.dump({"machine": header, "rows": rows, "depth": depth, "flops": flops}, f, indent=1)
+    text = table(rows, depth, flops, header)
     with open(args.out, "w") as f:
-        f.write(table(rows, header))
-    print(table(rows, header))
+        f.write(text)
+    print(text)
 
 
 def _chips(topology: str) -> int:
@@ -146,18 +176,34 @@ def _version(package: str) -> str:
         return "absent"
 
 
-def table(rows: list[dict], header: str) -> str:
+def table(rows: list[dict], depth: list[dict], flops: list[dict], header: str) -> str:
     gib = lambda b: f"{b / 2**30:.1f}" if b else "-"  # noqa: E731
-    lines = [f"Pod plans ({header}); seq 4096 packed, global batch 4 x chips, bf16, remat full, scanned layers.",
-             "", "| model | mode | slice | chips | fits | peak GiB/chip | HBM GiB | compile s (scanned) | "
-             "compile s (unrolled) | HLO/model FLOPs |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [f"Pod plans ({header}): `--mode=dry_run --topology=SLICE`, seq 4096 packed, 8 rows per chip, bf16 "
+             "compute over float32 params, remat full, scanned layers, chunked loss, splash attention (its FLOPs "
+             "are hidden from the HLO count).", "",
+             "| model | mode | slice | chips | batch | fits | peak GiB/chip | HBM GiB | compile s | compile s unrolled "
+             "| HLO/model FLOPs | wall s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        ratio = (r["hlo_flops_per_step"] / r["model_flops_per_step"]
-                 if r.get("hlo_flops_per_step") and r.get("model_flops_per_step") else None)
-        lines.append(f"| {r['model']} | {r['mode']} | {r['topology']} | {r['chips']} | "
+        ratio = r.get("hlo_to_model_flops")
+        lines.append(f"| {r['model']} | {r['mode']} | {r['topology']} | {r['chips']} | {r['batch']} | "
                      f"{'yes' if r['fits'] else 'no'} | {gib(r['per_chip_peak_bytes'])} | "
-                     f"{gib(r['hbm_bytes_per_chip'])} | {r['compile_seconds']} | "
-                     f"{r.get('compile_seconds_unrolled', '')} | {f'{ratio:.3f}' if ratio else '-'} |")
+                     f"{gib(r['hbm_bytes_per_chip'])} | {r['compile_seconds']:.1f} | "
+                     f"{r.get('compile_seconds_unrolled') or '-'} | {f'{ratio:.3f}' if ratio else '-'} | "
+                     f"{r['wall_seconds']} |")
+    advice = [f"- {r['model']} {r['mode']} on {r['topology']}: {r['suggestion']}" for r in rows if r["suggestion"]]
+    lines += ["", "What the plans that do not fit say:", "", *advice] if advice else []
+    if depth:
+        lines += ["", "Compile seconds (train + eval steps) against depth, Llama-3.1-8B layers, v5p-16:", "",
+                  "| layers | scanned | unrolled |", "|---|---|---|"]
+        for layers in sorted({d["layers"] for d in depth}):
+            got = {d["scan_layers"]: d["compile_seconds"] for d in depth if d["layers"] == layers}
+            lines.append(f"| {layers} | {got.get(True, '-')} | {got.get(False, '-')} |")
+    if flops:
+        lines += ["", "HLO against model FLOPs with XLA attention (its matmuls visible), Llama-3.1-8B full, v5p-16:",
+                  "", "| remat | HLO FLOPs/step | model FLOPs/step | ratio |", "|---|---|---|---|"]
+        for r in flops:
+            lines.append(f"| {r['remat']} | {r['hlo_flops_per_step']:.4g} | {r['model_flops_per_step']:.4g} | "
+                         f"{r['hlo_to_model_flops']:.3f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -281,6 +281,9 @@ def suggestion(run: Any, parts: dict[str, int], peak: int, hbm: int) -> str:
                                  f"{shardable} chips: about {_gib(spread)} per chip instead of {_gib(state)})"))
         if not cfg.optim.lora.rank:
             ideas.append((state, "LoRA (optim.lora.rank=16): no gradients or optimizer state for the frozen base"))
+        elif str(cfg.model.param_dtype) == "float32":
+            ideas.append((parts["params"], f"model.param_dtype=bfloat16: params stored in bfloat16, the adapters too (the base "
+                                           f"{_gib(parts['params'] / 2)} per chip instead of {_gib(parts['params'])})"))
         if state_alone:
             need = 2 ** math.ceil(math.log2(max(state * mesh["fsdp"] / (0.6 * hbm), 1)))
             ideas.append((state, f"a slice of at least {need} chips with mesh.fsdp={need}"))
@@ -290,9 +293,18 @@ def suggestion(run: Any, parts: dict[str, int], peak: int, hbm: int) -> str:
                                 "in the backward pass, only layer inputs kept"))
         batch, accum = int(cfg.train.batch_size), int(cfg.train.grad_accum)
         dp = sharding_lib.data_parallel_size(run.mesh)
-        k = accum * 2
+        # Micro-batches shrink the activations about in proportion: enough of them that state + temp / (k /
+        # accum) leaves 10% of the HBM free, the next that divides the batch evenly over the data axes.
+        room = 0.9 * hbm - state
+        k = accum * 2 ** max(1, math.ceil(math.log2(temp / room))) if room > 0 else accum * 2
         while k <= batch // dp and batch % (dp * k):
             k *= 2
+        vocab = getattr(getattr(run.model, "config", None), "vocab_size", None)
+        if cfg.model.task in ("causal_lm", "seq2seq") and not cfg.model.loss_chunk_tokens and vocab:
+            rows = max(int(cfg.train.eval_batch_size or 2 * batch), batch) // dp
+            logits = rows * int(cfg.data.max_len) * int(vocab) * 4
+            ideas.append((logits, f"model.loss_chunk_tokens=8192 (the loss from the hidden states in chunks: no "
+                                  f"[rows, length, vocab] float32 logits, up to {_gib(logits)} per chip here)"))
         if k <= batch // dp and batch % (dp * k) == 0:
             ideas.append((temp, f"a smaller per-chip batch: train.grad_accum={k} (the global batch of {batch} in "
                                 f"{k} micro-batches of {batch // k}: {batch // k // dp} rows per chip at a time)"))
@@ -402,10 +414,18 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
              + (f", libtpu {result['libtpu_topology']}" if result["libtpu_topology"] else "") + f"), mesh {result['mesh']}, "
              f"batch {result['batch']} ({result['batch_rows']} rows) x length {result['seq_len']}, grad_accum "
              f"{result['grad_accum']}, remat {result['remat']}"]
-    if peak is not None:
-        lines.append(f"per chip: peak {_gib(peak)} = arguments {_gib(p['arguments'])} (params {_gib(p['params'])}, "
-                     f"optimizer state {_gib(p['optimizer_state'])}, averages {_gib(p['averages'])}, batch "
-                     f"{_mib(p['batch'])}) + temp {_gib(p['temp'])} + new outputs {_mib(p['output'] - p['alias'])}")
+    programs = result["programs"]
+    peaking = max(programs, key=lambda k: programs[k].get("peak_bytes") or 0)
+    if p.get("arguments") is not None:
+        train_peak = programs["train"].get("peak_bytes")
+        lines.append(f"per chip, train step: {_gib(train_peak) if train_peak else 'unknown'} = arguments "
+                     f"{_gib(p['arguments'])} (params {_gib(p['params'])}, optimizer state "
+                     f"{_gib(p['optimizer_state'])}, averages {_gib(p['averages'])}, batch {_mib(p['batch'])}) + "
+                     f"temp {_gib(p['temp'] or 0)} + new outputs {_mib((p['output'] or 0) - (p['alias'] or 0))}")
+    if peak is not None and peaking != "train":
+        q = programs[peaking]
+        lines.append(f"per chip, {peaking} step: {_gib(peak)} (the peak) = arguments {_gib(q['arguments'])} + temp "
+                     f"{_gib(q.get('temp') or 0)} + new outputs {_mib(q['output'] - q['alias'])}")
     if result["fits"] is not None:
         verdict = "fits" if result["fits"] else "DOES NOT FIT"
         margin = "" if result["margin_bytes"] is None else f": margin {_gib(result['margin_bytes'])}"

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ftjax import lora as lora_lib
+from ftjax import stacking
 from ftjax.models import llama
 
 
@@ -104,8 +105,15 @@ class Spec:
 
 
 def spec_of(model: Any) -> Spec:
-    """The Spec of an ftjax model (an HFModel, possibly with LoRA adapters applied)."""
-    ranks = tuple((path, m.rank) for path, m in lora_lib.lora_modules(model).items())
+    """The Spec of an ftjax model (an HFModel, possibly with LoRA adapters applied). Adapters of a scanned
+    stack are named per layer, as the walkers and `Optimizer.trainable_at` name params."""
+    stacks = model.stacks() if hasattr(model, "stacks") else {}
+    ranks = []
+    for path, m in lora_lib.lora_modules(model).items():
+        prefix = stacking.stack_of(path, stacks)
+        paths = [stacking.layer_path(path, prefix, i) for i in range(stacks[prefix])] if prefix else [path]
+        ranks += [(p, m.rank) for p in paths]
+    ranks = tuple(ranks)
     return Spec(model.hf_config, model.task, getattr(model, "tied", None), ranks)
 
 
