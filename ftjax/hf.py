@@ -18,6 +18,7 @@ from urllib.parse import urlparse
 
 import ml_dtypes  # noqa: F401 - registers bfloat16 with numpy, so safe_open reads bf16 tensors
 import numpy as np
+from absl import logging
 from etils import epath
 from huggingface_hub import snapshot_download
 from safetensors import SafetensorError, safe_open
@@ -126,9 +127,37 @@ def read_config_json(folder: str) -> dict[str, Any]:
     return raw
 
 
+# The transformers releases ftjax's parity tests (tests/test_*models*.py, test_decoders.py, ...) ran against:
+# the oldest and the newest. transformers changes what config fields mean between releases (T5's
+# tie_word_embeddings / scale_decoder_outputs in 5.x); the test extra installs the newest, and a release past it
+# is a warning here and a failing test there (tests/test_loading.py), until the parity suite has run on it.
+TRANSFORMERS_TESTED = ("5.24", "5.24")
+
+
+def transformers_outside_tested(version: str | None = None) -> str | None:
+    """A one-line warning when the installed transformers is outside TRANSFORMERS_TESTED, else None."""
+    import transformers  # noqa: PLC0415
+
+    version = version or transformers.__version__
+    minor = tuple(int(p) for p in version.split(".")[:2])
+    low, high = (tuple(int(p) for p in v.split(".")) for v in TRANSFORMERS_TESTED)
+    if low <= minor <= high:
+        return None
+    return (f"transformers {version} is outside the releases ftjax's parity tests ran against "
+            f"({TRANSFORMERS_TESTED[0]} to {TRANSFORMERS_TESTED[1]}): config semantics may differ; "
+            f"pip install 'transformers>={TRANSFORMERS_TESTED[0]},<={TRANSFORMERS_TESTED[1]}.99' to be sure")
+
+
+_WARNED: list[str] = []
+
+
 def load_config(folder: str) -> Any:
     """The transformers PretrainedConfig of a local HF folder (AutoConfig; never trust_remote_code)."""
     read_config_json(folder)
+    outside = transformers_outside_tested()
+    if outside and not _WARNED:
+        _WARNED.append(outside)
+        logging.warning("%s", outside)
     try:
         return AutoConfig.from_pretrained(folder, trust_remote_code=False)
     except (ValueError, KeyError) as e:

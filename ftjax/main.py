@@ -11,7 +11,7 @@ import json
 import logging as std_logging
 import os
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 import jax
 from absl import app, flags, logging
@@ -28,7 +28,9 @@ from ftjax import (
     models,
     trainer,
 )
+from ftjax import cli_flags
 from ftjax import workdir as workdir_lib
+from ftjax.cli_flags import recipes
 from ftjax.checkpoint import Checkpointer, CheckpointError
 from ftjax.config import ConfigError
 from ftjax.data import DataError
@@ -40,6 +42,9 @@ from ftjax.tune import compare, lr_find, space, sweep
 from ftjax.tune.report import REPORT
 
 MODES = ("train", "eval", "export", "dry_run", "sweep", "lr_find", "compare")
+# --help prints this module's docstring: with the recipes a first run can start from.
+__doc__ = (__doc__ or "") + "\nrecipes (--config=PATH[:arg]; each file's docstring says its arg):\n" + "".join(
+    f"    {name}\n" for name in recipes())
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Recipe file: configs/<recipe>.py[:arg]. Override any field with --config.a.b=value."
@@ -203,19 +208,34 @@ class _QuietLibraries:
         return not any(part in record.pathname for part in self.NOISY)
 
 
+def fail(message: str) -> NoReturn:
+    """The end of a run a user's input stopped: one line on stderr (what, and the fix), exit status 2."""
+    print(f"ftjax: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def usage_problem(argv: list[str]) -> str | None:
+    """What is wrong with the flags themselves (absl parsed them), before anything runs."""
+    if len(argv) > 1:
+        return f"unexpected arguments: {argv[1:]} (flags are --name=value; see --help)"
+    if not _WORKDIR.value:
+        return "--workdir is required: the run's folder (local or gs://), e.g. --workdir=/tmp/ftjax_run"
+    if _MODE.value != "compare" and len(_WORKDIR.value) > 1:
+        return (f"--mode={_MODE.value} takes one --workdir, got {len(_WORKDIR.value)}: {_WORKDIR.value} "
+                "(several are for --mode=compare)")
+    if _CONFIG.value is None and _MODE.value not in ("eval", "export", "dry_run", "compare"):
+        return (f"--mode={_MODE.value} needs --config=configs/RECIPE.py (eval, export and dry_run read "
+                f"WORKDIR/run.json); recipes: {', '.join(recipes()) or 'none found'}")
+    if _TOPOLOGY.value and _MODE.value != "dry_run":
+        return f"--topology plans a run: it goes with --mode=dry_run, not --mode={_MODE.value}"
+    return None
+
+
 def main(argv) -> None:
     logging.get_absl_handler().addFilter(_QuietLibraries())
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if not _WORKDIR.value:
-        raise app.UsageError("--workdir is required")
-    if _MODE.value != "compare" and len(_WORKDIR.value) > 1:
-        raise app.UsageError(f"--mode={_MODE.value} takes one --workdir, got {len(_WORKDIR.value)}: "
-                             f"{_WORKDIR.value} (several are for --mode=compare)")
-    if _CONFIG.value is None and _MODE.value not in ("eval", "export", "dry_run", "compare"):
-        raise app.UsageError(f"--mode={_MODE.value} needs --config (eval, export and dry_run read WORKDIR/run.json)")
-    if _TOPOLOGY.value and _MODE.value != "dry_run":
-        raise app.UsageError(f"--topology plans a run: it goes with --mode=dry_run, not --mode={_MODE.value}")
+    problem = usage_problem(argv)
+    if problem:
+        fail(problem)
     try:
         if _MODE.value == "compare":  # reads finished runs' files only: no devices, no config
             run_mode("compare", _CONFIG.value, _WORKDIR.value)
@@ -227,10 +247,8 @@ def main(argv) -> None:
         distributed.init_from_flags()  # before anything touches JAX devices
         run_mode(_MODE.value, cfg, workdir)
     except user_errors() as e:
-        logging.error("%s", e)
-        print(f"ftjax: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        fail(str(e))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli_flags.parse)

@@ -111,3 +111,14 @@ def test_a_mesh_load_reads_each_tensor_once_and_never_the_whole_file(folders, mo
     monkeypatch.setattr(models.hf.Weights, "read", lambda self, key: reads.append(key) or original(self, key))
     model = models.from_pretrained(folders["llama"], task="causal_lm", mesh=mesh_of(1, 8, 1))
     assert sorted(reads) == sorted(set(reads)) and len(reads) == len(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+
+
+def test_the_installed_transformers_is_one_the_parity_tests_cover():
+    """The parity tests measure ftjax against this transformers; a release past the newest tested must fail
+    here (and bump ftjax.hf.TRANSFORMERS_TESTED once the suite passes on it) rather than in a user's run."""
+    from ftjax import hf
+
+    assert hf.transformers_outside_tested() is None, hf.transformers_outside_tested()
+    assert hf.transformers_outside_tested("5.24.3") is None
+    assert "5.25.0 is outside" in hf.transformers_outside_tested("5.25.0")
+    assert "4.40.0 is outside" in hf.transformers_outside_tested("4.40.0")

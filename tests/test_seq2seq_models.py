@@ -5,7 +5,9 @@ and beam-search generation token for token, the seq2seq loss, sharded loading an
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -317,3 +319,49 @@ def test_generate_text_api_equals_transformers_with_a_real_tokenizer(tmp_path):
         texts = tokenizer.batch_decode(want[:, 1:], skip_special_tokens=True)
         assert generate(model, tokenizer, prompts, max_new_tokens=6, num_beams=beams) == texts
         assert generate(model, tokenizer, "tea", max_new_tokens=6, num_beams=beams) == texts[1]
+
+
+def _t5_v1_1_saved_by_transformers_5(path: str) -> str:
+    """T5 v1.1 as transformers 5 writes it: config.json tie_word_embeddings=true, scale_decoder_outputs=false,
+    and only shared.weight in the file (the head is tied, unscaled)."""
+    torch.manual_seed(1)
+    cfg = transformers.T5Config(vocab_size=VOCAB, d_model=16, d_kv=8, d_ff=32, num_layers=2, num_heads=4,
+                                relative_attention_num_buckets=8, relative_attention_max_distance=12,
+                                feed_forward_proj="gated-gelu", tie_word_embeddings=False, decoder_start_token_id=0)
+    transformers.T5ForConditionalGeneration(cfg).save_pretrained(path)
+    return path
+
+
+def test_t5_v1_1_folders_of_both_transformers_eras_equal_transformers(folders, tmp_path):
+    """The checkpoint decides tied vs untied, as transformers does: a transformers-5 folder (no lm_head in the
+    file: tied, unscaled), and a Flan-T5-style folder from before (config.json tie_word_embeddings=false with
+    no scale_decoder_outputs key, lm_head.weight in the file: untied, unscaled)."""
+    import json
+
+    from safetensors import safe_open
+
+    new = _t5_v1_1_saved_by_transformers_5(str(tmp_path / "t5_v1_1_new"))
+    with safe_open(os.path.join(new, "model.safetensors"), "np") as f:
+        assert "lm_head.weight" not in set(f.keys())
+    old = str(tmp_path / "t5_v1_1_old")
+    shutil.copytree(folders["t5_v1_1"], old)
+    config_path = os.path.join(old, "config.json")
+    with open(config_path) as f:
+        values = json.load(f)
+    values.pop("scale_decoder_outputs", None)
+    values["tie_word_embeddings"] = False
+    with open(config_path, "w") as f:
+        json.dump(values, f)
+    for folder, tied in ((new, True), (old, False)):
+        ref, model = pair({"x": folder}, "x")
+        assert model.tied is tied and model.logit_scale == 1.0, folder
+        assert model.load_report["initialized"] == [], model.load_report
+        ids, mask, dec, dec_mask = batch(ref)
+        want, _ = hf_forward(ref, ids, mask, dec, dec_mask)
+        got = model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec, decoder_attention_mask=dec_mask)
+        np.testing.assert_allclose(np.asarray(got["logits"]), want, atol=1e-4, rtol=0)
+        # Exported, transformers reads the same head back.
+        out = str(tmp_path / f"export_{tied}")
+        models.save_pretrained(model, out)
+        again = transformers.AutoModelForSeq2SeqLM.from_pretrained(out).eval()
+        np.testing.assert_allclose(hf_forward(again, ids, mask, dec, dec_mask)[0], want, atol=1e-4, rtol=0)

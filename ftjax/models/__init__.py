@@ -337,6 +337,8 @@ def from_pretrained(
     family = _family_for(hf_config, task, f"{folder}/config.json")
     cfg, rate = _apply_overrides(hf_config, family, num_labels, id2label, dropout)
     weights = None if abstract else hf.open_weights(folder, allow_pickle=allow_pickle)
+    if weights is not None:
+        cfg = family.from_weights(cfg, frozenset(weights.names()))
     return _build(family, cfg, task, weights=weights, classifier_dropout=rate, dtype=compute,
                   param_dtype=storage, remat=remat, seed=seed, mesh=mesh, folder=folder, scan_layers=scan_layers,
                   attention=attention, shapes_only=abstract)

@@ -43,6 +43,9 @@ class Family:
     # Regexes (fullmatch) of param paths whose HF tensor already has ftjax's [in, out] kernel layout
     # (GPT-2's Conv1D weights): loaded and saved without the Linear transpose.
     untransposed: tuple[str, ...] = ()
+    # The config as the checkpoint's tensors settle it: fn(hf_config, tensor names) -> hf_config (a copy). For
+    # what a config field alone no longer decides across transformers releases (T5: is lm_head in the file?).
+    from_weights: Callable[[Any, frozenset], Any] = lambda cfg, names: cfg
     # Whether its layer stack can run scanned (model.scan_layers): layers of one structure, params stacked.
     scannable: bool = False
 

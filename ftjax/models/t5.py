@@ -6,6 +6,7 @@ no 1/sqrt(d) attention scaling, and a tied lm_head with d_model**-0.5 logit scal
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any
 
@@ -185,10 +186,23 @@ class T5Stack(nnx.Module):
 
 
 def scale_decoder_outputs(cfg: Any) -> bool:
-    """v1.0 scales the decoder output by d_model**-0.5 before its tied lm_head; v1.1 / Flan (config.json
-    tie_word_embeddings=false) do not (transformers >= 5 records it as config.scale_decoder_outputs)."""
+    """Whether the decoder output is scaled by d_model**-0.5 before the lm_head: v1.0 (tied) yes; v1.1 / Flan
+    no. transformers >= 5 records it as config.scale_decoder_outputs (and reads an older config.json's
+    tie_word_embeddings=false as tie_word_embeddings=true, scale_decoder_outputs=false); before that,
+    tie_word_embeddings meant both."""
     value = getattr(cfg, "scale_decoder_outputs", None)
     return bool(getattr(cfg, "tie_word_embeddings", True) if value is None else value)
+
+
+def from_weights(cfg: Any, names: frozenset) -> Any:
+    """Tied or not as the file says, like transformers: a checkpoint holding lm_head.weight has its own head
+    (Flan-T5 folders written before transformers 5 say tie_word_embeddings=false and hold one), one without
+    it ties the head to `shared` (transformers 5 writes T5 v1.1 that way, unscaled). The scaling stays the
+    config's (scale_decoder_outputs, recorded explicitly so that changing the tie does not change it)."""
+    out = copy.deepcopy(cfg)
+    out.scale_decoder_outputs = scale_decoder_outputs(cfg)
+    out.tie_word_embeddings = "lm_head.weight" not in names
+    return out
 
 
 class T5ForConditionalGeneration(seq2seq.Seq2SeqLM):
@@ -198,10 +212,12 @@ class T5ForConditionalGeneration(seq2seq.Seq2SeqLM):
         self.shared = common.embed(cfg.vocab_size, cfg.d_model, ctx, ("vocab", "embed"))
         self.encoder = T5Stack(cfg, ctx, is_decoder=False)
         self.decoder = T5Stack(cfg, ctx, is_decoder=True)
-        self.tied = scale_decoder_outputs(cfg)  # v1.0: tied and scaled; v1.1: an lm_head of its own.
+        # v1.0: tied and scaled; Flan-T5 from before transformers 5: its own lm_head, unscaled; T5 v1.1 saved by
+        # transformers 5: tied, unscaled (from_weights settles the tie from the checkpoint).
+        self.tied = bool(getattr(cfg, "tie_word_embeddings", True))
         if not self.tied:
             self.lm_head = common.linear(cfg.d_model, cfg.vocab_size, ctx, ("embed", "vocab"), use_bias=False)
-        self.logit_scale = float(cfg.d_model) ** -0.5 if self.tied else 1.0
+        self.logit_scale = float(cfg.d_model) ** -0.5 if scale_decoder_outputs(cfg) else 1.0
         self.decoder_kv_shape = (cfg.num_heads, cfg.d_kv)
         self.dtype = ctx.dtype
 
@@ -250,4 +266,5 @@ FAMILY = Family(
     ignore_keys=(r"(encoder|decoder)\.embed_tokens\.weight",
                  r"decoder\.block\.0\.layer\.1\.EncDecAttention\.relative_attention_bias\.weight"),
     check_config=check_config,
+    from_weights=from_weights,
 )
