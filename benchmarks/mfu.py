@@ -25,7 +25,7 @@ import numpy as np
 import transformers
 
 from ftjax import flops as flops_lib
-from ftjax import lora, models, optim
+from ftjax import lora, models, optim, peaks
 from ftjax import params as params_lib
 from ftjax import sharding as sharding_lib
 from ftjax import step as step_lib
@@ -98,7 +98,7 @@ def measure(preset: dict, lora_rank: int, steps: int) -> dict:
     step_s = statistics.median(times)
     shape = flops_lib.batch_shape(jax.device_get(batch))
     model_flops = flops_lib.step_flops(model, trainable, shape).train
-    peak, source = flops_lib.total_peak(jax.devices())
+    peak, source = peaks.total_peak(jax.devices())
     return {"lora_rank": lora_rank, "params": sum(r.size for r in opt.table.values()),
             "trainable": sum(r.size for r in opt.table.values() if not r.frozen), "compile_s": compile_s,
             "step_s": step_s, "tokens_per_s": shape.tokens / step_s, "model_flops_per_step": model_flops,

@@ -12,7 +12,7 @@ import pytest
 import transformers
 
 from ftjax.flops import hlo_matmul_flops
-from ftjax import flops, lora, models, optim
+from ftjax import flops, lora, models, optim, peaks
 from ftjax import params as params_lib
 from ftjax import step as step_lib
 from ftjax.callbacks import MetricLogger, ProgressBar
@@ -172,19 +172,19 @@ def test_every_family_is_counted():
     ("TPU v6 lite", 918e12, "v6e"),
 ])
 def test_peak_table_matches_device_kinds(kind, peak, name):
-    found = flops.table_peak(kind)
+    found = peaks.table_peak(kind)
     assert found is not None and found[0] == peak and name in found[1]
 
 
 def test_cpu_peak_is_measured_once_and_the_env_overrides_it(monkeypatch):
-    assert flops.table_peak("cpu") is None and flops.table_peak("NVIDIA L40S") is None
-    monkeypatch.delenv(flops.PEAK_ENV, raising=False)
-    peak, source = flops.device_peak(jax.devices("cpu")[0])
+    assert peaks.table_peak("cpu") is None and peaks.table_peak("NVIDIA L40S") is None
+    monkeypatch.delenv(peaks.PEAK_ENV, raising=False)
+    peak, source = peaks.device_peak(jax.devices("cpu")[0])
     assert 1e8 < peak < 1e14 and "measured" in source
-    assert flops.device_peak(jax.devices("cpu")[0])[0] == peak  # cached for the process
-    assert flops.total_peak(jax.devices("cpu"))[0] == peak  # host devices share the one CPU
-    monkeypatch.setenv(flops.PEAK_ENV, "5e12")
-    assert flops.device_peak()[0] == 5e12
+    assert peaks.device_peak(jax.devices("cpu")[0])[0] == peak  # cached for the process
+    assert peaks.total_peak(jax.devices("cpu"))[0] == peak  # host devices share the one CPU
+    monkeypatch.setenv(peaks.PEAK_ENV, "5e12")
+    assert peaks.device_peak()[0] == 5e12
 
 
 class _ToyStepper:
@@ -252,14 +252,14 @@ def test_the_cpu_peak_is_the_best_this_machine_has_shown_and_mfu_stays_at_most_o
     from ftjax.callbacks import throughput
 
     monkeypatch.setenv("FTJAX_CACHE_DIR", str(tmp_path))
-    monkeypatch.delenv(flops.PEAK_ENV, raising=False)
-    monkeypatch.setattr(flops, "_CPU_PEAK", None)
-    assert flops.remember_cpu_peak(4e10) == 4e10
-    monkeypatch.setattr(flops, "_CPU_PEAK", None)  # a new process on a busy machine measures only 3.3e10
-    monkeypatch.setattr(flops, "measure_cpu_peak", lambda: 3.3e10)
-    peak, source = flops.device_peak(jax.devices("cpu")[0])
-    assert peak == 4e10 and flops.MEASURED in source
-    assert json.loads((tmp_path / "cpu_peak.json").read_text()) == {flops._cpu_key(): 4e10}
+    monkeypatch.delenv(peaks.PEAK_ENV, raising=False)
+    monkeypatch.setattr(peaks, "_CPU_PEAK", None)
+    assert peaks.remember_cpu_peak(4e10) == 4e10
+    monkeypatch.setattr(peaks, "_CPU_PEAK", None)  # a new process on a busy machine measures only 3.3e10
+    monkeypatch.setattr(peaks, "measure_cpu_peak", lambda: 3.3e10)
+    peak, source = peaks.device_peak(jax.devices("cpu")[0])
+    assert peak == 4e10 and peaks.MEASURED in source
+    assert json.loads((tmp_path / "cpu_peak.json").read_text()) == {peaks._cpu_key(): 4e10}
 
     meter = throughput.Throughput(lambda t, s: flops.StepFlops(0.0, 0.0), lambda step: frozenset(),
                                   flops.Shape(1, 1), peak=(peak, source))
@@ -267,6 +267,6 @@ def test_the_cpu_peak_is_the_best_this_machine_has_shown_and_mfu_stays_at_most_o
     window.add(6e10, 1.0, 0.0)  # 6e10 FLOPs in one second: more than the start-up "peak"
     report = meter._report(window, 1.0, 0.0)
     assert report["mfu"] == 1.0 and report["peak_flops_per_s"] == 6e10 and "raised" in meter.peak[1]
-    assert json.loads((tmp_path / "cpu_peak.json").read_text())[flops._cpu_key()] == 6e10
+    assert json.loads((tmp_path / "cpu_peak.json").read_text())[peaks._cpu_key()] == 6e10
     window.add(3e10, 2.0, 0.0)
     assert meter._report(window, 2.0, 0.0)["mfu"] == pytest.approx(4.5e10 / 6e10)

@@ -26,6 +26,7 @@ import numpy as np
 from absl import logging
 
 from ftjax import flops as flops_lib
+from ftjax import peaks
 from ftjax.callbacks.metric_log import MetricLogger
 from ftjax.callbacks.progress import ProgressBar
 from ftjax.loop import Callback, Loop
@@ -130,7 +131,7 @@ class Throughput(Callback):
     # -- hooks
     def on_begin(self, loop: Loop) -> None:
         if self.peak is None:
-            self.peak = flops_lib.total_peak(self.devices or jax.devices())
+            self.peak = peaks.total_peak(self.devices or jax.devices())
         for cb in loop.callbacks:
             if isinstance(cb, MetricLogger) and cb.writers:
                 self._writer = cb.writers[0]
@@ -194,10 +195,10 @@ class Throughput(Callback):
         seconds = window.seconds(now, eval_s)
         achieved = window.flops / seconds if seconds > 0 else math.nan
         peak = self.peak[0]
-        if achieved > peak and flops_lib.MEASURED in self.peak[1]:
+        if achieved > peak and peaks.MEASURED in self.peak[1]:
             # The start-up measurement ran under load: the run itself has shown the CPU does more. That rate
             # is the peak from now on (and for later runs on this machine): MFU never reads above 100%.
-            peak = flops_lib.remember_cpu_peak(achieved)
+            peak = peaks.remember_cpu_peak(achieved)
             if "raised" not in self.peak[1]:
                 logging.info("CPU peak raised to the achieved %.3g FLOP/s (measured %.3g at start-up under load)",
                              peak, self.peak[0])
