@@ -25,7 +25,8 @@ def recipes() -> list[str]:
                   if not os.path.basename(p).startswith("_"))
 
 
-def _fail(message: str) -> NoReturn:
+def fail(message: str) -> NoReturn:
+    """The end of a run a user's input stopped: one line on stderr (what, and the fix), exit status 2."""
     print(f"ftjax: error: {message}", file=sys.stderr)
     sys.exit(2)
 
@@ -76,7 +77,7 @@ def parse(argv: list[str]) -> list[str]:
         path = config.split(":", 1)[0]
         if not os.path.isfile(path):
             listed = ", ".join(recipes()) or "none found"
-            _fail(f"--config={config}: no recipe file {path!r} (run from the repository root, or give its path); "
+            fail(f"--config={config}: no recipe file {path!r} (run from the repository root, or give its path); "
                   f"recipes: {listed}")
     try:
         rest = flags.FLAGS(argv)
@@ -85,19 +86,19 @@ def parse(argv: list[str]) -> list[str]:
         header = text.split(": ", 1)[0] if text.startswith("flag --") else ""
         line = _last_line(text)
         if text.startswith("Unknown command line flag"):
-            _fail(f"{text.splitlines()[0]} (python -m ftjax.main --help lists the flags)")
-        _fail(f"{header.removeprefix('flag ')}: {line}" if header and line not in text.splitlines()[0] else
+            fail(f"{text.splitlines()[0]} (python -m ftjax.main --help lists the flags)")
+        fail(f"{header.removeprefix('flag ')}: {line}" if header and line not in text.splitlines()[0] else
               text.splitlines()[0].removeprefix("flag "))
     except (KeyError, AttributeError) as e:  # an override naming no field
-        _fail(unknown_override(argv) or f"a --config override failed: {_last_line(str(e))}")
+        fail(unknown_override(argv) or f"a --config override failed: {_last_line(str(e))}")
     except (TypeError, ValueError) as e:  # an override's value of the wrong type
         bad = next((a for a in argv if _OVERRIDE.match(a)), "--config override")
-        _fail(f"{bad}: {_last_line(str(e))}")
+        fail(f"{bad}: {_last_line(str(e))}")
     if config is not None:
         value = flags.FLAGS["config"].value
         try:
             getattr(value, "train", None)  # ml_collections keeps a recipe's import error until first use
         except OSError as e:
             cause = e.__cause__ or e
-            _fail(f"--config={config}: the recipe could not be loaded ({_last_line(str(cause))})")
+            fail(f"--config={config}: the recipe could not be loaded ({_last_line(str(cause))})")
     return rest

@@ -11,7 +11,7 @@ import json
 import logging as std_logging
 import os
 import sys
-from typing import Any, NoReturn
+from typing import Any
 
 import jax
 from absl import app, flags, logging
@@ -30,7 +30,7 @@ from ftjax import (
 )
 from ftjax import cli_flags
 from ftjax import workdir as workdir_lib
-from ftjax.cli_flags import recipes
+from ftjax.cli_flags import fail, recipes
 from ftjax.checkpoint import Checkpointer, CheckpointError
 from ftjax.config import ConfigError
 from ftjax.data import DataError
@@ -206,12 +206,6 @@ class _QuietLibraries:
         if record.levelno >= std_logging.WARNING:
             return True
         return not any(part in record.pathname for part in self.NOISY)
-
-
-def fail(message: str) -> NoReturn:
-    """The end of a run a user's input stopped: one line on stderr (what, and the fix), exit status 2."""
-    print(f"ftjax: error: {message}", file=sys.stderr)
-    sys.exit(2)
 
 
 def usage_problem(argv: list[str]) -> str | None:
