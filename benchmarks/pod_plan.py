@@ -98,6 +98,13 @@ def one_plan(cfg, topology: str) -> dict:
     return plan
 
 
+def _chips_of(topology: str) -> int:
+    """Chips of a slice name, as --topology reads it (v4/v5p names count TensorCores: 2 per chip)."""
+    from ftjax import dry_run
+
+    return dry_run.topology(topology).chips
+
+
 def _row(plan: dict, **labels) -> dict:
     keys = ("chips", "fits", "per_chip_peak_bytes", "hbm_bytes_per_chip", "compile_seconds", "hlo_flops_per_step",
             "model_flops_per_step", "hlo_to_model_flops", "suggestion", "wall_seconds")
@@ -125,7 +132,7 @@ def main() -> None:
     for name, folder in folders.items():
         for lora in (0, 16):
             for topology in slices + (("v5p-64",) if name == "Llama-3.1-70B" and not args.quick else ()):
-                chips = _chips(topology)
+                chips = _chips_of(topology)
                 cfg = plan_config(folder, lora, batch=8 * chips, seq=4096, scan=True, fsdp=chips)
                 row = _row(one_plan(cfg, topology), model=name, mode=f"LoRA r{lora}" if lora else "full",
                            topology=topology, batch=8 * chips)
@@ -160,11 +167,6 @@ def main() -> None:
     with open(args.out, "w") as f:
         f.write(text)
     print(text)
-
-
-def _chips(topology: str) -> int:
-    kind, n = topology.rsplit("-", 1)
-    return int(n) // 2 if kind in ("v4", "v5p") else int(n)  # v4/v5p names count TensorCores (2 per chip)
 
 
 def _version(package: str) -> str:
