@@ -22,6 +22,7 @@ from ftjax import params as params_lib
 from ftjax import sharding as sharding_lib
 from ftjax import workdir as workdir_lib
 from ftjax.config import remat_policy
+from ftjax.models import quantized
 
 
 class TopologyError(ValueError):
@@ -281,6 +282,9 @@ def suggestion(run: Any, parts: dict[str, int], peak: int, hbm: int) -> str:
                                  f"{shardable} chips: about {_gib(spread)} per chip instead of {_gib(state)})"))
         if not cfg.optim.lora.rank:
             ideas.append((state, "LoRA (optim.lora.rank=16): no gradients or optimizer state for the frozen base"))
+        elif not cfg.optim.lora.quantize_base:
+            ideas.append((parts["params"], "QLoRA: optim.lora.quantize_base=nf4 stores the frozen base Linears in 4 "
+                                           "bits (about 1/7 of float32, 1/3.5 of bfloat16)"))
         elif str(cfg.model.param_dtype) == "float32":
             ideas.append((parts["params"], f"model.param_dtype=bfloat16: params stored in bfloat16, the adapters too (the base "
                                            f"{_gib(parts['params'] / 2)} per chip instead of {_gib(parts['params'])})"))
@@ -383,6 +387,7 @@ def plan(run: Any, topo: Topology) -> dict[str, Any]:
         "dtype": str(cfg.model.dtype),
         "param_dtype": str(cfg.model.param_dtype),
         "lora_rank": int(cfg.optim.lora.rank),
+        "quantize_base": str(cfg.optim.lora.quantize_base),
         "params_total": params_lib.count(run.state["params"]),
     }
     if run.primary:
@@ -394,6 +399,12 @@ def extras(run: Any) -> list[str]:
     """The hyperparameters outside the param table: re-initialised layers and weight averaging."""
     cfg, avg, lines = run.cfg, run.averaging, []
     per_copy = _mib(params_lib.nbytes(run.state["avg"].get("ema", run.state["avg"].get("swa")))) if avg.on else ""
+    spec = quantized.spec_of(cfg.optim.lora)
+    if spec is not None:
+        count, stored, full = quantized.storage(run.model, cfg.model.param_dtype)
+        lines.append(f"QLoRA base: {count} Linear kernels stored {spec.qtype} (block {spec.block}"
+                     f"{', double-quantised scales' if spec.double else ''}): {_mib(stored)} instead of {_mib(full)} "
+                     f"in {cfg.model.param_dtype} ({full / max(stored, 1):.1f}x less; total, before sharding)")
     if cfg.model.reinit_layers:
         lines.append(f"re-initialised before fine-tuning (model.reinit_layers={cfg.model.reinit_layers}, seed "
                      f"{cfg.train.seed}): the top {cfg.model.reinit_layers} layers of each stack and any pooler")

@@ -25,7 +25,7 @@ from flax import nnx
 from ftjax import fileio, hf, models, stacking
 from ftjax import params as params_lib
 from ftjax.config import ConfigError
-from ftjax.models import common
+from ftjax.models import common, quantized
 from ftjax.models.common import AXES
 
 LORA_LEAVES = ("lora_a", "lora_b", "lora_magnitude")
@@ -54,22 +54,18 @@ class LoRALinear(nnx.Module):
 
     def __init__(self, base: nnx.Linear, rank: int, alpha: float, dropout: float, key: jax.Array | list, index: int,
                  rslora: bool = False, dora: bool = False):
-        self.kernel = base.kernel
+        # A QLoRA base (quantized.QuantizedLinear): its quantised leaves instead of the kernel, dequantised per call.
+        self.quant = getattr(base, "quant", None)
+        stored = [base.kernel] if self.quant is None else [getattr(base, n) for n in self.quant.leaves()]
+        for name, variable in zip(["kernel"] if self.quant is None else self.quant.leaves(), stored):
+            setattr(self, name, variable)
         self.bias = base.bias if base.bias is not None else nnx.data(None)
-        for name in (
-            "in_features",
-            "out_features",
-            "use_bias",
-            "dtype",
-            "param_dtype",
-            "precision",
-            "dot_general",
-            "promote_dtype",
-            "preferred_element_type",
-        ):
-            setattr(self, name, getattr(base, name))
+        for name in ("in_features", "out_features", "use_bias", "dtype", "param_dtype", "precision", "dot_general",
+                     "promote_dtype", "preferred_element_type"):
+            if hasattr(base, name):
+                setattr(self, name, getattr(base, name))
         din, dout = base.in_features, base.out_features
-        kernel_axes = tuple(base.kernel.get_metadata().get(AXES) or (None,) * base.kernel[...].ndim)
+        kernel_axes = tuple(stored[0].get_metadata().get(AXES) or (None,) * stored[0][...].ndim)
         # A Linear of a scanned stack (kernel [layers, in, out]): one adapter per layer, stacked like it, each
         # drawn from its own layer's key (`key` is then the list of them), as the unrolled model's would be.
         stacked = isinstance(key, (list, tuple))
@@ -85,7 +81,7 @@ class LoRALinear(nnx.Module):
         self.rank, self.alpha, self.dropout_rate, self.index = int(rank), float(alpha), float(dropout), int(index)
         self.rslora, self.dora = bool(rslora), bool(dora)
         if self.dora:  # m = ||W0||_c: the layer starts as the base layer
-            norm = jnp.linalg.norm(jnp.asarray(base.kernel[...], jnp.float32), axis=-2)
+            norm = jnp.linalg.norm(self.base_kernel(jnp.float32), axis=-2)
             self.lora_magnitude = nnx.Param(norm.astype(base.param_dtype), **{AXES: (*lead, axes[1])})
 
     @property
@@ -93,8 +89,18 @@ class LoRALinear(nnx.Module):
         """s = alpha / r, or alpha / sqrt(r) with rsLoRA (Kalajdzievski 2023)."""
         return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
 
+    def base_kernel(self, dtype: Any = None) -> jax.Array:
+        """W [..., in, out]: the kernel, or a quantised base's dequantised into `dtype` (the compute dtype)."""
+        if self.quant is None:
+            return self.kernel[...]
+        return quantized.dequantize(quantized.quant_leaves(self), self.quant, self.in_features,
+                                   dtype or self.dtype or jnp.float32)
+
     def __call__(self, inputs: jax.Array, out_sharding: Any = None) -> jax.Array:
-        y = nnx.Linear.__call__(self, inputs, out_sharding)  # the base layer's exact math
+        if self.quant is None:
+            y = nnx.Linear.__call__(self, inputs, out_sharding)  # the base layer's exact math
+        else:
+            y = quantized.linear_output(self, inputs, self.base_kernel())
         x = inputs
         key = _DROPOUT_KEY.get()
         dropped = key is not None and self.dropout_rate > 0
@@ -104,11 +110,12 @@ class LoRALinear(nnx.Module):
             key = key if layer is None else jax.random.fold_in(key, layer)
             keep = jax.random.bernoulli(key, 1.0 - self.dropout_rate, x.shape)
             x = jnp.where(keep, x / (1.0 - self.dropout_rate), 0).astype(x.dtype)
-        x, a, b, w = self.promote_dtype((x, self.lora_a[...], self.lora_b[...], self.kernel[...]), dtype=self.dtype)
+        x, a, b = nnx.nn.dtypes.promote_dtype((x, self.lora_a[...], self.lora_b[...]), dtype=self.dtype)
         delta = ((x @ a) @ b) * self.scale
         if not self.dora:
             return y + delta.astype(y.dtype)
-        norm = jax.lax.stop_gradient(dora_norm(self.kernel[...], self.lora_a[...], self.lora_b[...], self.scale))
+        w = self.base_kernel().astype(delta.dtype)
+        norm = jax.lax.stop_gradient(dora_norm(w, self.lora_a[...], self.lora_b[...], self.scale))
         m_over_n = (self.lora_magnitude[...].astype(jnp.float32) / norm).astype(delta.dtype)
         bias = self.bias[...] if self.bias is not None else None
         base = x @ w if dropped else (y - bias if bias is not None else y).astype(delta.dtype)
@@ -193,7 +200,7 @@ def apply_lora(model: nnx.Module, lora_cfg: Any, seed: int = 0) -> nnx.Module:
         raise ConfigError("optim.lora.rank", rank, ">= 1 to apply LoRA (0 = LoRA off)")
     if not 0.0 <= dropout < 1.0:
         raise ConfigError("optim.lora.dropout", dropout, "in [0, 1)")
-    found = [(p, n) for p, n in nnx.iter_graph(model) if isinstance(n, nnx.Linear) and p]
+    found = [(p, n) for p, n in nnx.iter_graph(model) if isinstance(n, (nnx.Linear, quantized.QuantizedLinear)) and p]
     stacks = model.stacks() if hasattr(model, "stacks") else {}
     hits = [(p, n) for p, n in found if _targets_stack_or_module(_targeted(model, targets), module_path(p), stacks,
                                                                   targets)]
@@ -286,6 +293,7 @@ def merged_params(model: nnx.Module, params: dict | None = None) -> dict:
     modules, params, flat = _adapted(model, params, "merged_params")
     if not any(is_lora_param(p) for p in flat):
         return params  # already merged
+    flat = quantized.dequantized(flat, quantized.quantized_modules(model))  # QLoRA: the base back in float32
     out = {}
     for path, value in flat.items():
         if is_lora_param(path):

@@ -24,6 +24,7 @@ from ftjax import metrics as metrics_lib
 from ftjax import params as params_lib
 from ftjax import sharding as sharding_lib
 from ftjax.data import structure
+from ftjax.models import quantized
 from ftjax import workdir as workdir_lib
 from ftjax.loop import TrainingError
 from ftjax.reinit import reinit_top_layers
@@ -204,6 +205,7 @@ class Run:
             seed=cfg.train.seed,
             mesh=self.mesh,  # each tensor read alone and placed straight into its sharding
             abstract=self.abstract,  # a plan: config.json only, every param a ShapeDtypeStruct
+            quantize=quantized.spec_of(cfg.optim.lora),  # QLoRA: the frozen base stored in 8 / 4 bits
         )
         # The top layers re-drawn with the model's init (Zhang et al. 2021); shapes unchanged, so a plan skips it.
         if cfg.model.reinit_layers and not self.abstract:

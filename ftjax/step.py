@@ -191,7 +191,7 @@ def make_train_step(
         grad_norm = optax.tree.norm(grads)
         # The optimizer sees the full tree; frozen leaves get zeros, which set_to_zero / the unfreeze gate
         # never read, so XLA drops them.
-        full_grads = params_lib.combine(grads, jax.tree_util.tree_map(jnp.zeros_like, frozen_params))
+        full_grads = params_lib.combine(grads, jax.tree_util.tree_map(_zero_grad, frozen_params))
         updates, opt_state = tx.update(full_grads, state["opt_state"], state["params"])
         train_updates, _ = params_lib.partition(updates, is_trainable)
         new_train = optax.apply_updates(train_params, train_updates)
@@ -212,6 +212,11 @@ def make_train_step(
         return new_state, metrics
 
     return train_step
+
+
+def _zero_grad(p: jax.Array) -> jax.Array:
+    """A frozen param's (never read) gradient: zeros, float32 for the integer leaves of a quantised base."""
+    return jnp.zeros_like(p) if jnp.issubdtype(p.dtype, jnp.floating) else jnp.zeros(p.shape, jnp.float32)
 
 
 def _mask_layers(g: jax.Array, flags: tuple[bool, ...] | None) -> jax.Array:

@@ -193,7 +193,7 @@ FIELDS: tuple[Field, ...] = (
     F(
         "data.packing",
         True,
-        "classification with bert / roberta / distilbert: pack several examples per max_len row (one "
+        "classification with bert / roberta / distilbert / modernbert: pack several examples per max_len row (one "
         "train and one eval program; eval_batch_size counts rows); False or other models: data.buckets",
         Check("True or False", ok=lambda v: isinstance(v, bool)),
     ),
@@ -462,6 +462,18 @@ def _check_run_length(c: Any) -> None:
     require(get(c, "train.steps") > 0 or epochs > 0, "train.epochs", epochs, "> 0 when train.steps is 0")
 
 
+def _check_quantized_base(c: Any) -> None:
+    if get(c, "optim.lora.quantize_base"):
+        require(get(c, "optim.lora.rank") > 0, "optim.lora.quantize_base", get(c, "optim.lora.quantize_base"),
+                "needs LoRA (a quantised base is frozen): set optim.lora.rank > 0, or optim.lora.quantize_base=''")
+
+
+def _check_reinit_unquantized(c: Any) -> None:
+    require(not (get(c, "model.reinit_layers") and get(c, "optim.lora.quantize_base")), "model.reinit_layers",
+            get(c, "model.reinit_layers"), "0 with optim.lora.quantize_base (re-drawn layers of a frozen "
+            "quantised base would never train)")
+
+
 def _check_mesh(c: Any) -> None:
     sizes = {axis: get(c, f"mesh.{axis}") for axis in MESH_AXES}
     require(sum(v == -1 for v in sizes.values()) <= 1, "mesh", sizes, "at most one axis may be -1")
@@ -486,4 +498,8 @@ RULES: tuple[Rule, ...] = (
     ),
     Rule("run_has_a_length", "train.epochs", "> 0 when train.steps is 0", _check_run_length),
     Rule("one_inferred_mesh_axis", "mesh", "at most one axis may be -1", _check_mesh),
+    Rule("quantized_base_under_lora", "optim.lora.quantize_base", "set only with optim.lora.rank > 0",
+         _check_quantized_base),
+    Rule("reinit_needs_a_full_precision_base", "model.reinit_layers", "0 with optim.lora.quantize_base",
+         _check_reinit_unquantized),
 )

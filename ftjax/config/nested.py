@@ -92,6 +92,16 @@ LORA_FIELDS = (
         unless(("all-linear",), regex()),
     ),
     Field(
+        "quantize_base",
+        "",
+        'QLoRA: the frozen base Linears (all but the head) stored as "int8" or "nf4" (block-wise absmax), '
+        'dequantised in the step; "" = full precision',
+        one_of(("", "int8", "nf4"), '"", "int8" or "nf4"'),
+    ),
+    Field("quantize_block", 64, "QLoRA: inputs per absmax block of a quantised kernel",
+          Check("an even int >= 2", ok=lambda v: isinstance(v, int) and v >= 2 and v % 2 == 0)),
+    Field("double_quant", False, "QLoRA: the block scales themselves stored in int8 (one float32 scale per 256)"),
+    Field(
         "also_train",
         "auto",
         "params trained besides the adapters (PEFT's modules_to_save): `auto` = "

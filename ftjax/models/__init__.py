@@ -13,6 +13,7 @@ import functools
 import re
 import types
 import zlib
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -36,7 +37,7 @@ from ftjax.hf import (
     ModelLoadError,
     UnsupportedModelError,
 )
-from ftjax.models import registry
+from ftjax.models import quantized, registry
 from ftjax.models.common import Ctx, HFModel, remat_name
 from ftjax.models.registry import Family
 
@@ -227,6 +228,7 @@ def _build(
     family: Family, cfg: Any, task: str, *, weights: hf.Weights | None, classifier_dropout: float | None,
     dtype: Any, param_dtype: Any, remat: Any, seed: int, mesh: Mesh | None = None, folder: str | None = None,
     scan_layers: bool = False, attention: str = "auto", shapes_only: bool = False,
+    quantize: quantized.QuantSpec | None = None,
 ) -> HFModel:
     template = Ctx(
         rngs=None, dtype=dtype, param_dtype=param_dtype, init_range=float(getattr(cfg, "initializer_range", 0.02)),
@@ -234,15 +236,21 @@ def _build(
         scan_layers=bool(scan_layers) and family.scannable, attention=attention,
     )
     abstract = nnx.eval_shape(lambda: family.build(cfg, task, dataclasses.replace(template, rngs=nnx.Rngs(seed))))
-    graphdef, abstract_state = nnx.split(abstract)
-    shapes = params_lib.flatten(abstract_state.to_pure_dict())
+    shapes = params_lib.flatten(nnx.split(abstract)[1].to_pure_dict())  # what the checkpoint's tensors fill
     stacks = abstract.stacks()
     # Checkpoints, init and reports go by per-layer paths (HF keys "model.layers.3..."), scanned or not.
     layer_shapes = stacking.unstack(shapes, stacks)
+    quantized_paths: frozenset[str] = frozenset()
+    if quantize is not None:  # QLoRA: the Linears but the head stored quantised; each tensor quantised as read
+        head = family.head_patterns[task]
+        abstract = nnx.eval_shape(lambda m: (m, quantized.quantize_linears(m, quantize, head))[0], abstract)
+        quantized_paths = frozenset(f"{m}/kernel" for m in quantized.quantized_modules(abstract))
+    graphdef, abstract_state = nnx.split(abstract)
     shardings = _shardings(abstract, abstract_state, cfg, mesh)
     if shapes_only:  # a plan: every param a ShapeDtypeStruct (with its sharding); no checkpoint, no allocation
+        final = params_lib.flatten(abstract_state.to_pure_dict())
         nnx.replace_by_pure_dict(abstract_state, params_lib.unflatten({
-            p: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=shardings.get(p)) for p, x in shapes.items()}))
+            p: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=shardings.get(p)) for p, x in final.items()}))
         model = nnx.merge(graphdef, abstract_state)
         model._set_info(family.name, task, family.head_patterns[task], cfg)
         model.load_report.update(files=[], folder=folder, initialized=[], unused=[], ignored=[], abstract=True)
@@ -266,6 +274,9 @@ def _build(
     values = {}
     for path, abstract_leaf in shapes.items():
         sharding, prefix = shardings.get(path), stacking.stack_of(path, stacks)
+        if path in quantized_paths:
+            values.update(_quantized_values(path, abstract_leaf.shape, prefix, stacks, value_of, quantize, shardings))
+            continue
         if prefix is None:
             value = value_of(path, tuple(abstract_leaf.shape), sharding)
             values[path] = value if isinstance(value, jax.Array) else _place(value, sharding)
@@ -293,10 +304,24 @@ def _build(
     return model
 
 
+def _quantized_values(path: str, shape: tuple, prefix: str | None, stacks: dict, value_of: Callable,
+                      spec: quantized.QuantSpec, shardings: dict) -> dict[str, jax.Array]:
+    """{leaf path: placed value} of a kernel stored quantised: its tensor (each layer's, for a scanned stack)
+    read and quantised on the host one at a time, so the full-precision kernel never reaches the device."""
+    if prefix is None:
+        leaves = quantized.quantize(np.asarray(value_of(path, tuple(shape), None)), spec)
+    else:
+        per_layer = [quantized.quantize(np.asarray(value_of(stacking.layer_path(path, prefix, i), tuple(shape[1:]),
+                                                            None)), spec) for i in range(stacks[prefix])]
+        leaves = {name: np.stack([layer[name] for layer in per_layer]) for name in per_layer[0]}
+    module = path.rsplit("/", 1)[0]
+    return {f"{module}/{name}": _place(value, shardings.get(f"{module}/{name}")) for name, value in leaves.items()}
+
+
 def from_config(
     hf_config: Any, task: str = "base", num_labels: int | None = None, id2label: dict | None = None,
     dropout: dict | None = None, dtype: Any = "float32", param_dtype: Any = "float32", remat: Any = "none",
-    seed: int = 0, scan_layers: bool = False, attention: str = "auto",
+    seed: int = 0, scan_layers: bool = False, attention: str = "auto", quantize: quantized.QuantSpec | None = None,
 ) -> HFModel:
     """A randomly initialised (HF-style) model for a transformers config; for tests and benchmarks. The init
     of each param depends only on its per-layer path and the seed, so scanned and unrolled models are equal."""
@@ -304,14 +329,14 @@ def from_config(
     cfg, rate = _apply_overrides(hf_config, family, num_labels, id2label, dropout)
     return _build(family, cfg, task, weights=None, classifier_dropout=rate, dtype=_dtype(dtype, "dtype"),
                   param_dtype=_dtype(param_dtype, "param_dtype"), remat=remat, seed=seed, scan_layers=scan_layers,
-                  attention=attention)
+                  attention=attention, quantize=quantize)
 
 
 def from_pretrained(
     name_or_path: str, task: str = "base", num_labels: int | None = None, id2label: dict | None = None,
     dropout: dict | None = None, dtype: Any = "float32", param_dtype: Any = "float32", remat: Any = "none",
     allow_pickle: bool = False, seed: int = 0, mesh: Mesh | None = None, scan_layers: bool = False,
-    attention: str = "auto", abstract: bool = False,
+    attention: str = "auto", abstract: bool = False, quantize: quantized.QuantSpec | None = None,
 ) -> HFModel:
     """Loads an HF folder (or hub id when online) into the ftjax model for `task`.
 
@@ -326,6 +351,8 @@ def from_pretrained(
     trainer gives it (ftjax.sharding.param_shardings), each device receiving only its slice; None: the
     default device. abstract: only config.json is read (no weight file is opened) and every param is a
     jax.ShapeDtypeStruct (sharded as the trainer places it when `mesh` is given): a model to plan with.
+    quantize (QLoRA, optim.lora.quantize_base): every Linear but the task head stored quantised
+    (`quantized.QuantizedLinear`), each kernel quantised on the host as it is read.
     """
     if task not in TASKS:
         raise UnsupportedModelError(f"task={task!r} is invalid: one of {TASKS}")
@@ -341,7 +368,7 @@ def from_pretrained(
         cfg = family.from_weights(cfg, frozenset(weights.names()))
     return _build(family, cfg, task, weights=weights, classifier_dropout=rate, dtype=compute,
                   param_dtype=storage, remat=remat, seed=seed, mesh=mesh, folder=folder, scan_layers=scan_layers,
-                  attention=attention, shapes_only=abstract)
+                  attention=attention, shapes_only=abstract, quantize=quantize)
 
 
 def hf_architecture(model_type: str, task: str) -> str:
