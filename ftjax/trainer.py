@@ -27,7 +27,9 @@ from ftjax.callbacks import (
 from ftjax.callbacks.averaging import AveragedEvaluate
 from ftjax.callbacks.forgetting import Forgetting
 from ftjax.callbacks.hparams import write_hparams
+from ftjax.callbacks import profiling
 from ftjax.callbacks.plots import plot_run
+from ftjax.callbacks.profiling import ProfileTrace
 from ftjax.callbacks.samples import LMSamples
 from ftjax.callbacks.seq2seq_eval import Seq2SeqEval
 from ftjax.callbacks.throughput import Throughput
@@ -126,6 +128,9 @@ def standard_callbacks(
     callbacks.append(Throughput.for_run(run))  # before Precompile: it times the compiles
     if t.precompile:
         callbacks.append(Precompile())
+    profile = profiling.parse(t.profile)
+    if profile is not None:
+        callbacks.append(ProfileTrace(member_dirs[0], *profile, enabled=run.primary))
     callbacks += [ProgressBar(enabled=run.primary and t.progress, metric=metric), checkpoint,
                   Preemption(checkpoint)]
     return callbacks

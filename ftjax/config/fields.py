@@ -385,6 +385,10 @@ FIELDS: tuple[Field, ...] = (
       "(one arena, no mmap, no trim), so XLA's per-step temporary buffer is not page-faulted in anew each step "
       "(MiniLM step 14% faster; peak RSS higher). See ftjax/host_memory.py"),
     F("train.progress", True, "progress line on stderr"),
+    F("train.profile", "", 'a jax.profiler trace of the steps START..START+STEPS-1 under WORKDIR/tb ("START:STEPS", '
+      'e.g. "10:3"; "" = off): TensorBoard\'s profile plugin / Perfetto read it',
+      unless(("",), Check("START:STEPS with STEPS >= 1, e.g. 10:3",
+                          ok=lambda v: bool(re.fullmatch(r"\d+:[1-9]\d*", str(v)))))),
     F(
         "train.precompile",
         True,
