@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import sys
 import tempfile
 
 import jax
@@ -16,6 +17,19 @@ from ftjax import fileio
 from ftjax.loop import Callback, Loop
 
 PROFILE_FORMAT = re.compile(r"(\d+):(\d+)")
+
+
+def libtpu_loaded_off_tpu() -> bool:
+    """libtpu is mapped into this process (an abstract TPU topology was described here, as --mode=dry_run
+    --topology does) while the devices are not TPUs: jax.profiler.start_trace then crashes the process inside
+    libtpu's profiler plugin (a segmentation fault, jax 0.10.2 / libtpu 0.0.52)."""
+    if not sys.platform.startswith("linux") or jax.default_backend() == "tpu":
+        return False
+    try:
+        with open("/proc/self/maps") as maps:
+            return any("libtpu" in line for line in maps)
+    except OSError:
+        return False
 
 
 def parse(value: str) -> tuple[int, int] | None:
@@ -56,6 +70,10 @@ class ProfileTrace(Callback):
 
     def _begin(self, step: int) -> None:
         if not self.enabled:
+            return
+        if libtpu_loaded_off_tpu():
+            logging.warning("train.profile: no trace: libtpu was loaded in this process for a TPU topology plan "
+                            "(dry_run --topology) and its profiler crashes off TPU; profile in a fresh process")
             return
         if self.remote:
             self._dir = tempfile.mkdtemp(prefix="ftjax_profile_")
