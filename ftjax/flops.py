@@ -29,7 +29,7 @@ import numpy as np
 
 from ftjax import lora as lora_lib
 from ftjax import stacking
-from ftjax.models import llama
+from ftjax.models import deberta, gemma, llama, modernbert
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +66,9 @@ def batch_shape(batch: dict) -> Shape:
     if ids is None:
         rows = int(np.shape(batch["pixel_values"])[0]) if "pixel_values" in batch else 0
         return Shape(rows, 0)
+    if np.ndim(ids) == 3:  # preference pairs [B, 2, L]: the model runs 2B rows
+        batch = {k: np.reshape(v, (-1, np.shape(v)[-1])) for k, v in batch.items() if np.ndim(v) == 3}
+        ids = batch["input_ids"]
     rows, length = (int(d) for d in np.shape(ids)[:2])
     if "segment_ids" in batch:
         seg = np.asarray(batch["segment_ids"])
@@ -146,7 +149,7 @@ class _Counter:
         return out
 
     def norm(self, x: bool, path: str) -> bool:
-        return x or self.trains(f"{path}/scale", f"{path}/bias")
+        return x or self.trains(f"{path}/scale", f"{path}/offset_scale", f"{path}/bias")
 
     def attention(self, q: bool, k: bool, v: bool, pairs: float, heads: int, head_dim: int) -> bool:
         """softmax(q k^T) v over `pairs` (query, key) pairs: scores, then the weighted sum of values."""
@@ -286,43 +289,150 @@ def _gpt2(c: _Counter, spec: Spec, shape: Shape) -> None:
 
 
 def _llama(c: _Counter, spec: Spec, shape: Shape) -> None:
-    """Llama, Mistral, Qwen2, Qwen3 (GQA: k/v project to kv_heads x head_dim; SwiGLU MLP)."""
+    """Llama, Mistral, Qwen2, Qwen3, Phi-3 (GQA: k/v project to kv_heads x head_dim; SwiGLU MLP; Phi-3's fused
+    qkv_proj and gate_up_proj are one matmul each, whose output feeds all of q/k/v or gate and up)."""
     cfg = spec.hf_config
     p = _prefix(spec, "model")
     h, n, d = cfg.hidden_size, shape.tokens, llama.head_dim(cfg)
+    arch = llama.arch_for(cfg)
     heads, kv, inner = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.intermediate_size
     x = c.trains(f"{p}embed_tokens/embedding")
     for i, window in enumerate(llama.layer_windows(cfg)):
+        base = f"{p}layers/{i}"
+        a = c.norm(x, f"{base}/input_layernorm")
+        if arch.fused_qkv:
+            q = k = v = c.linear(a, f"{base}/self_attn/qkv_proj", n, h, (heads + 2 * kv) * d)
+        else:
+            q = c.norm(c.linear(a, f"{base}/self_attn/q_proj", n, h, heads * d), f"{base}/self_attn/q_norm")
+            k = c.norm(c.linear(a, f"{base}/self_attn/k_proj", n, h, kv * d), f"{base}/self_attn/k_norm")
+            v = c.linear(a, f"{base}/self_attn/v_proj", n, h, kv * d)
+        att = c.attention(q, k, v, shape.pairs(window), heads, d)
+        x = c.linear(att, f"{base}/self_attn/o_proj", n, heads * d, h) or x
+        m = c.norm(x, f"{base}/post_attention_layernorm")
+        if arch.fused_gate_up:
+            gate = up = c.linear(m, f"{base}/mlp/gate_up_proj", n, h, 2 * inner)
+        else:
+            gate = c.linear(m, f"{base}/mlp/gate_proj", n, h, inner)
+            up = c.linear(m, f"{base}/mlp/up_proj", n, h, inner)
+        x = c.linear(gate or up, f"{base}/mlp/down_proj", n, inner, h) or x
+    _decoder_head(c, c.norm(x, f"{p}norm"), spec, shape, p, "embed_tokens")
+
+
+def _gemma(c: _Counter, spec: Spec, shape: Shape) -> None:
+    """Gemma 2 / 3: Llama's matmuls (Gemma 3's q/k norms) with norms after attention and MLP as well, windows
+    per layer type; the soft-caps and the embedding scale are elementwise."""
+    cfg = spec.hf_config
+    p = _prefix(spec, "model")
+    h, n, d = cfg.hidden_size, shape.tokens, gemma.head_dim(cfg)
+    heads, kv, inner = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.intermediate_size
+    x = c.trains(f"{p}embed_tokens/embedding")
+    for i, window in enumerate(gemma.layer_windows(cfg)):
         base = f"{p}layers/{i}"
         a = c.norm(x, f"{base}/input_layernorm")
         q = c.norm(c.linear(a, f"{base}/self_attn/q_proj", n, h, heads * d), f"{base}/self_attn/q_norm")
         k = c.norm(c.linear(a, f"{base}/self_attn/k_proj", n, h, kv * d), f"{base}/self_attn/k_norm")
         v = c.linear(a, f"{base}/self_attn/v_proj", n, h, kv * d)
         att = c.attention(q, k, v, shape.pairs(window), heads, d)
-        x = c.linear(att, f"{base}/self_attn/o_proj", n, heads * d, h) or x
-        m = c.norm(x, f"{base}/post_attention_layernorm")
+        o = c.linear(att, f"{base}/self_attn/o_proj", n, heads * d, h)
+        x = c.norm(o, f"{base}/post_attention_layernorm") or x
+        m = c.norm(x, f"{base}/pre_feedforward_layernorm")
         gate = c.linear(m, f"{base}/mlp/gate_proj", n, h, inner)
         up = c.linear(m, f"{base}/mlp/up_proj", n, h, inner)
-        x = c.linear(gate or up, f"{base}/mlp/down_proj", n, inner, h) or x
+        down = c.linear(gate or up, f"{base}/mlp/down_proj", n, inner, h)
+        x = c.norm(down, f"{base}/post_feedforward_layernorm") or x
     _decoder_head(c, c.norm(x, f"{p}norm"), spec, shape, p, "embed_tokens")
+
+
+def _modernbert(c: _Counter, spec: Spec, shape: Shape) -> None:
+    """ModernBERT: pre-norm layers with a fused Wqkv and a GeGLU Wi [input | gate]; local layers' keys within
+    |q - k| < w of each query (2w - 1 of them at most); heads on the pooled rows or on every token."""
+    cfg, task = spec.hf_config, spec.task
+    p = _prefix(spec, "model")
+    h, n, rows, inner = cfg.hidden_size, shape.tokens, shape.rows, int(cfg.intermediate_size)
+    emb = f"{p}embeddings"
+    x = c.norm(c.trains(f"{emb}/tok_embeddings/embedding"), f"{emb}/norm")
+    for i, window in enumerate(modernbert.layer_windows(cfg)):
+        base = f"{p}layers/{i}"
+        a = c.norm(x, f"{base}/attn_norm") if i > 0 else x
+        qkv = c.linear(a, f"{base}/attn/Wqkv", n, h, 3 * h)
+        pairs = shape.pairs(None if window is None else 2 * window - 1)
+        att = c.attention(qkv, qkv, qkv, pairs, cfg.num_attention_heads, modernbert.head_dim(cfg))
+        x = c.linear(att, f"{base}/attn/Wo", n, h, h) or x
+        m = c.linear(c.norm(x, f"{base}/mlp_norm"), f"{base}/mlp/Wi", n, h, 2 * inner)
+        x = c.linear(m, f"{base}/mlp/Wo", n, inner, h) or x
+    x = c.norm(x, f"{p}final_norm")
+    if task == "base":
+        return
+    per = rows if task == "classification" else n  # classification: the head runs on the pooled rows
+    t = c.norm(c.linear(x, "head/dense", per, h, h), "head/norm")
+    if task == "masked_lm":
+        c.linear(t, f"{emb}/tok_embeddings", n, h, cfg.vocab_size, weight="embedding")
+    else:
+        c.linear(t, "classifier", per, h, cfg.num_labels)
+
+
+def _deberta(c: _Counter, spec: Spec, shape: Shape) -> None:
+    """DeBERTa-v2/v3: BERT's post-LN layer plus the relative terms. Each layer projects the window of relative
+    embeddings its length reaches (deberta.window_rows: W rows; pos_key by key_proj or pos_key_proj, pos_query by
+    query_proj or pos_query_proj) and scores every token against it (c2p q . pos_key, p2c k . pos_query: 2 x
+    tokens x W x hidden each) before the gathers pick per (query, key); the ContextPooler on the first tokens."""
+    cfg, task = spec.hf_config, spec.task
+    p = _prefix(spec, "deberta")
+    emb, h, n, rows, inner = f"{p}embeddings", cfg.hidden_size, shape.tokens, shape.rows, cfg.intermediate_size
+    x = c.trains(*(f"{emb}/{e}_embeddings/embedding" for e in ("word", "position", "token_type")))
+    if deberta.embedding_size(cfg) != h:
+        x = c.linear(x, f"{emb}/embed_proj", n, deberta.embedding_size(cfg), h)
+    x = c.norm(x, f"{emb}/LayerNorm")
+    types = deberta.pos_att_types(cfg) if deberta.relative_attention(cfg) else ()
+    share = bool(getattr(cfg, "share_att_key", False))
+    w = deberta.window_rows(cfg, shape.seq_len) if types else 0
+    rel = c.norm(c.trains(f"{p}encoder/rel_embeddings/embedding"), f"{p}encoder/LayerNorm")
+    for i in range(cfg.num_hidden_layers):
+        base = f"{p}encoder/layer/{i}"
+        att = f"{base}/attention/self"
+        q, k, v = (c.linear(x, f"{att}/{r}_proj", n, h, h) for r in ("query", "key", "value"))
+        scores = c.matmul(2.0 * shape.pairs() * h, q, k)
+        if "c2p" in types:
+            pos_key = c.linear(rel, f"{att}/{'key_proj' if share else 'pos_key_proj'}", w, h, h)
+            scores = c.matmul(2.0 * n * w * h, q, pos_key) or scores
+        if "p2c" in types:
+            pos_query = c.linear(rel, f"{att}/{'query_proj' if share else 'pos_query_proj'}", w, h, h)
+            scores = c.matmul(2.0 * n * w * h, k, pos_query) or scores
+        a = c.matmul(2.0 * shape.pairs() * h, scores, v)
+        x = c.norm(c.linear(a, f"{base}/attention/output/dense", n, h, h) or x, f"{base}/attention/output/LayerNorm")
+        m = c.linear(c.linear(x, f"{base}/intermediate/dense", n, h, inner), f"{base}/output/dense", n, inner, h)
+        x = c.norm(m or x, f"{base}/output/LayerNorm")
+    labels = getattr(cfg, "num_labels", 2)
+    if task == "classification":
+        c.linear(c.linear(x, "pooler/dense", rows, h, h), "classifier", rows, h, labels)
+    elif task == "token_classification":
+        c.linear(x, "classifier", n, h, labels)
+    elif task == "masked_lm":
+        head = "cls/predictions/transform" if getattr(cfg, "legacy", True) else "lm_predictions/lm_head"
+        t = c.norm(c.linear(x, f"{head}/dense", n, h, h), f"{head}/LayerNorm")
+        c.linear(t, f"{emb}/word_embeddings", n, h, cfg.vocab_size, weight="embedding")
 
 
 FAMILIES = {
     "bert": _bert, "roberta": _bert, "xlm-roberta": _bert, "distilbert": _distilbert, "vit": _vit,
-    "gpt2": _gpt2, "llama": _llama, "mistral": _llama, "qwen2": _llama, "qwen3": _llama,
+    "gpt2": _gpt2, "llama": _llama, "mistral": _llama, "qwen2": _llama, "qwen3": _llama, "phi3": _llama,
+    "modernbert": _modernbert, "gemma2": _gemma, "gemma3_text": _gemma, "deberta-v2": _deberta,
 }
 
 
-def step_flops(model: Any, trainable: frozenset[str] | Sequence[str], shape: Shape) -> StepFlops:
+def step_flops(model: Any, trainable: frozenset[str] | Sequence[str], shape: Shape,
+               reference_forward: bool = False) -> StepFlops:
     """Matmul FLOPs of one training step on `shape` (forward, and backward for the `trainable` param paths,
-    '/'-joined as in `Optimizer.trainable_at(step)`). `model`: an ftjax model or a `Spec`."""
+    '/'-joined as in `Optimizer.trainable_at(step)`). `model`: an ftjax model or a `Spec`. reference_forward:
+    the step also runs a reference model's forward on the same rows (DPO's reference: counted as a second
+    forward, adapters included, an upper bound by the adapters' share)."""
     spec = model if isinstance(model, Spec) else spec_of(model)
     walker = FAMILIES.get(spec.hf_config.model_type)
     if walker is None:
         raise ValueError(f"no FLOP count for model_type {spec.hf_config.model_type!r}; known: {sorted(FAMILIES)}")
     counter = _Counter(frozenset(trainable), dict(spec.lora_ranks))
     walker(counter, spec, shape)
-    return StepFlops(counter.forward, counter.backward)
+    return StepFlops(counter.forward * (2 if reference_forward else 1), counter.backward)
 
 
 # ---- FLOPs of a compiled program (for dry_run's HLO / model FLOP ratio).

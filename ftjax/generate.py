@@ -1,6 +1,7 @@
 """Text generation with the decoder models (gpt2, llama, mistral, qwen2, qwen3): greedy or temperature/top-p
 sampling under jit, with a KV cache filled by one prefill call and extended by a lax.while_loop, stopping at
-eos. Prompts are left-padded and positions count real tokens only, as transformers' generate does.
+eos. Prompts are left-padded and positions count real tokens only, as transformers' generate does; a longrope
+model (Phi-3) is re-prefilled once where its sequence outgrows original_max_position_embeddings, as there.
 Encoder-decoders (t5, bart, marian; task seq2seq): the encoder runs once, its cross-attention K/V are cached,
 and the decoder runs greedy / sampling or transformers' beam search (`generate_seq2seq_ids`).
 """
@@ -16,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from ftjax.models import decoder
 
 PROMPT_BUCKET = 16  # prompts are left-padded to a multiple of this many tokens (fewer compilations).
 
@@ -62,8 +65,8 @@ def _pick(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_p: jax.
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "greedy", "eos"))
-def _generate(graphdef, state, input_ids, prompt_mask, key, temperature, top_p, pad_id, *, max_new_tokens: int,
-              greedy: bool, eos: tuple[int, ...]):
+def _generate(graphdef, state, input_ids, prompt_mask, key, temperature, top_p, pad_id, finished, *,
+              max_new_tokens: int, greedy: bool, eos: tuple[int, ...]):
     model = nnx.merge(graphdef, state)
     batch, prompt_len = input_ids.shape
     cache = model.init_cache(batch, prompt_len + max_new_tokens)
@@ -74,8 +77,8 @@ def _generate(graphdef, state, input_ids, prompt_mask, key, temperature, top_p, 
     out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=cache, cache_index=0,
                 logits_to_keep=1)
     key, sub = jax.random.split(key)
-    token = _pick(out["logits"][:, -1], sub, temperature, top_p, greedy)
-    done = jnp.isin(token, eos_arr)
+    token = jnp.where(finished, pad_id, _pick(out["logits"][:, -1], sub, temperature, top_p, greedy))
+    done = finished | jnp.isin(token, eos_arr)
     tokens = jnp.full((batch, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(token)
     next_pos = positions[:, -1] + 1
 
@@ -119,6 +122,26 @@ def generate_ids(
     eos = _eos_ids(cfg.eos_token_id if eos_token_id is None else eos_token_id)
     if pad_token_id is None:
         pad_token_id = cfg.pad_token_id if cfg.pad_token_id is not None else (eos[0] if eos else 0)
+    finished = np.zeros(ids.shape[0], bool)
+    switch, longest = decoder.longrope_switch(cfg), int(mask.sum(axis=1).max())
+    if switch is not None and longest <= switch < longest + max_new_tokens - 1:
+        # longrope (Phi-3): the first tokens come from the short factors; once the sequence outgrows
+        # original_max_position_embeddings transformers runs it again whole (its cached keys had the short ones),
+        # so does this: the rest is generated from the prompt and those tokens, re-prefilled with the long ones.
+        short = switch + 1 - longest
+        head = _generate_ids(model, ids, mask, short, temperature, top_p, seed, eos, pad_token_id, finished)
+        new = head[:, ids.shape[1]:]
+        if new.shape[1] < short:  # every row ended with an eos
+            return head
+        finished = np.isin(new, eos).any(axis=1)
+        ids, mask = head, np.concatenate([mask, np.ones_like(new)], axis=1)
+        max_new_tokens, seed = max_new_tokens - short, seed + 1
+    return _generate_ids(model, ids, mask, max_new_tokens, temperature, top_p, seed, eos, pad_token_id, finished)
+
+
+def _generate_ids(model: Any, ids: np.ndarray, mask: np.ndarray, max_new_tokens: int, temperature: float,
+                  top_p: float, seed: int, eos: tuple[int, ...], pad_token_id: int, finished: np.ndarray) -> np.ndarray:
+    """generate_ids from checked inputs; `finished` rows (an eos already made) get pad tokens only."""
     batch, length = ids.shape
     bucket = -(-length // PROMPT_BUCKET) * PROMPT_BUCKET
     padded = np.full((batch, bucket), pad_token_id, np.int32)
@@ -129,7 +152,7 @@ def generate_ids(
     tokens, steps = _generate(
         graphdef, state, jnp.asarray(padded), jnp.asarray(padded_mask), jax.random.PRNGKey(seed),
         jnp.float32(temperature if not greedy else 1.0), jnp.float32(top_p), jnp.int32(pad_token_id),
-        max_new_tokens=int(max_new_tokens), greedy=greedy, eos=eos,
+        jnp.asarray(finished), max_new_tokens=int(max_new_tokens), greedy=greedy, eos=eos,
     )
     new = np.asarray(tokens)[:, : int(steps)]
     return np.concatenate([ids, new], axis=1)

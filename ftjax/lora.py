@@ -8,6 +8,7 @@ decomposed), LoRA+ (an LR ratio for lora_b, in the param table) and targets="all
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import json
 import math
@@ -44,6 +45,19 @@ PEFT_TASK_TYPES = {
 _DROPOUT_KEY: contextvars.ContextVar[jax.Array | None] = contextvars.ContextVar(
     "ftjax_lora_key", default=None
 )
+# True while a call traces the base model alone (`adapters_off`): every LoRALinear returns its base layer's output.
+_ADAPTERS_OFF: contextvars.ContextVar[bool] = contextvars.ContextVar("ftjax_lora_off", default=False)
+
+
+@contextlib.contextmanager
+def adapters_off():
+    """Model calls inside run as the base model (PEFT's disable_adapter): the reference model of preference
+    tuning under LoRA, in the same traced step and with the same params, at no extra memory."""
+    token = _ADAPTERS_OFF.set(True)
+    try:
+        yield
+    finally:
+        _ADAPTERS_OFF.reset(token)
 
 
 class LoRALinear(nnx.Module):
@@ -101,6 +115,8 @@ class LoRALinear(nnx.Module):
             y = nnx.Linear.__call__(self, inputs, out_sharding)  # the base layer's exact math
         else:
             y = quantized.linear_output(self, inputs, self.base_kernel())
+        if _ADAPTERS_OFF.get():
+            return y
         x = inputs
         key = _DROPOUT_KEY.get()
         dropped = key is not None and self.dropout_rate > 0

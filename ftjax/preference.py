@@ -15,6 +15,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from ftjax import lora as lora_lib
 from ftjax import losses as losses_lib
 
 LOSSES = ("dpo", "ipo", "hinge", "orpo", "simpo")
@@ -101,7 +102,9 @@ def pair_losses(obj: Objective, chosen: LogProbs, rejected: LogProbs, ref_chosen
         r_chosen, r_rejected = beta * chosen_ratio, beta * rejected_ratio
         shown_chosen, shown_rejected = chosen.sum, rejected.sum
     elif obj.loss == "orpo":  # Hong et al. 2024, eqs. 4 and 7, on average log-probs
-        c, r = chosen.mean, rejected.mean
+        # A padding pair (no response tokens) would give log(1 - exp(0)) = -inf, and NaN gradients even masked.
+        c = jnp.where(chosen.count > 0, chosen.mean, -1.0)
+        r = jnp.where(rejected.count > 0, rejected.mean, -1.0)
         log_odds = (c - r) - (log1mexp(c) - log1mexp(r))
         loss = -obj.orpo_lambda * jax.nn.log_sigmoid(log_odds)
         r_chosen, r_rejected = obj.orpo_lambda * c, obj.orpo_lambda * r
@@ -131,3 +134,47 @@ def objective_of(cfg: Any) -> Objective:
     """The Objective of a config's preference section."""
     p = cfg.preference
     return Objective(str(p.loss), float(p.beta), float(p.label_smoothing), float(p.simpo_gamma), float(p.orpo_lambda))
+
+
+def pair_inputs(batch: dict) -> dict:
+    """The model inputs of a batch of pairs: [B, 2, L] -> [2B, L] rows (pair b's chosen at 2b, rejected at 2b+1)."""
+    return {k: batch[k].reshape(-1, batch[k].shape[-1]) for k in ("input_ids", "attention_mask")}
+
+
+def _split(lp: LogProbs) -> tuple[LogProbs, LogProbs]:
+    s, c = lp.sum.reshape(-1, 2), lp.count.reshape(-1, 2)
+    return LogProbs(s[:, 0], c[:, 0]), LogProbs(s[:, 1], c[:, 1])
+
+
+def batch_loss(model: Any, batch: dict, obj: Objective, *, deterministic: bool, rngs: Any = None,
+               reference: Any = None) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
+    """(loss sum, pairs, {metric: sum over pairs}) of a batch of pairs: the policy's response log-probs and, for
+    the losses that need one, the reference's (`reference(inputs) -> logits`, no gradient, no dropout); ORPO
+    adds the chosen responses' token-mean NLL once per pair."""
+    inputs = pair_inputs(batch)
+    targets = response_targets(inputs["input_ids"], batch["response_mask"].reshape(inputs["input_ids"].shape))
+    logits = model(**inputs, deterministic=deterministic, rngs=rngs)["logits"]
+    chosen, rejected = _split(response_logps(logits, targets))
+    ref_chosen = ref_rejected = None
+    if obj.needs_reference:
+        ref = _split(response_logps(jax.lax.stop_gradient(reference(inputs)), targets))
+        ref_chosen, ref_rejected = ref[0].sum, ref[1].sum
+    w = batch["weights"].astype(jnp.float32)
+    loss, metrics = pair_losses(obj, chosen, rejected, ref_chosen, ref_rejected)
+    loss_sum = (loss * w).sum()
+    if obj.needs_chosen_nll:
+        loss_sum = loss_sum + orpo_nll(chosen, w) * w.sum()
+    return loss_sum, w.sum(), {k: (v * w).sum() for k, v in metrics.items()}
+
+
+def adapters_off_reference(model: Any) -> Any:
+    """The reference of a LoRA policy: the same model called with its adapters off (`lora.adapters_off`)."""
+    from_lora = getattr(type(model), "_lora_wrapped", False)
+    if not from_lora:
+        raise ValueError("the DPO/IPO/hinge reference is the base with the LoRA adapters off: set optim.lora.rank")
+
+    def call(inputs: dict) -> jax.Array:
+        with lora_lib.adapters_off():
+            return model(**inputs, deterministic=True)["logits"]
+
+    return call

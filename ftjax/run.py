@@ -19,7 +19,7 @@ from flax import nnx
 from ftjax import averaging as averaging_lib
 from ftjax import config as config_lib
 from ftjax import data as data_lib
-from ftjax import distributed, fileio, hf, lora, models, optim
+from ftjax import distributed, fileio, hf, lora, models, optim, preference
 from ftjax import metrics as metrics_lib
 from ftjax import params as params_lib
 from ftjax import sharding as sharding_lib
@@ -166,11 +166,12 @@ class Run:
         self._init_state(params)
         self.key = jax.random.key(cfg.train.seed) if not self.abstract else _struct(
             jax.eval_shape(lambda: jax.random.key(cfg.train.seed)), sharding_lib.replicated(self.mesh))
+        objective = preference.objective_of(cfg) if cfg.model.task == "preference" else None
         self.step_cfg = StepConfig(cfg.model.task, cfg.train.grad_accum, cfg.train.label_smoothing,
-                                   cfg.model.loss_chunk_tokens)
+                                   cfg.model.loss_chunk_tokens, objective)
         self._train_steps: dict[tuple, Callable] = {}
         self.eval_step = jax.jit(
-            make_eval_step(self.graphdef, self.rest, cfg.model.task, cfg.model.loss_chunk_tokens),
+            make_eval_step(self.graphdef, self.rest, cfg.model.task, cfg.model.loss_chunk_tokens, objective),
             in_shardings=(self.param_shardings, sharding_lib.batch_sharding(self.mesh)),
             out_shardings=sharding_lib.replicated(self.mesh),
         )
@@ -192,7 +193,7 @@ class Run:
         dropout = {k: d[k] for k in ("hidden", "attention", "classifier") if d[k] is not None}
         model = models.from_pretrained(
             cfg.model.name_or_path,
-            task=cfg.model.task,
+            task=config_lib.model_task(cfg.model.task),  # preference: a causal_lm model
             num_labels=cfg.model.num_labels or (len(names) if names else None),
             id2label=dict(enumerate(names)) if names else None,
             dropout=dropout or None,
@@ -307,7 +308,8 @@ class Run:
         confusion = sums.get("confusion")
         return [
             metrics_lib.eval_metrics(sums["loss_sum"][k], sums["weight"][k],
-                                     None if confusion is None else confusion[k], self.cfg.model.task)
+                                     None if confusion is None else confusion[k], self.cfg.model.task,
+                                     {name: v[k] for name, v in sums.items() if name.startswith("sum_")})
             for k in range(len(sums["weight"]))
         ]
 

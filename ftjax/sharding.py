@@ -59,6 +59,11 @@ PATH_OVERRIDES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
     (r"(.*/)?c_attn/bias", (None,)),
     (r"(.*/)?c_attn/lora_b", (None, None)),
 )
+# Params of modules packing several projections along their output dim, Phi-3's qkv_proj [q | k | v] and
+# gate_up_proj [gate | up], ModernBERT's Wqkv and Wi [input | gate]: as c_attn, their last (output) dim loses its
+# name, so it is only FSDP-sharded. Only that dim changes, so a scanned stack's [layers, in, out] kernel and
+# LoRA's lora_a / lora_b keep the rest.
+PACKED_OUTPUTS = r"(.*/)?(qkv_proj|gate_up_proj|Wqkv|Wi)/[^/]+"
 
 
 def make_mesh(mesh_cfg: Any, devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -92,10 +97,12 @@ def head_dim_of(model: Any) -> int | None:
 
 
 def logical_for(path: str, logical: Sequence[str | None] | None) -> Sequence[str | None] | None:
-    """A param's logical axis names after PATH_OVERRIDES."""
+    """A param's logical axis names after PATH_OVERRIDES and PACKED_OUTPUTS."""
     for pattern, names in PATH_OVERRIDES:
         if re.fullmatch(pattern, path):
             return names
+    if logical and re.fullmatch(PACKED_OUTPUTS, path):
+        return (*tuple(logical)[:-1], None)
     return logical
 
 

@@ -19,6 +19,7 @@ from flax import nnx
 from ftjax import averaging as averaging_lib
 from ftjax import losses as losses_lib
 from ftjax import params as params_lib
+from ftjax import preference as preference_lib
 
 # {"step": int32 scalar, "params": nested dict, "opt_state": optax state(, "avg": EMA / SWA, ftjax.averaging)}
 State = dict[str, Any]
@@ -119,6 +120,7 @@ class StepConfig:
     grad_accum: int = 1
     label_smoothing: float = 0.0
     loss_chunk_tokens: int = 0  # model.loss_chunk_tokens: 0 = the loss from full logits
+    objective: preference_lib.Objective | None = None  # model.task="preference": the pair loss
 
 
 def _split_micro(batch: dict, grad_accum: int) -> dict:
@@ -155,6 +157,8 @@ def make_train_step(
 
     def loss_fn(train_params, frozen_params, micro, key):
         model = params_lib.merge(graphdef, params_lib.combine(train_params, frozen_params), rest)
+        if step_cfg.objective is not None:
+            return preference_loss(model, micro, step_cfg.objective, deterministic=False, rngs=nnx.Rngs(dropout=key))[:2]
         out = model(**model_inputs(micro), **options, deterministic=False, rngs=nnx.Rngs(dropout=key))
         loss_sum, weight = output_loss_and_weight(out, micro, step_cfg.task, step_cfg.label_smoothing,
                                                   step_cfg.loss_chunk_tokens)
@@ -227,15 +231,26 @@ def _mask_layers(g: jax.Array, flags: tuple[bool, ...] | None) -> jax.Array:
     return g * keep
 
 
+def preference_loss(model: nnx.Module, batch: dict, objective: preference_lib.Objective, **call: Any) -> tuple:
+    """preference_lib.batch_loss with the reference its loss needs (the base with the adapters off)."""
+    reference = preference_lib.adapters_off_reference(model) if objective.needs_reference else None
+    return preference_lib.batch_loss(model, batch, objective, reference=reference, **call)
+
+
 def make_eval_step(graphdef: nnx.GraphDef, rest: nnx.State, task: str,
-                   loss_chunk_tokens: int = 0) -> Callable[[Any, dict], dict]:
+                   loss_chunk_tokens: int = 0,
+                   objective: preference_lib.Objective | None = None) -> Callable[[Any, dict], dict]:
     """`eval_step(params, batch) -> {"loss_sum", "weight"(, "confusion")}` with dropout off (token tasks:
     causal_lm, masked_lm, seq2seq: the weight counts labelled tokens; the loss is unsmoothed). With
-    `loss_chunk_tokens` the LM losses are computed in chunks, as in the train step."""
+    `loss_chunk_tokens` the LM losses are computed in chunks, as in the train step. With a preference
+    `objective`: the weight counts pairs, and "sum_<metric>" holds each reward metric summed over them."""
     options = call_options(task, loss_chunk_tokens)
 
     def eval_step(params, batch):
         model = params_lib.merge(graphdef, params, rest)
+        if objective is not None:
+            loss_sum, weight, sums = preference_loss(model, batch, objective, deterministic=True)
+            return {"loss_sum": loss_sum, "weight": weight, **{f"sum_{k}": v for k, v in sums.items()}}
         out = model(**model_inputs(batch), **options, deterministic=True)
         loss_sum, weight = output_loss_and_weight(out, batch, task, 0.0, loss_chunk_tokens)
         result = {"loss_sum": loss_sum, "weight": weight}

@@ -36,6 +36,46 @@ def _llama(**kw):
     return transformers.LlamaConfig(**{**base, **kw})
 
 
+def _modernbert(**kw):
+    """Layers global, local, local; the window (|q - k| <= 32) covers the 16-token rows: XLA's dense scores
+    then are the pairs the count sees."""
+    base = {"vocab_size": 128, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 3,
+            "num_attention_heads": 4, "global_attn_every_n_layers": 3, "local_attention": 64, "pad_token_id": 0,
+            "bos_token_id": 1, "eos_token_id": 2, "cls_token_id": 1, "sep_token_id": 2}
+    return transformers.ModernBertConfig(**{**base, **kw})
+
+
+def _gemma(kind: str = "gemma2", **kw):
+    """Soft-capped (gemma2) or q/k-normed (gemma3) layers, sliding and global; the window of 16 covers the
+    16-token rows, so XLA's dense scores are the pairs the count sees."""
+    base = {"vocab_size": 128, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "sliding_window": 16,
+            "query_pre_attn_scalar": 16, "final_logit_softcapping": 30.0}
+    if kind == "gemma2":
+        return transformers.Gemma2Config(**{**base, "attn_logit_softcapping": 50.0, **kw})
+    return transformers.Gemma3TextConfig(**{**base, "layer_types": ["sliding_attention", "full_attention"], **kw})
+
+
+def _phi3(**kw):
+    """Fused qkv_proj / gate_up_proj, partial rotary and longrope (the 16-token rows use its long factors)."""
+    base = {"vocab_size": 128, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64,
+            "original_max_position_embeddings": 8, "pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 2,
+            "rope_parameters": {"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+                                "short_factor": [1.0] * 4, "long_factor": [2.0] * 4}}
+    return transformers.Phi3Config(**{**base, **kw})
+
+
+def _deberta(**kw):
+    """DeBERTa-v3 style: shared attention keys, c2p and p2c, log buckets (8) that the 16-token rows go past, so
+    the relative terms score a window of 15 of the table's 16 rows; kw=separate keys, no buckets, etc."""
+    base = {"vocab_size": 128, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "relative_attention": True, "position_buckets": 8, "max_relative_positions": 24,
+            "pos_att_type": ["p2c", "c2p"], "share_att_key": True, "norm_rel_ebd": "layer_norm",
+            "position_biased_input": False, "type_vocab_size": 0, **NO_DROPOUT}
+    return transformers.DebertaV2Config(**{**base, **kw})
+
+
 def _compiled_step(model, task, rows, length, optim_overrides=(), lora_cfg=None):
     """(compiled train step, its trainable set, the model) as ftjax.run builds it, for a random model."""
     if lora_cfg:
@@ -76,6 +116,24 @@ CASES = {
     "gpt2_full": (lambda: models.from_config(transformers.GPT2Config(
         vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=64, pad_token_id=0, resid_pdrop=0.0,
         embd_pdrop=0.0, attn_pdrop=0.0), "classification", num_labels=3), "classification", {}, None),
+    "phi3_full": (lambda: models.from_config(_phi3(), "causal_lm"), "causal_lm", {}, None),
+    "phi3_lora": (lambda: models.from_config(_phi3(), "classification", num_labels=3), "classification",
+                  {"lora.rank": 4, "lora.targets": "all-linear"}, {"rank": 4, "targets": "all-linear"}),
+    "modernbert_full": (lambda: models.from_config(_modernbert(), "classification", num_labels=3), "classification",
+                        {}, None),
+    "gemma2_full": (lambda: models.from_config(_gemma(), "causal_lm"), "causal_lm", {}, None),
+    "gemma3_lora": (lambda: models.from_config(_gemma("gemma3_text", tie_word_embeddings=False), "causal_lm"),
+                    "causal_lm", {"lora.rank": 4, "lora.targets": "all-linear"}, {"rank": 4, "targets": "all-linear"}),
+    "modernbert_lora": (lambda: models.from_config(_modernbert(), "masked_lm"), "masked_lm",
+                        {"lora.rank": 4, "lora.targets": "all-linear"}, {"rank": 4, "targets": "all-linear"}),
+    "deberta_full": (lambda: models.from_config(_deberta(), "classification", num_labels=3), "classification",
+                     {}, None),
+    "deberta_frozen_lower": (lambda: models.from_config(_deberta(share_att_key=False, position_biased_input=True),
+                                                        "classification", num_labels=3), "classification",
+                             {"freeze_layers": "embeddings,0"}, None),
+    "deberta_lora": (lambda: models.from_config(_deberta(), "token_classification", num_labels=3),
+                     "token_classification", {"lora.rank": 4, "lora.targets": "all-linear"},
+                     {"rank": 4, "targets": "all-linear"}),
 }
 
 
@@ -151,6 +209,14 @@ def test_every_family_is_counted():
                                            num_attention_heads=2, num_key_value_heads=1, head_dim=16), "causal_lm"),
         "qwen2": (transformers.Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                            num_attention_heads=2, num_key_value_heads=1), "classification"),
+        "phi3": (_phi3(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                       num_key_value_heads=1, sliding_window=8), "causal_lm"),
+        "modernbert": (_modernbert(hidden_size=32, num_hidden_layers=2, global_attn_every_n_layers=2,
+                                   local_attention=8), "token_classification"),
+        "gemma2": (_gemma(hidden_size=32, sliding_window=4), "causal_lm"),
+        "gemma3_text": (_gemma("gemma3_text", hidden_size=32, sliding_window=4), "classification"),
+        "deberta-v2": (_deberta(hidden_size=32, num_hidden_layers=1, share_att_key=False, legacy=False),
+                       "masked_lm"),
     }
     for name, (cfg, task) in cfgs.items():
         model = models.from_config(cfg, task, num_labels=2)

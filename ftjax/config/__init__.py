@@ -24,10 +24,12 @@ from ftjax.config.fields import (
     DTYPES,
     FIELDS,
     METRIC_MODES,
+    MODEL_TASKS,
     OPTIMIZERS,
     REMAT_POLICIES,
     RULES,
     TASKS,
+    model_task,
     remat_policy,
 )
 from ftjax.config.nested import (
@@ -52,6 +54,7 @@ __all__ = [
     "GROUP_FIELDS",
     "GROUP_KEYS",
     "METRIC_MODES",
+    "MODEL_TASKS",
     "OPTIMIZERS",
     "RESERVED_GROUPS",
     "RULES",
@@ -68,6 +71,7 @@ __all__ = [
     "duration_to_steps",
     "group_name",
     "markdown_table",
+    "model_task",
     "parse_duration",
     "parse_layer_ranges",
     "parse_recipe_arg",

@@ -10,6 +10,7 @@ from typing import Any
 
 from ftjax.config.checks import (
     Check,
+    above,
     all_of,
     at_least,
     duration,
@@ -33,8 +34,20 @@ from ftjax.config.nested import (
 from ftjax.config.schema import Field, Rule, get
 
 OPTIMIZERS = ("adamw", "adafactor", "sgd", "lion")
-TASKS = ("base", "classification", "token_classification", "masked_lm", "image_classification", "causal_lm",
-         "seq2seq")
+# What a model is built for (its head): the tasks of ftjax.models.
+MODEL_TASKS = ("base", "classification", "token_classification", "masked_lm", "image_classification", "causal_lm",
+               "seq2seq")
+# model.task: a model task, or an objective trained on one (preference: a causal_lm model, ftjax/preference.py).
+TASKS = MODEL_TASKS + ("preference",)
+
+
+def model_task(task: str) -> str:
+    """The ftjax.models task a model.task trains (preference: causal_lm)."""
+    return "causal_lm" if task == "preference" else task
+
+
+PREFERENCE_LOSSES = ("dpo", "ipo", "hinge", "orpo", "simpo")
+
 SEQ2SEQ_METRICS = ("bleu", "chrf", "rouge1", "rouge2", "rougeL")
 DTYPES = ("float32", "bfloat16", "float16")
 METRIC_MODES = ("min", "max")
@@ -193,8 +206,9 @@ FIELDS: tuple[Field, ...] = (
     F(
         "data.packing",
         True,
-        "classification with bert / roberta / distilbert / modernbert: pack several examples per max_len row (one "
-        "train and one eval program; eval_batch_size counts rows); False or other models: data.buckets",
+        "classification with bert / roberta / distilbert / modernbert / deberta-v2: pack several examples per "
+        "max_len row (one train and one eval program; eval_batch_size counts rows); False or other models: "
+        "data.buckets",
         Check("True or False", ok=lambda v: isinstance(v, bool)),
     ),
     F(
@@ -395,6 +409,19 @@ FIELDS: tuple[Field, ...] = (
         "compile every bucket length's train and eval program up front, in parallel "
         "threads (no mid-run compile stalls)",
     ),
+    # ---- preference: model.task="preference" (ftjax/preference.py, ftjax/data/preference.py).
+    F("preference.loss", "dpo", "the pair loss: dpo (sigmoid), ipo, hinge, orpo, simpo (orpo, simpo: no reference model)",
+      one_of(PREFERENCE_LOSSES)),
+    F("preference.beta", 0.1, "DPO/IPO/hinge/SimPO beta: how far from the reference (IPO: its tau; SimPO: ~2)",
+      above(0)),
+    F("preference.label_smoothing", 0.0, "dpo, simpo: the chance a pair's label is flipped (conservative DPO)",
+      in_range(0, 0.5, "[)")),
+    F("preference.simpo_gamma", 0.5, "SimPO: the target reward margin gamma", at_least(0)),
+    F("preference.orpo_lambda", 0.1, "ORPO: weight of the odds-ratio term beside the chosen responses' NLL",
+      at_least(0)),
+    F("preference.prompt_field", "prompt", "column of the prompt (a string or chat messages)"),
+    F("preference.chosen_field", "chosen", "column of the preferred response"),
+    F("preference.rejected_field", "rejected", "column of the dispreferred response"),
     # ---- forgetting: catastrophic-forgetting monitors at each evaluation (ftjax/callbacks/forgetting.py).
     F("forgetting.monitors", FORGETTING_DEFAULT, "computed at each eval, logged as split `forgetting`: "
       f"{', '.join(FORGETTING_MONITORS)} (() = off)", _MONITORS),
@@ -478,6 +505,13 @@ def _check_reinit_unquantized(c: Any) -> None:
             "quantised base would never train)")
 
 
+def _check_preference_reference(c: Any) -> None:
+    if get(c, "model.task") == "preference" and get(c, "preference.loss") not in ("orpo", "simpo"):
+        require(get(c, "optim.lora.rank") > 0, "preference.loss", get(c, "preference.loss"),
+                "needs a reference model, which ftjax takes as the base with the LoRA adapters off: set "
+                "optim.lora.rank > 0, or use a reference-free loss (orpo, simpo)")
+
+
 def _check_mesh(c: Any) -> None:
     sizes = {axis: get(c, f"mesh.{axis}") for axis in MESH_AXES}
     require(sum(v == -1 for v in sizes.values()) <= 1, "mesh", sizes, "at most one axis may be -1")
@@ -504,6 +538,8 @@ RULES: tuple[Rule, ...] = (
     Rule("one_inferred_mesh_axis", "mesh", "at most one axis may be -1", _check_mesh),
     Rule("quantized_base_under_lora", "optim.lora.quantize_base", "set only with optim.lora.rank > 0",
          _check_quantized_base),
+    Rule("preference_reference_is_the_lora_base", "preference.loss", "dpo / ipo / hinge with optim.lora.rank > 0",
+         _check_preference_reference),
     Rule("reinit_needs_a_full_precision_base", "model.reinit_layers", "0 with optim.lora.quantize_base",
          _check_reinit_unquantized),
 )

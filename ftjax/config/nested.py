@@ -87,8 +87,9 @@ LORA_FIELDS = (
     Field("dropout", 0.0, "dropout rate on the adapter's input (training only)", in_range(0, 1, "[)")),
     Field(
         "targets",
-        r".*/(query|value|q_proj|v_proj|c_attn|q_lin|v_lin)",
-        'regex fullmatching the module paths that get adapters, or "all-linear": every Linear but the task head',
+        r".*/(query|value|q_proj|v_proj|c_attn|qkv_proj|q_lin|v_lin)",
+        'regex fullmatching the module paths that get adapters, or "all-linear": every Linear but the task head '
+        "(the default: the query/value projections, or the fused ones of GPT-2 and Phi-3, PEFT's defaults)",
         unless(("all-linear",), regex()),
     ),
     Field(

@@ -12,7 +12,7 @@ from typing import Any
 
 import ml_collections
 
-from ftjax.data import examples, lm, seq2seq, structure
+from ftjax.data import examples, lm, preference, seq2seq, structure
 from ftjax.data.batching import TrainIterator
 from ftjax.data.bundle import DataBundle
 from ftjax.data.errors import DataError, DataFileNotFoundError
@@ -35,6 +35,8 @@ def build(
     over all devices), every other task batches one example per row."""
     if cfg.model.task == "causal_lm":
         bundle = lm.build(cfg, tokenizer, process_index=process_index, process_count=process_count)
+    elif cfg.model.task == "preference":
+        bundle = preference.build(cfg, tokenizer, process_index=process_index, process_count=process_count)
     elif cfg.model.task == "seq2seq":
         bundle = seq2seq.build(cfg, tokenizer, process_index=process_index, process_count=process_count)
     else:

@@ -25,7 +25,8 @@ from ftjax import hf
 from ftjax.data.errors import DataError
 
 PAD = -1
-PACKED_MODEL_TYPES = ("bert", "roberta", "xlm-roberta", "distilbert")  # encoders that read segment_ids
+# encoders that read segment_ids
+PACKED_MODEL_TYPES = ("bert", "roberta", "xlm-roberta", "distilbert", "modernbert", "deberta-v2")
 QUANTILE, EPOCHS = 0.99, 2  # rows: the 99th percentile of the rows the batches of 2 simulated epochs need
 
 

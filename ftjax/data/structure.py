@@ -14,7 +14,7 @@ from ftjax.data import example_packing
 
 I32, F32 = np.dtype(np.int32), np.dtype(np.float32)
 Structure = dict[str, tuple[tuple[int, ...], np.dtype]]  # key -> (global shape, dtype)
-SUPPORTED = ("classification", "masked_lm", "causal_lm", "seq2seq", "image_classification")
+SUPPORTED = ("classification", "masked_lm", "causal_lm", "seq2seq", "image_classification", "preference")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +43,10 @@ class BatchLayout:
         if self.task == "causal_lm":  # packed documents (ftjax/data/packing.py)
             keys = ("input_ids", "attention_mask", "position_ids", "segment_ids", "labels")
             return {**{k: (row, I32) for k in keys}, "weights": ((rows,), F32)}
+        if self.task == "preference":  # pairs (ftjax/data/preference.py): [rows, 2, length]
+            pair = (rows, 2, source)
+            return {"input_ids": (pair, I32), "attention_mask": (pair, I32), "response_mask": (pair, I32),
+                    "weights": ((rows,), F32)}
         if self.task == "seq2seq":
             tgt = (rows, target)
             return {"input_ids": (row, I32), "attention_mask": (row, I32), "decoder_input_ids": (tgt, I32),

@@ -27,7 +27,7 @@ from transformers.models.auto import modeling_auto
 from ftjax import fileio, hf, stacking
 from ftjax import params as params_lib
 from ftjax import sharding as sharding_lib
-from ftjax.config import TASKS
+from ftjax.config import MODEL_TASKS as TASKS
 from ftjax.hf import (
     CheckpointError,
     ExportExistsError,
@@ -68,7 +68,8 @@ _AUTO_MAPPINGS = {
     "causal_lm": "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES",
     "seq2seq": "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES",
 }
-_RENAMED_LEAVES = {"kernel": "weight", "embedding": "weight", "scale": "weight"}
+# offset_scale: the w of a norm that multiplies by (1 + w) (Gemma's RMSNorm); HF inits it to 0, not 1.
+_RENAMED_LEAVES = {"kernel": "weight", "embedding": "weight", "scale": "weight", "offset_scale": "weight"}
 _KERNEL_PERMUTATIONS = {2: (1, 0), 4: (2, 3, 1, 0)}  # kernel rank -> axes of the HF tensor in ftjax's layout.
 
 supported_model_types = registry.supported_model_types
@@ -151,12 +152,13 @@ def _hf_shape(family: Family, path: str, shape: tuple) -> tuple:
 
 
 def _init_value(path: str, shape: tuple, dtype: Any, std: float, seed: int, sharding: Any = None) -> jax.Array:
-    """HF-style init of a param the checkpoint lacks: normal(0, initializer_range), zero bias, unit scale.
+    """HF-style init of a param the checkpoint lacks: normal(0, initializer_range), zero bias (and offset_scale),
+    unit scale.
     With a sharding the value is made in place on its devices, bit-equal to the unsharded one (the normal
     draw is jitted alone, as eager jax.random.normal is; fusing the scaling into it would change the rounding)."""
     leaf = path.rsplit("/", 1)[-1]
-    if leaf in ("bias", "scale"):
-        fill = jnp.zeros if leaf == "bias" else jnp.ones
+    if leaf in ("bias", "scale", "offset_scale"):
+        fill = jnp.ones if leaf == "scale" else jnp.zeros
         return fill(shape, dtype) if sharding is None else jax.jit(lambda: fill(shape, dtype), out_shardings=sharding)()
     key = jax.random.fold_in(jax.random.PRNGKey(seed), zlib.crc32(path.encode()))
     draw = functools.partial(jax.random.normal, key, shape, jnp.float32)

@@ -145,13 +145,15 @@ def linear(din: int, dout: int, ctx: Ctx, axes: tuple, use_bias: bool = True) ->
     )
 
 
-def layer_norm(dim: int, eps: float, ctx: Ctx) -> nnx.LayerNorm:
-    """LayerNorm with the config's eps; statistics as torch computes them (mean of squared deviations)."""
+def layer_norm(dim: int, eps: float, ctx: Ctx, use_bias: bool = True) -> nnx.LayerNorm:
+    """LayerNorm with the config's eps; statistics as torch computes them (mean of squared deviations).
+    use_bias=False: no bias param (torch's LayerNorm(bias=False), ModernBERT's norm_bias)."""
     return nnx.LayerNorm(
         dim,
         epsilon=eps,
         dtype=ctx.dtype,
         param_dtype=ctx.param_dtype,
+        use_bias=use_bias,
         use_fast_variance=False,
         scale_metadata={AXES: ("embed",)},
         bias_metadata={AXES: ("embed",)},
@@ -228,8 +230,11 @@ def attention(
     *,
     deterministic: bool,
     rngs: nnx.Rngs | None,
+    scale: float | None = None,
 ) -> jax.Array:
     """Scaled dot-product attention on [B, L, H, D] inputs; softmax in float32; returns [B, L, H, D].
+    `scale` multiplies q k^T (None: 1 / sqrt(D); DeBERTa's 1 / sqrt(D * (1 + its relative terms))); `bias` is
+    added to the scaled scores.
 
     Without active attention dropout this is jax.nn.dot_product_attention (fused kernels where the backend
     has them; on CPU float32 `chunked_attention`); with dropout, `softmax_attention` with the probabilities
@@ -239,13 +244,14 @@ def attention(
         if bias is not None:  # the float32 minimum would overflow to -inf in bf16/fp16 (NaN on all-pad rows)
             bias = jnp.maximum(bias, jnp.finfo(q.dtype).min).astype(q.dtype)
         if jax.default_backend() == "cpu" and q.dtype == jnp.float32:
-            return chunked_attention(q, k, v, bias)
-        return jax.nn.dot_product_attention(q, k, v, bias=bias)
-    return softmax_attention(q, k, v, bias, lambda probs: dropout(probs, deterministic=False, rngs=rngs))
+            return chunked_attention(q, k, v, bias, scale=scale)
+        return jax.nn.dot_product_attention(q, k, v, bias=bias, scale=scale)
+    return softmax_attention(q, k, v, bias, lambda probs: dropout(probs, deterministic=False, rngs=rngs), scale=scale)
 
 
 def softmax_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None, drop: Callable | None = None
+    q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None, drop: Callable | None = None,
+    scale: float | None = None,
 ) -> jax.Array:
     """Attention on [..., L, H, D] inputs as heads-major batched matmuls: QK^T (float32 scores and softmax),
     `drop` on the probabilities, then PV; returns [..., L, H, D].
@@ -255,7 +261,7 @@ def softmax_attention(
     train step at 20 x 128 with a padding mask (dropout on) 882 -> 807 ms, with packed rows' [B, 1, L, L]
     bias unchanged (~860 ms); its attention without dropout at 32 x 128, 14.7 ms vs 25.0 ms for
     jax.nn.dot_product_attention (torch SDPA, a fused kernel: 5.1 ms)."""
-    scale = jnp.asarray(1.0 / math.sqrt(q.shape[-1]), q.dtype)
+    scale = jnp.asarray(1.0 / math.sqrt(q.shape[-1]) if scale is None else scale, q.dtype)
     scores = jnp.matmul(jnp.swapaxes(q, -3, -2) * scale, jnp.moveaxis(k, -3, -1), preferred_element_type=jnp.float32)
     if bias is not None:
         scores = scores + bias
@@ -268,7 +274,8 @@ def softmax_attention(
 ATTENTION_SCORES_BYTES = 64 * 2**20  # the most float32 scores [n, H, Lq, Lk] one chunk of examples holds
 
 
-def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None) -> jax.Array:
+def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None,
+                      scale: float | None = None) -> jax.Array:
     """`softmax_attention` for XLA:CPU inference over chunks of examples whose scores fit in
     ATTENTION_SCORES_BYTES (MiniLM at 32 x 128: one chunk, 25 MB; a 2k-token model: one example at a time,
     so memory stays bounded by one example's scores). On a quiet 2-core AVX-512 Xeon the MiniLM forward at
@@ -279,8 +286,8 @@ def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array 
         bias = jnp.broadcast_to(bias, (b, *bias.shape[1:]))
     chunk = max(1, ATTENTION_SCORES_BYTES // (4 * heads * lq * k.shape[1]))
     if chunk >= b:
-        return softmax_attention(q, k, v, bias)
-    return jax.lax.map(lambda xs: softmax_attention(*xs), (q, k, v, bias), batch_size=chunk)
+        return softmax_attention(q, k, v, bias, scale=scale)
+    return jax.lax.map(lambda xs: softmax_attention(*xs, scale=scale), (q, k, v, bias), batch_size=chunk)
 
 
 def split_heads(x: jax.Array, heads: int) -> jax.Array:

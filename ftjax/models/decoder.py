@@ -1,5 +1,6 @@
 """Pieces shared by the decoder families (gpt2.py, llama.py, qwen.py): causal/padding/segment/sliding-window
-masks, grouped-query attention with an optional KV cache, rotary embeddings (default, linear, llama3), and
+masks, grouped-query attention with an optional KV cache, rotary embeddings (default, linear, llama3, longrope;
+partial rotary), and
 `DecoderTask`, the task models' shared call (heads, HF's last-non-pad-token pooling, LM logits).
 """
 
@@ -18,15 +19,18 @@ from ftjax.hf import UnsupportedModelError
 from ftjax.models import common, fused_attention
 from ftjax.models.common import Ctx, HFModel
 
-ROPE_TYPES = ("default", "linear", "llama3")
+ROPE_TYPES = ("default", "linear", "llama3", "longrope")
 
 
 class DecoderInputs:
     """Validated inputs of one decoder call: ids, positions, which key slots are valid, and the mask
     builder for a layer's window. Without a cache, query and key slots are 0..L-1; with a cache of length T
-    the queries sit at slots cache_index..cache_index+L-1 and the keys are the whole cache."""
+    the queries sit at slots cache_index..cache_index+L-1 and the keys are the whole cache. causal=False:
+    an encoder's bidirectional masks (ModernBERT), whose window reaches both ways."""
 
-    def __init__(self, input_ids, attention_mask, position_ids, segment_ids, cache, cache_index):
+    def __init__(self, input_ids, attention_mask, position_ids, segment_ids, cache, cache_index, *,
+                 causal: bool = True):
+        self.causal = causal
         if input_ids is None:
             raise ValueError("input_ids is required for a decoder model (got None)")
         input_ids = jnp.asarray(input_ids)
@@ -73,12 +77,16 @@ class DecoderInputs:
         self._masks: dict[Any, jax.Array] = {}
 
     def mask(self, window: int | None) -> jax.Array:
-        """bool [B, 1, Lq, Lk]: key slot k is visible from query slot q (causal, valid, same segment, window)."""
+        """bool [B, 1, Lq, Lk]: key slot k is visible from query slot q (causal, valid, same segment, window).
+        A window of w keys: causal, q - w < k <= q; bidirectional, |q - k| < w (flash attention's (w-1, w-1))."""
         if window not in self._masks:
             q, k = self.q_slots[:, None], self.k_slots[None, :]
-            allowed = k <= q
-            if window is not None:
-                allowed = allowed & (k > q - window)
+            if self.causal:
+                allowed = k <= q
+                if window is not None:
+                    allowed = allowed & (k > q - window)
+            else:
+                allowed = jnp.abs(q - k) < (window if window is not None else jnp.iinfo(jnp.int32).max)
             allowed = allowed[None]
             if self.key_valid is not None:
                 allowed = allowed & self.key_valid[:, None, :]
@@ -132,12 +140,17 @@ jax.tree_util.register_dataclass(KernelMask, data_fields=["segments", "key_valid
 def attend(
     q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array | KernelMask, scale: float, dropout: nnx.Dropout,
     *, deterministic: bool, rngs: nnx.Rngs | None, softmax_dtype: Any = jnp.float32,
+    softcap: float | None = None,
 ) -> jax.Array:
     """Grouped-query attention. q [B, Lq, H, D], k/v [B, Lk, KVH, D] (H a multiple of KVH; query head h
     uses kv head h // (H // KVH), as HF's repeat_kv), allowed bool [B, 1, Lq, Lk]. Returns [B, Lq, H, D].
-    Masked scores are set (not added) to the float32 minimum, so fully masked rows stay finite. A
-    `KernelMask` (from `layer_masks`) runs the fused kernel it names instead (splash on TPU, cuDNN on GPU)."""
+    Masked scores are set (not added) to the float32 minimum, so fully masked rows stay finite. `softcap`
+    (Gemma 2's attn_logit_softcapping): scaled scores become softcap * tanh(scores / softcap) before the mask,
+    as HF's eager attention. A `KernelMask` (from `layer_masks`) runs the fused kernel it names instead
+    (splash on TPU, cuDNN on GPU; never with a softcap, see `AttentionSpec.softcap`)."""
     if isinstance(allowed, KernelMask):
+        if softcap is not None:
+            raise ValueError("attention logit soft-capping cannot run in a fused kernel (layer_masks picks xla)")
         return fused_attention.fused_attention(q, k, v, scale=scale, implementation=allowed.implementation,
                                                segment_ids=allowed.segments, key_valid=allowed.key_valid,
                                                window=allowed.window)
@@ -145,6 +158,8 @@ def attend(
     kv_heads = k.shape[2]
     q = q.reshape(batch, lq, kv_heads, heads // kv_heads, dim)
     scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k, preferred_element_type=jnp.float32) * scale
+    if softcap is not None:
+        scores = jnp.tanh(scores / softcap) * softcap
     scores = jnp.where(allowed[:, :, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores.astype(softmax_dtype), axis=-1).astype(v.dtype)
     if dropout.rate > 0 and not deterministic:
@@ -153,9 +168,14 @@ def attend(
     return out.reshape(batch, lq, heads, dim)
 
 
-def rope_parameters(cfg: Any, head_dim: int) -> tuple[np.ndarray, float]:
-    """(inverse frequencies float32 [head_dim // 2], attention scaling) exactly as transformers computes them."""
+def _rope_config(cfg: Any, layer_type: str | None) -> tuple[dict, str]:
+    """(the RoPE parameters of `cfg` (of `layer_type`'s entry when given), rope type), the type checked."""
     params = dict(getattr(cfg, "rope_parameters", None) or {})
+    if layer_type is not None:
+        if not isinstance(params.get(layer_type), dict):
+            raise UnsupportedModelError(f"config.json: rope_parameters has no entry for layer type {layer_type!r} "
+                                        f"(got keys {sorted(params)})")
+        params = dict(params[layer_type])
     if not params:  # configs without rope_parameters (older transformers objects).
         params = dict(getattr(cfg, "rope_scaling", None) or {})
         params.setdefault("rope_theta", getattr(cfg, "rope_theta", 10000.0))
@@ -163,11 +183,41 @@ def rope_parameters(cfg: Any, head_dim: int) -> tuple[np.ndarray, float]:
     if kind not in ROPE_TYPES:
         raise UnsupportedModelError(f"config.json: rope_type {kind!r} is not implemented; supported: "
                                     f"{', '.join(ROPE_TYPES)}")
-    if float(params.get("partial_rotary_factor", 1.0)) != 1.0:
-        raise UnsupportedModelError("config.json: partial_rotary_factor != 1 is not implemented")
+    return params, kind
+
+
+def rope_parameters(cfg: Any, head_dim: int, layer_type: str | None = None, *,
+                    long: bool = False) -> tuple[np.ndarray, float]:
+    """(inverse frequencies float32 [rotary_dim // 2], attention scaling) exactly as transformers computes them.
+    `layer_type`: of configs with RoPE per layer type (Gemma 3: rope_parameters = {"sliding_attention": {...},
+    "full_attention": {...}}), that type's. partial_rotary_factor < 1 (Phi-3, GPT-NeoX style): only the first
+    rotary_dim = int(head_dim * factor) dims of each head rotate (`apply_rope` passes the rest through).
+    longrope (Phi-3): the short factors, or with long=True the long ones (`rope_long`); the scaling is
+    attention_factor, by default sqrt(1 + ln(s) / ln(original_max_position_embeddings)) for the context
+    extension s = factor or max_position_embeddings / original_max_position_embeddings (1 when s <= 1)."""
+    params, kind = _rope_config(cfg, layer_type)
+    partial = float(params.get("partial_rotary_factor", 1.0) or 1.0)
+    dim = int(head_dim * partial)
+    if not 0.0 < partial <= 1.0 or dim < 2:
+        raise UnsupportedModelError(f"config.json: partial_rotary_factor={partial} is invalid: in (0, 1] and "
+                                    f"rotating at least 2 of the head's {head_dim} dims")
     base = np.float32(params["rope_theta"])
-    inv = (np.float32(1.0) / (base ** (np.arange(0, head_dim, 2).astype(np.float32) / np.float32(head_dim))))
-    inv = inv.astype(np.float32)
+    exponents = np.arange(0, dim, 2).astype(np.float32) / np.float32(dim)
+    inv = (np.float32(1.0) / (base ** exponents)).astype(np.float32)
+    if kind == "longrope":
+        factors = np.asarray(params["long_factor" if long else "short_factor"], np.float32)
+        if factors.shape != inv.shape:
+            raise UnsupportedModelError(f"config.json: rope_parameters {'long' if long else 'short'}_factor has "
+                                        f"{factors.size} values; rotary_dim / 2 = {inv.size} are needed")
+        inv = (np.float32(1.0) / (factors * base ** exponents)).astype(np.float32)
+        old = params["original_max_position_embeddings"]
+        factor = params.get("factor")
+        if factor is None:
+            factor = cfg.max_position_embeddings / old
+        scaling = params.get("attention_factor")
+        if scaling is None:
+            scaling = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(old))
+        return inv, float(scaling)
     if kind == "linear":
         inv = (inv / np.float32(params["factor"])).astype(np.float32)
     elif kind == "llama3":
@@ -186,18 +236,56 @@ def rope_parameters(cfg: Any, head_dim: int) -> tuple[np.ndarray, float]:
 
 def check_rope(cfg: Any, head_dim: int) -> None:
     rope_parameters(cfg, head_dim)
+    rope_long(cfg, head_dim)
 
 
-def rope_cos_sin(position_ids: jax.Array, inv_freq: np.ndarray, scaling: float, dtype: Any) -> tuple:
-    """cos, sin [B, L, 1, D] for positions [B, L] (float32 math, then the compute dtype, as HF)."""
-    freqs = position_ids[..., None].astype(jnp.float32) * jnp.asarray(inv_freq, jnp.float32)
+def rope_long(cfg: Any, head_dim: int, layer_type: str | None = None) -> tuple[tuple[float, ...], int] | None:
+    """longrope's second regime, for `rope_cos_sin(long=...)`: (the long factors' inverse frequencies,
+    original_max_position_embeddings); None for the other rope types."""
+    params, kind = _rope_config(cfg, layer_type)
+    if kind != "longrope":
+        return None
+    inv, _ = rope_parameters(cfg, head_dim, layer_type, long=True)
+    return tuple(float(f) for f in inv), int(params["original_max_position_embeddings"])
+
+
+def longrope_switch(cfg: Any, layer_type: str | None = None) -> int | None:
+    """The sequence length above which a longrope model uses its long factors (original_max_position_embeddings),
+    or None: what generation must re-prefill at when a sequence grows past it (see ftjax.generate)."""
+    params, kind = _rope_config(cfg, layer_type)
+    return int(params["original_max_position_embeddings"]) if kind == "longrope" else None
+
+
+def rope_cos_sin(position_ids: jax.Array, inv_freq: np.ndarray, scaling: float, dtype: Any,
+                 long: tuple | None = None, segments: jax.Array | None = None) -> tuple:
+    """cos, sin [B, L, 1, rotary_dim] for positions [B, L] (float32 math, then the compute dtype, as HF).
+    long (from `rope_long`): (long inverse frequencies, original length) -- as transformers' longrope, the whole
+    call uses the long ones when its largest position + 1 exceeds the original length, else `inv_freq`. Packed
+    rows (`segments` [B, L]) choose per segment, by its last position + 1, so each equals its sequence run alone."""
+    inv = jnp.asarray(inv_freq, jnp.float32)
+    if long is not None:
+        long_inv, original = long
+        if segments is None:
+            use_long = jnp.max(position_ids) + 1 > original
+        else:  # a segment's last token: the next one is in another segment (segments are contiguous runs)
+            idx = jnp.arange(segments.shape[1], dtype=jnp.int32)
+            nxt = jnp.pad(segments[:, 1:], ((0, 0), (0, 1)), constant_values=-1)
+            end = jax.lax.cummin(jnp.where(segments != nxt, idx, segments.shape[1]), axis=1, reverse=True)
+            use_long = (jnp.take_along_axis(position_ids, end, axis=1) + 1 > original)[..., None]
+        inv = jnp.where(use_long, jnp.asarray(long_inv, jnp.float32), inv)
+    freqs = position_ids[..., None].astype(jnp.float32) * inv
     emb = jnp.concatenate([freqs, freqs], axis=-1)
     cos, sin = jnp.cos(emb) * scaling, jnp.sin(emb) * scaling
     return cos[:, :, None].astype(dtype), sin[:, :, None].astype(dtype)
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    half = x.shape[-1] // 2
+    """x * cos + rotate_half(x) * sin on the first cos.shape[-1] dims of each head; the rest (partial rotary)
+    pass through unchanged, as HF's apply_rotary_pos_emb."""
+    rotary = cos.shape[-1]
+    if rotary < x.shape[-1]:
+        return jnp.concatenate([apply_rope(x[..., :rotary], cos, sin), x[..., rotary:]], axis=-1)
+    half = rotary // 2
     rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
     return x * cos + rotated * sin
 
@@ -224,13 +312,15 @@ def keep_last(x: jax.Array, logits_to_keep: int) -> jax.Array:
 
 @dataclasses.dataclass(frozen=True)
 class AttentionSpec:
-    """A backbone's attention, for choosing its kernel: model.attention, heads, kv heads, head dim, dropout."""
+    """A backbone's attention, for choosing its kernel: model.attention, heads, kv heads, head dim, dropout,
+    and the attention logit soft-cap (Gemma 2; the fused kernels have none, so it runs xla)."""
 
     requested: str
     heads: int
     kv_heads: int
     head_dim: int
     dropout: float
+    softcap: float | None = None
 
 
 def layer_masks(inputs: DecoderInputs, windows: tuple, x: jax.Array, spec: AttentionSpec | None, cache: Any,
@@ -244,7 +334,8 @@ def layer_masks(inputs: DecoderInputs, windows: tuple, x: jax.Array, spec: Atten
         return {w: inputs.mask(w) for w in distinct}
     batch, length = inputs.input_ids.shape
     args = dict(q_shape=(batch, length, spec.heads, spec.head_dim), kv_heads=spec.kv_heads, dtype=x.dtype,
-                has_dropout=spec.dropout > 0 and not deterministic, packed=inputs.key_valid is not None)
+                has_dropout=spec.dropout > 0 and not deterministic, packed=inputs.key_valid is not None,
+                softcap=spec.softcap is not None)
     chosen = {w: fused_attention.resolve(spec.requested, window=w, **args) for w in distinct}
     if scanned and len(distinct) > 1 and set(chosen.values()) != {"xla"}:
         if spec.requested != "auto":
@@ -255,6 +346,14 @@ def layer_masks(inputs: DecoderInputs, windows: tuple, x: jax.Array, spec: Atten
             for w, impl in chosen.items()}
 
 
+@dataclasses.dataclass(frozen=True)
+class ByWindow:
+    """A `run_decoder_layers` extra that differs with the layers' sliding window (Gemma 3: local and global
+    RoPE): {window: extra}; each layer gets its window's (a scanned stack picks it by index, as its mask)."""
+
+    values: dict
+
+
 def run_decoder_layers(layers, x, inputs: DecoderInputs, cache, extra, *, remat: str, deterministic: bool,
                        rngs: nnx.Rngs | None, windows: tuple | None = None, attention: AttentionSpec | None = None):
     """Applies each layer `layer(x, mask, extra, layer_cache, cache_index, deterministic=, rngs=)` in order:
@@ -262,7 +361,7 @@ def run_decoder_layers(layers, x, inputs: DecoderInputs, cache, extra, *, remat:
     gives each layer's sliding window, and a stacked cache {"k", "v": [layers, ...]} goes in and out).
     Without a cache each layer is checkpointed with the `remat` policy. Layer i's dropout draws from
     fold_in(key, i) both ways, so a scanned model trains exactly as the unrolled one. `attention`: the
-    backbone's, for a fused kernel (`layer_masks`); None: the dense-mask xla path."""
+    backbone's, for a fused kernel (`layer_masks`); None: the dense-mask xla path. `extra` may be a `ByWindow`."""
     stacked = getattr(layers, "stack_size", None)
     if windows is None:
         windows = tuple(layer.window for layer in layers)
@@ -281,10 +380,11 @@ def run_decoder_layers(layers, x, inputs: DecoderInputs, cache, extra, *, remat:
     step = common.with_remat(apply, remat if cache is None else "none")
     common.record_hidden(x)
     for i, layer in enumerate(layers):
+        ex = extra.values[windows[i]] if isinstance(extra, ByWindow) else extra
         if cache is None:
-            x = step(layer, x, masks[windows[i]], extra, rngs_of(i))
+            x = step(layer, x, masks[windows[i]], ex, rngs_of(i))
         else:
-            x, layer_cache = layer(x, masks[windows[i]], extra, cache[i], cache_index,
+            x, layer_cache = layer(x, masks[windows[i]], ex, cache[i], cache_index,
                                    deterministic=deterministic, rngs=rngs_of(i))
             new_cache.append(layer_cache)
         common.record_hidden(x)
@@ -297,11 +397,15 @@ def _scan_decoder_layers(stack, x, masks, windows, cache, cache_index, extra, rn
     order = list(masks)
     mask_stack = None if len(order) == 1 else jnp.stack([masks[w] for w in order])  # dense masks (xla) only
     which = jnp.asarray([order.index(w) for w in windows], jnp.int32)
+    by_window = isinstance(extra, ByWindow)
+    if by_window:
+        extra = jax.tree.map(lambda *xs: jnp.stack(xs), *[extra.values[w] for w in order])
 
     def body(layer, h, i, xs):
         w, layer_cache = xs
         mask = masks[order[0]] if mask_stack is None else jax.lax.dynamic_index_in_dim(mask_stack, w, keepdims=False)
-        return layer(h, mask, extra, layer_cache, cache_index, deterministic=deterministic, rngs=rngs_of(i))
+        ex = jax.tree.map(lambda e: jax.lax.dynamic_index_in_dim(e, w, keepdims=False), extra) if by_window else extra
+        return layer(h, mask, ex, layer_cache, cache_index, deterministic=deterministic, rngs=rngs_of(i))
 
     return common.scan_layers(stack, x, (which, cache), body, remat=remat if cache is None else "none")
 

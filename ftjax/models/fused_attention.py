@@ -49,9 +49,10 @@ def target_platform() -> str:
 
 def unsupported_reason(implementation: str, *, q_shape: Sequence[int], kv_heads: int, dtype: Any,
                        platform: str | None = None, has_dropout: bool = False, window: int | None = None,
-                       packed: bool = False) -> str | None:
+                       packed: bool = False, softcap: bool = False) -> str | None:
     """Why `implementation` cannot run causal self-attention of q [B, L, H, D] (None: it can). `platform` is a
-    jax platform name (default: target_platform()); `packed`: segment ids or key padding are given."""
+    jax platform name (default: target_platform()); `packed`: segment ids or key padding are given;
+    `softcap`: the scores are soft-capped (Gemma 2's attn_logit_softcapping)."""
     if implementation not in IMPLEMENTATIONS:
         return f"unknown implementation (valid: {', '.join(IMPLEMENTATIONS)})"
     if implementation in ("auto", "xla"):
@@ -61,6 +62,8 @@ def unsupported_reason(implementation: str, *, q_shape: Sequence[int], kv_heads:
     dtype = jnp.dtype(dtype)
     if has_dropout:
         return "attention dropout cannot run inside the fused kernels (it needs the probability matrix)"
+    if softcap:
+        return "attention logit soft-capping (config.json attn_logit_softcapping) is not in the fused kernels"
     if kv_heads < 1 or heads % kv_heads:
         return f"{heads} query heads are not a multiple of {kv_heads} kv heads"
     if window is not None and window < 1:
@@ -88,12 +91,13 @@ def unsupported_reason(implementation: str, *, q_shape: Sequence[int], kv_heads:
 
 
 def resolve(requested: str, *, q_shape: Sequence[int], kv_heads: int, dtype: Any, platform: str | None = None,
-            has_dropout: bool = False, window: int | None = None, packed: bool = False) -> str:
+            has_dropout: bool = False, window: int | None = None, packed: bool = False,
+            softcap: bool = False) -> str:
     """The implementation for `model.attention=requested`: auto = splash on TPU, cudnn on a GPU where the
     shapes allow, else xla; an explicit kernel that cannot run raises a one-line ValueError."""
     platform = platform or target_platform()
     args = dict(q_shape=q_shape, kv_heads=kv_heads, dtype=dtype, platform=platform, has_dropout=has_dropout,
-                window=window, packed=packed)
+                window=window, packed=packed, softcap=softcap)
     if requested not in IMPLEMENTATIONS:
         raise ValueError(f"model.attention={requested!r} is not valid; use one of {', '.join(IMPLEMENTATIONS)}")
     if requested == "xla":

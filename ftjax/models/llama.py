@@ -1,6 +1,7 @@
-"""Llama and Mistral in Flax NNX (also the backbone of Qwen2/Qwen3 in qwen.py), with param paths that mirror
-HF LlamaModel / LlamaFor{CausalLM,SequenceClassification} state_dict keys: GQA, RoPE (default, linear,
-llama3), RMSNorm, SwiGLU MLP, sliding windows, tied or untied lm_head, and an explicit KV cache for generate.
+"""Llama and Mistral in Flax NNX (also the backbone of Qwen2/Qwen3 in qwen.py and Phi-3 in phi3.py), with param
+paths that mirror HF LlamaModel / LlamaFor{CausalLM,SequenceClassification} state_dict keys: GQA, RoPE (default,
+linear, llama3, longrope; partial rotary), RMSNorm, SwiGLU MLP (or Phi-3's fused gate_up_proj, and fused
+qkv_proj), sliding windows, tied or untied lm_head, and an explicit KV cache for generate.
 """
 
 from __future__ import annotations
@@ -27,10 +28,14 @@ class Arch:
     o_bias: bool = False  # bias on o_proj.
     mlp_bias: bool = False
     qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on q and k before RoPE.
+    fused_qkv: bool = False  # Phi-3: one qkv_proj, [q | k | v] along its output (as the checkpoint stores it).
+    fused_gate_up: bool = False  # Phi-3: one gate_up_proj, [gate | up] along its output.
 
 
 def arch_for(cfg: Any) -> Arch:
     kind = cfg.model_type
+    if kind == "phi3":
+        return Arch(fused_qkv=True, fused_gate_up=True)
     if kind == "qwen2":
         return Arch(q_bias=True)
     attention_bias = bool(getattr(cfg, "attention_bias", False))
@@ -46,11 +51,11 @@ def head_dim(cfg: Any) -> int:
 
 
 def layer_windows(cfg: Any) -> list[int | None]:
-    """Sliding window per layer: layer_types (Qwen2/3) pick it per layer; Mistral uses it on every layer."""
+    """Sliding window per layer: layer_types (Qwen2/3) pick it per layer; Mistral and Phi-3 use it on every layer."""
     window = getattr(cfg, "sliding_window", None)
     types = getattr(cfg, "layer_types", None)
     if types is None:
-        return [window if cfg.model_type == "mistral" else None] * cfg.num_hidden_layers
+        return [window if cfg.model_type in ("mistral", "phi3") else None] * cfg.num_hidden_layers
     return [window if t == "sliding_attention" else None for t in types[: cfg.num_hidden_layers]]
 
 
@@ -71,21 +76,33 @@ class Attention(nnx.Module):
     def __init__(self, cfg: Any, arch: Arch, ctx: Ctx):
         h, d = cfg.hidden_size, head_dim(cfg)
         self.heads, self.kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, d
-        self.q_proj = common.linear(h, self.heads * d, ctx, ("embed", "heads"), use_bias=arch.q_bias)
-        self.k_proj = common.linear(h, self.kv_heads * d, ctx, ("embed", "heads"), use_bias=arch.q_bias)
-        self.v_proj = common.linear(h, self.kv_heads * d, ctx, ("embed", "heads"), use_bias=arch.q_bias)
+        self.fused_qkv = arch.fused_qkv
+        if arch.fused_qkv:  # one matmul; its packed output dim is never split over `tensor` (ftjax.sharding)
+            self.qkv_proj = common.linear(h, (self.heads + 2 * self.kv_heads) * d, ctx, ("embed", "heads"),
+                                          use_bias=arch.q_bias)
+        else:
+            self.q_proj = common.linear(h, self.heads * d, ctx, ("embed", "heads"), use_bias=arch.q_bias)
+            self.k_proj = common.linear(h, self.kv_heads * d, ctx, ("embed", "heads"), use_bias=arch.q_bias)
+            self.v_proj = common.linear(h, self.kv_heads * d, ctx, ("embed", "heads"), use_bias=arch.q_bias)
         self.o_proj = common.linear(self.heads * d, h, ctx, ("heads", "embed"), use_bias=arch.o_bias)
         if arch.qk_norm:
             self.q_norm = RMSNorm(d, cfg.rms_norm_eps, ctx, ("kv",))
             self.k_norm = RMSNorm(d, cfg.rms_norm_eps, ctx, ("kv",))
         self.qk_norm = arch.qk_norm
         self.dropout = Dropout(float(getattr(cfg, "attention_dropout", 0.0) or 0.0))
+        self.scale, self.softcap = d**-0.5, None  # Gemma: query_pre_attn_scalar**-0.5, attn_logit_softcapping
 
     def __call__(self, x, mask, rope, layer_cache, cache_index, *, deterministic, rngs):
         batch, length = x.shape[:2]
-        q = self.q_proj(x).reshape(batch, length, self.heads, self.head_dim)
-        k = self.k_proj(x).reshape(batch, length, self.kv_heads, self.head_dim)
-        v = self.v_proj(x).reshape(batch, length, self.kv_heads, self.head_dim)
+        if self.fused_qkv:
+            qkv = self.qkv_proj(x)
+            q_end, k_end = self.heads * self.head_dim, (self.heads + self.kv_heads) * self.head_dim
+            q, k, v = qkv[..., :q_end], qkv[..., q_end:k_end], qkv[..., k_end:]
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.reshape(batch, length, self.heads, self.head_dim)
+        k = k.reshape(batch, length, self.kv_heads, self.head_dim)
+        v = v.reshape(batch, length, self.kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = rope
@@ -93,20 +110,27 @@ class Attention(nnx.Module):
         if layer_cache is not None:
             layer_cache = decoder.update_cache(layer_cache, k, v, cache_index)
             k, v = layer_cache["k"].astype(q.dtype), layer_cache["v"].astype(q.dtype)
-        out = decoder.attend(q, k, v, mask, self.head_dim**-0.5, self.dropout, deterministic=deterministic,
-                             rngs=rngs)
+        out = decoder.attend(q, k, v, mask, self.scale, self.dropout, deterministic=deterministic, rngs=rngs,
+                             softcap=self.softcap)
         return self.o_proj(out.reshape(batch, length, self.heads * self.head_dim)), layer_cache
 
 
 class MLP(nnx.Module):
-    def __init__(self, cfg: Any, arch: Arch, ctx: Ctx):
+    def __init__(self, cfg: Any, arch: Arch, ctx: Ctx, act: str | None = None):  # act: default cfg.hidden_act
         h, m = cfg.hidden_size, cfg.intermediate_size
-        self.gate_proj = common.linear(h, m, ctx, ("embed", "mlp"), use_bias=arch.mlp_bias)
-        self.up_proj = common.linear(h, m, ctx, ("embed", "mlp"), use_bias=arch.mlp_bias)
+        self.fused = arch.fused_gate_up
+        if self.fused:  # [gate | up]: HF's gate_up_proj(x).chunk(2)
+            self.gate_up_proj = common.linear(h, 2 * m, ctx, ("embed", "mlp"), use_bias=arch.mlp_bias)
+        else:
+            self.gate_proj = common.linear(h, m, ctx, ("embed", "mlp"), use_bias=arch.mlp_bias)
+            self.up_proj = common.linear(h, m, ctx, ("embed", "mlp"), use_bias=arch.mlp_bias)
         self.down_proj = common.linear(m, h, ctx, ("mlp", "embed"), use_bias=arch.mlp_bias)
-        self.act = common.activation(cfg.hidden_act)
+        self.act = common.activation(act or cfg.hidden_act)
 
     def __call__(self, x):
+        if self.fused:
+            gate, up = jnp.split(self.gate_up_proj(x), 2, axis=-1)
+            return self.down_proj(self.act(gate) * up)
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -116,13 +140,16 @@ class DecoderLayer(nnx.Module):
         self.mlp = MLP(cfg, arch, ctx)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ctx)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ctx)
+        # Phi-3's resid_pdrop: dropout on the attention and MLP outputs before each residual add (0 for the rest).
+        self.resid_dropout = Dropout(float(getattr(cfg, "resid_pdrop", 0.0) or 0.0))
         self.window = window
 
     def __call__(self, x, mask, rope, layer_cache, cache_index, *, deterministic, rngs):
         a, layer_cache = self.self_attn(self.input_layernorm(x), mask, rope, layer_cache, cache_index,
                                         deterministic=deterministic, rngs=rngs)
-        x = x + a
-        return x + self.mlp(self.post_attention_layernorm(x)), layer_cache
+        x = x + self.resid_dropout(a, deterministic=deterministic, rngs=rngs)
+        m = self.mlp(self.post_attention_layernorm(x))
+        return x + self.resid_dropout(m, deterministic=deterministic, rngs=rngs), layer_cache
 
 
 class LlamaModel(nnx.Module):
@@ -139,7 +166,8 @@ class LlamaModel(nnx.Module):
             self.layers = nnx.List([DecoderLayer(cfg, arch, ctx, w) for w in self.windows])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ctx)
         inv_freq, scaling = decoder.rope_parameters(cfg, head_dim(cfg))
-        self.rope = (tuple(float(f) for f in inv_freq), scaling)  # static: a tuple, not an array attribute.
+        # static: tuples, not array attributes; the third is longrope's long regime (None for other types).
+        self.rope = (tuple(float(f) for f in inv_freq), scaling, decoder.rope_long(cfg, head_dim(cfg)))
         self.remat, self.dtype = ctx.remat, ctx.dtype
         self.attention = decoder.AttentionSpec(ctx.attention, cfg.num_attention_heads, cfg.num_key_value_heads,
                                                head_dim(cfg), float(getattr(cfg, "attention_dropout", 0.0) or 0.0))
@@ -148,7 +176,8 @@ class LlamaModel(nnx.Module):
 
     def __call__(self, inputs: decoder.DecoderInputs, cache, *, deterministic, rngs):
         x = self.embed_tokens(inputs.input_ids)
-        rope = decoder.rope_cos_sin(inputs.position_ids, self.rope[0], self.rope[1], x.dtype)
+        rope = decoder.rope_cos_sin(inputs.position_ids, self.rope[0], self.rope[1], x.dtype, long=self.rope[2],
+                                    segments=inputs.segments)
         x, cache = decoder.run_decoder_layers(self.layers, x, inputs, cache, rope, remat=self.remat,
                                               deterministic=deterministic, rngs=rngs, windows=self.windows,
                                               attention=self.attention)

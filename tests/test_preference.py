@@ -1,0 +1,126 @@
+"""model.task="preference": pairs batched with a response-only mask, the LoRA reference (the base with the
+adapters off), a DPO run that learns a synthetic preference on held-out pairs, and a bit-identical resume."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import jax.numpy as jnp
+import numpy as np
+import pandas as pd
+import pytest
+
+from ftjax import lora, models, preference, trainer
+from ftjax.config import ConfigError, validate
+from ftjax.data import preference as preference_data
+from ftjax.data.sources import RawSplit
+from tests.test_lm_data import tiny_llama, tiny_tokenizer
+
+GOOD = ["the cat sat on the mat", "a dog ran in the park", "fine thanks"]
+BAD = ["the lazy fox", "brown ball", "how are you"]
+
+
+def pairs_jsonl(path, n: int, seed: int = 0) -> str:
+    """Pairs whose chosen response is always one of GOOD and rejected one of BAD: a preference DPO learns."""
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        f.writelines(json.dumps({"prompt": rng.choice(["hello world,", "the quick", "a red"]),
+                                "chosen": " " + rng.choice(GOOD), "rejected": " " + rng.choice(BAD)}) + "\n" for _ in range(n))
+    return str(path)
+
+
+def _config(model_dir: str, data: str, **overrides):
+    from configs.preference import get_config
+
+    c = get_config(f"model={model_dir},data={data},lora=8,batch=8,max_len=32")
+    c.optim.lr = 2e-3
+    c.train.steps = 30
+    c.train.eval_every = 10
+    c.train.compilation_cache = ""
+    c.train.progress = False
+    c.model.scan_layers = False
+    for key, value in overrides.items():
+        node, *path = key.split(".")
+        target = c[node]
+        for part in path[:-1]:
+            target = target[part]
+        target[path[-1]] = value
+    return c
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return tiny_llama(str(tmp_path_factory.mktemp("pref") / "llama"))
+
+
+def test_pairs_are_batched_together_with_the_loss_on_response_tokens_only(tmp_path):
+    tok = tiny_tokenizer()
+    rows = [{"prompt": "hello world,", "chosen": " fine thanks", "rejected": " how are you today"},
+            {"prompt": [{"role": "user", "content": "the cat"}], "chosen": [{"role": "assistant", "content": "sat"}],
+             "rejected": [{"role": "assistant", "content": "ran in the park"}]}]
+    split = RawSplit(pd.DataFrame(rows), "pairs.jsonl")
+    tokens = preference_data.tokenize(tok, split, {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected"}, 64)
+    batch = preference_data.PairBatcher(tokens, (16, 64), tok.pad_token_id, slice(0, 3))(np.array([0, 1, -1]))
+    assert batch["input_ids"].shape == (3, 2, 64) and batch["weights"].tolist() == [1, 1, 0]
+    prompt = tok("hello world,")["input_ids"]
+    chosen = tok(" fine thanks", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    n = len(prompt) + len(chosen)
+    assert batch["input_ids"][0, 0, :n].tolist() == prompt + chosen
+    assert batch["response_mask"][0, 0].tolist() == [0] * len(prompt) + [1] * len(chosen) + [0] * (64 - n)
+    # chat rows: the response is what the template adds for the assistant turn (prompt tokens carry no loss)
+    rendered = tok.decode(batch["input_ids"][1, 1][batch["response_mask"][1, 1] > 0])
+    assert rendered == "ran in the park\n" and "<|assistant|>" in tok.decode(batch["input_ids"][1, 1])
+    # the targets of the shifted loss fall on response tokens only
+    targets = preference.response_targets(jnp.asarray(batch["input_ids"][0]), jnp.asarray(batch["response_mask"][0]))
+    assert int((targets[0] != -100).sum()) == len(chosen)
+
+
+def test_the_lora_reference_is_the_base_model(folder):
+    """With the adapters off, a LoRA model (after its adapters moved away from zero) equals the base."""
+    base = models.from_pretrained(folder, task="causal_lm")
+    tuned = lora.apply_lora(models.from_pretrained(folder, task="causal_lm"),
+                            {"rank": 4, "alpha": 8.0, "targets": "all-linear"})
+    for _, mod in lora.lora_modules(tuned).items():
+        mod.lora_b[...] = jnp.ones_like(mod.lora_b[...]) * 0.05
+    ids = jnp.asarray([[5, 17, 42, 99, 3, 2, 7, 8]])
+    ref = preference.adapters_off_reference(tuned)({"input_ids": ids, "attention_mask": jnp.ones_like(ids)})
+    np.testing.assert_allclose(np.asarray(ref), np.asarray(base(input_ids=ids)["logits"]), atol=1e-6)
+    assert not np.allclose(np.asarray(tuned(input_ids=ids)["logits"]), np.asarray(ref), atol=1e-3)
+
+
+def test_dpo_learns_the_preference_on_held_out_pairs(folder, tmp_path):
+    data = pairs_jsonl(tmp_path / "pairs.jsonl", 240)
+    summary = trainer.train(_config(folder, data), str(tmp_path / "run"))
+    lines = [json.loads(x) for x in open(tmp_path / "run" / "metrics.jsonl")]
+    evals = [x for x in lines if x["split"] == "val"]
+    first, last = evals[0], evals[-1]
+    assert last["reward_accuracy"] > 0.9 and last["reward_margin"] > first["reward_margin"] > 0
+    assert last["loss"] < first["loss"]
+    # the chosen responses got likelier against the reference; the rejected ones less likely
+    assert last["rewards_chosen"] > last["rewards_rejected"]
+    assert summary["best"]["metrics"]["reward_accuracy"] > 0.9 if "metrics" in summary.get("best", {}) else True
+
+
+def test_a_reference_loss_needs_lora_and_orpo_trains_without(folder, tmp_path):
+    data = pairs_jsonl(tmp_path / "pairs.jsonl", 64)
+    c = _config(folder, data, **{"optim.lora.rank": 0})
+    with pytest.raises(ConfigError, match="preference.loss.*optim.lora.rank > 0"):
+        validate(c)
+    c = _config(folder, data, **{"optim.lora.rank": 0, "preference.loss": "orpo", "train.steps": 4,
+                                 "train.eval_every": 4, "optim.lr": 1e-4})
+    validate(c)
+    trainer.train(c, str(tmp_path / "orpo"))
+    evals = [json.loads(x) for x in open(tmp_path / "orpo" / "metrics.jsonl") if '"val"' in x]
+    assert np.isfinite(evals[-1]["loss"]) and 0 <= evals[-1]["reward_accuracy"] <= 1
+
+
+def test_a_preference_run_resumes_bit_identically(folder, tmp_path):
+    data = pairs_jsonl(tmp_path / "pairs.jsonl", 96)
+    c = _config(folder, data, **{"train.steps": 8, "train.eval_every": 4, "train.checkpoint.every": 3})
+    trainer.train(c, str(tmp_path / "straight"))
+    trainer.train(c, str(tmp_path / "resumed"), stop_after=5)
+    trainer.train(c, str(tmp_path / "resumed"))
+    def losses(d):
+        return [(x["step"], x["loss"]) for x in map(json.loads, open(d / "metrics.jsonl")) if x["split"] == "train"]
+    assert losses(tmp_path / "straight") == losses(tmp_path / "resumed")
