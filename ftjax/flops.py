@@ -29,7 +29,7 @@ import numpy as np
 
 from ftjax import lora as lora_lib
 from ftjax import stacking
-from ftjax.models import deberta, gemma, llama, modernbert
+from ftjax.models import deberta, gemma, llama, modernbert, moe
 
 
 @dataclasses.dataclass(frozen=True)
@@ -294,7 +294,7 @@ def _llama(c: _Counter, spec: Spec, shape: Shape) -> None:
     cfg = spec.hf_config
     p = _prefix(spec, "model")
     h, n, d = cfg.hidden_size, shape.tokens, llama.head_dim(cfg)
-    arch = llama.arch_for(cfg)
+    arch, sparse = llama.arch_for(cfg), llama.sparse_layers(cfg)
     heads, kv, inner = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.intermediate_size
     x = c.trains(f"{p}embed_tokens/embedding")
     for i, window in enumerate(llama.layer_windows(cfg)):
@@ -309,6 +309,9 @@ def _llama(c: _Counter, spec: Spec, shape: Shape) -> None:
         att = c.attention(q, k, v, shape.pairs(window), heads, d)
         x = c.linear(att, f"{base}/self_attn/o_proj", n, heads * d, h) or x
         m = c.norm(x, f"{base}/post_attention_layernorm")
+        if sparse[i]:
+            x = _moe_block(c, m, f"{base}/{arch.moe}", arch.expert_names, cfg, n) or x
+            continue
         if arch.fused_gate_up:
             gate = up = c.linear(m, f"{base}/mlp/gate_up_proj", n, h, 2 * inner)
         else:
@@ -316,6 +319,22 @@ def _llama(c: _Counter, spec: Spec, shape: Shape) -> None:
             up = c.linear(m, f"{base}/mlp/up_proj", n, h, inner)
         x = c.linear(gate or up, f"{base}/mlp/down_proj", n, inner, h) or x
     _decoder_head(c, c.norm(x, f"{p}norm"), spec, shape, p, "embed_tokens")
+
+
+def _moe_block(c: _Counter, m: bool, path: str, names: tuple[str, str, str], cfg: Any, n: float) -> bool:
+    """A mixture-of-experts block (moe.py) on n tokens: the router, then top_k experts per token. Each expert's
+    matmuls run on its own tokens, n * top_k / experts of them on average (the total is exact: n * top_k
+    expert passes); an expert whose weights train gets its weight gradient over its share."""
+    experts, top_k = moe.expert_config(cfg)
+    inner = getattr(cfg, "moe_intermediate_size", None) or cfg.intermediate_size
+    h, share = cfg.hidden_size, n * top_k / experts
+    out = c.linear(m, f"{path}/gate", n, h, experts)
+    for e in range(experts):
+        expert = f"{path}/experts/{e}"
+        gate = c.linear(m, f"{expert}/{names[0]}", share, h, inner)
+        up = c.linear(m, f"{expert}/{names[1]}", share, h, inner)
+        out = c.linear(gate or up, f"{expert}/{names[2]}", share, inner, h) or out
+    return out
 
 
 def _gemma(c: _Counter, spec: Spec, shape: Shape) -> None:
@@ -416,6 +435,7 @@ def _deberta(c: _Counter, spec: Spec, shape: Shape) -> None:
 FAMILIES = {
     "bert": _bert, "roberta": _bert, "xlm-roberta": _bert, "distilbert": _distilbert, "vit": _vit,
     "gpt2": _gpt2, "llama": _llama, "mistral": _llama, "qwen2": _llama, "qwen3": _llama, "phi3": _llama,
+    "mixtral": _llama, "qwen3_moe": _llama,
     "modernbert": _modernbert, "gemma2": _gemma, "gemma3_text": _gemma, "deberta-v2": _deberta,
 }
 

@@ -48,6 +48,9 @@ DEFAULT_RULES: dict[str, tuple[str, ...]] = {
     "embed": (),
     "kv": (),  # head_dim (e.g. qwen3 q/k norms): inside one head, never split.
     "layers": (),
+    # A mixture-of-experts block's experts [expert, in, out]: the expert dim stays whole (a token's experts are
+    # picked at run time); FSDP splits each expert kernel's largest dim, as any other kernel's.
+    "expert": (),
     "labels": (),
 }
 FSDP_AXIS = "fsdp"

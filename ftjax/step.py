@@ -162,6 +162,8 @@ def make_train_step(
         out = model(**model_inputs(micro), **options, deterministic=False, rngs=nnx.Rngs(dropout=key))
         loss_sum, weight = output_loss_and_weight(out, micro, step_cfg.task, step_cfg.label_smoothing,
                                                   step_cfg.loss_chunk_tokens)
+        if "aux_loss" in out:  # a mixture of experts' load-balancing loss: a mean, weighted as the batch is
+            loss_sum = loss_sum + out["aux_loss"] * weight
         return loss_sum, weight
 
     def train_step(state: State, batch: dict, key: jax.Array) -> tuple[State, dict]:

@@ -351,11 +351,12 @@ def with_remat(fn: Callable, remat: Any) -> Callable:
 STACK_AXIS = "layers"  # the logical name of a stacked layer axis (replicated: DEFAULT_RULES in ftjax.sharding)
 
 
-def stack_layers(layers: list[nnx.Module]) -> nnx.Module:
-    """One module holding `layers`' params stacked on a leading "layers" axis (built abstractly, under
-    nnx.eval_shape, like every model: values come from the checkpoint). The layers must have the same
-    structure; per-layer differences (e.g. sliding windows) must live outside the layer. The result has
-    `stack_size` (the number of layers), which `HFModel.stacks()` finds."""
+def stack_layers(layers: list[nnx.Module], axis: str = STACK_AXIS) -> nnx.Module:
+    """One module holding `layers`' params stacked on a leading `axis` (logical name: "layers", or "expert" for
+    a mixture-of-experts block's experts; built abstractly, under nnx.eval_shape, like every model: values come
+    from the checkpoint). The layers must have the same structure; per-layer differences (e.g. sliding windows)
+    must live outside the layer. The result has `stack_size` (the number of layers), which `HFModel.stacks()`
+    finds: its HF keys are read and written one layer (expert) at a time."""
     graphdef, _ = nnx.split(layers[0])
     states = [nnx.split(layer)[1] for layer in layers]
     try:
@@ -366,7 +367,7 @@ def stack_layers(layers: list[nnx.Module]) -> nnx.Module:
     for _, variable in nnx.iter_graph(stacked):
         if isinstance(variable, nnx.Param):
             axes = variable.get_metadata().get(AXES) or (None,) * (variable.get_value().ndim - 1)
-            variable.set_metadata(AXES, (STACK_AXIS, *axes))
+            variable.set_metadata(AXES, (axis, *axes))
     stack = nnx.merge(graphdef, stacked)
     stack.stack_size = len(layers)
     return stack

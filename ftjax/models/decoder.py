@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx
 
 from ftjax.hf import UnsupportedModelError
-from ftjax.models import common, fused_attention
+from ftjax.models import common, fused_attention, moe
 from ftjax.models.common import Ctx, HFModel
 
 ROPE_TYPES = ("default", "linear", "llama3", "longrope")
@@ -484,4 +484,10 @@ class DecoderTask(HFModel):
             out = {"logits": last_token_logits(logits, inputs.input_ids, self.pad_token_id)}
         if cache is not None:
             out["cache"] = cache
+        backbone = self._backbone()
+        experts = getattr(backbone, "moe", None)  # (experts, top_k, coefficient) of a mixture-of-experts model
+        if experts is not None:
+            aux = moe.load_balancing_loss(backbone.layers, experts[0], experts[1])
+            if aux is not None:  # what training adds to the loss (HF's router_aux_loss_coef * aux_loss)
+                out["aux_loss"] = experts[2] * aux
         return common.with_hidden_states(out, hidden)

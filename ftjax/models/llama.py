@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ftjax.hf import UnsupportedModelError
-from ftjax.models import common, decoder
+from ftjax.models import common, decoder, moe
 from ftjax.models.common import Ctx, Dropout, HFModel
 from ftjax.models.decoder import DecoderTask
 from ftjax.models.registry import Family
@@ -30,17 +30,24 @@ class Arch:
     qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on q and k before RoPE.
     fused_qkv: bool = False  # Phi-3: one qkv_proj, [q | k | v] along its output (as the checkpoint stores it).
     fused_gate_up: bool = False  # Phi-3: one gate_up_proj, [gate | up] along its output.
+    # Mixture of experts (moe.py): the sparse layers' block attribute ("block_sparse_moe": Mixtral, "mlp":
+    # Qwen3-MoE) and its experts' projection names (gate, up, down); None: every layer a dense MLP.
+    moe: str | None = None
+    expert_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
 
 
 def arch_for(cfg: Any) -> Arch:
     kind = cfg.model_type
     if kind == "phi3":
         return Arch(fused_qkv=True, fused_gate_up=True)
+    if kind == "mixtral":
+        return Arch(moe="block_sparse_moe", expert_names=("w1", "w3", "w2"))
     if kind == "qwen2":
         return Arch(q_bias=True)
     attention_bias = bool(getattr(cfg, "attention_bias", False))
-    if kind == "qwen3":
-        return Arch(q_bias=attention_bias, o_bias=attention_bias, qk_norm=True)
+    if kind in ("qwen3", "qwen3_moe"):
+        return Arch(q_bias=attention_bias, o_bias=attention_bias, qk_norm=True,
+                    moe="mlp" if kind == "qwen3_moe" else None)
     if kind == "mistral":
         return Arch()
     return Arch(q_bias=attention_bias, o_bias=attention_bias, mlp_bias=bool(getattr(cfg, "mlp_bias", False)))
@@ -50,13 +57,30 @@ def head_dim(cfg: Any) -> int:
     return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
 
 
+EVERY_LAYER_WINDOW = ("mistral", "phi3", "mixtral", "qwen3_moe")  # sliding_window, when set, is on every layer
+
+
 def layer_windows(cfg: Any) -> list[int | None]:
-    """Sliding window per layer: layer_types (Qwen2/3) pick it per layer; Mistral and Phi-3 use it on every layer."""
+    """Sliding window per layer: layer_types (Qwen2/3) pick it per layer; Mistral, Phi-3, Mixtral and Qwen3-MoE
+    use it on every layer."""
     window = getattr(cfg, "sliding_window", None)
     types = getattr(cfg, "layer_types", None)
     if types is None:
-        return [window if cfg.model_type in ("mistral", "phi3") else None] * cfg.num_hidden_layers
+        return [window if cfg.model_type in EVERY_LAYER_WINDOW else None] * cfg.num_hidden_layers
     return [window if t == "sliding_attention" else None for t in types[: cfg.num_hidden_layers]]
+
+
+def sparse_layers(cfg: Any) -> list[bool]:
+    """Which layers are mixture-of-experts: Mixtral's all; Qwen3-MoE's those not in mlp_only_layers whose
+    (index + 1) is a multiple of decoder_sparse_step (HF's Qwen3MoeDecoderLayer); none for dense families."""
+    n = cfg.num_hidden_layers
+    if arch_for(cfg).moe is None:
+        return [False] * n
+    if cfg.model_type == "mixtral":
+        return [True] * n
+    dense, step = set(getattr(cfg, "mlp_only_layers", None) or ()), int(getattr(cfg, "decoder_sparse_step", 1) or 1)
+    experts = moe.expert_config(cfg)[0]
+    return [i not in dense and experts > 0 and (i + 1) % step == 0 for i in range(n)]
 
 
 class RMSNorm(nnx.Module):
@@ -105,7 +129,7 @@ class Attention(nnx.Module):
         v = v.reshape(batch, length, self.kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        cos, sin = rope
+        cos, sin = rope[:2]
         q, k = decoder.apply_rope(q, cos, sin), decoder.apply_rope(k, cos, sin)
         if layer_cache is not None:
             layer_cache = decoder.update_cache(layer_cache, k, v, cache_index)
@@ -135,9 +159,18 @@ class MLP(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, cfg: Any, arch: Arch, ctx: Ctx, window: int | None):
+    def __init__(self, cfg: Any, arch: Arch, ctx: Ctx, window: int | None, sparse: bool = False):
         self.self_attn = Attention(cfg, arch, ctx)
-        self.mlp = MLP(cfg, arch, ctx)
+        self.ffn = arch.moe if sparse else "mlp"  # the attribute of its feed-forward block (HF's name)
+        if sparse:
+            experts, top_k = moe.expert_config(cfg)
+            inner = getattr(cfg, "moe_intermediate_size", None) or cfg.intermediate_size
+            setattr(self, arch.moe, moe.SparseMoeBlock(
+                cfg.hidden_size, inner, experts, top_k, bool(getattr(cfg, "norm_topk_prob", True)), cfg.hidden_act,
+                arch.expert_names, ctx, jitter=float(getattr(cfg, "router_jitter_noise", 0.0) or 0.0)))
+        else:
+            self.mlp = MLP(cfg, arch, ctx)
+        self.sparse = sparse
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ctx)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ctx)
         # Phi-3's resid_pdrop: dropout on the attention and MLP outputs before each residual add (0 for the rest).
@@ -148,7 +181,12 @@ class DecoderLayer(nnx.Module):
         a, layer_cache = self.self_attn(self.input_layernorm(x), mask, rope, layer_cache, cache_index,
                                         deterministic=deterministic, rngs=rngs)
         x = x + self.resid_dropout(a, deterministic=deterministic, rngs=rngs)
-        m = self.mlp(self.post_attention_layernorm(x))
+        h = self.post_attention_layernorm(x)
+        if self.sparse:  # rope[2]: which tokens are real (the router's statistics count only those)
+            m = getattr(self, self.ffn)(h, rope[2], deterministic=deterministic, rngs=rngs,
+                                        record=layer_cache is None)
+        else:
+            m = getattr(self, self.ffn)(h)
         return x + self.resid_dropout(m, deterministic=deterministic, rngs=rngs), layer_cache
 
 
@@ -160,10 +198,14 @@ class LlamaModel(nnx.Module):
         self.embed_tokens = common.embed(cfg.vocab_size, cfg.hidden_size, ctx, ("vocab", "embed"))
         self.windows = tuple(layer_windows(cfg))
         self.scanned = bool(ctx.scan_layers)
+        sparse = sparse_layers(cfg)
         if self.scanned:  # one layer's program over params stacked [layers, ...]; the windows stay outside
             self.layers = common.stack_layers([DecoderLayer(cfg, arch, ctx, None) for _ in self.windows])
         else:
-            self.layers = nnx.List([DecoderLayer(cfg, arch, ctx, w) for w in self.windows])
+            self.layers = nnx.List([DecoderLayer(cfg, arch, ctx, w, s) for w, s in zip(self.windows, sparse)])
+        # Mixture of experts: (experts, top_k, router_aux_loss_coef) for the load-balancing loss; None: dense.
+        self.moe = (*moe.expert_config(cfg), float(getattr(cfg, "router_aux_loss_coef", 0.0) or 0.0)) \
+            if any(sparse) else None
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ctx)
         inv_freq, scaling = decoder.rope_parameters(cfg, head_dim(cfg))
         # static: tuples, not array attributes; the third is longrope's long regime (None for other types).
@@ -178,6 +220,8 @@ class LlamaModel(nnx.Module):
         x = self.embed_tokens(inputs.input_ids)
         rope = decoder.rope_cos_sin(inputs.position_ids, self.rope[0], self.rope[1], x.dtype, long=self.rope[2],
                                     segments=inputs.segments)
+        if self.moe is not None:  # the real tokens (the router's statistics skip padding, as HF's)
+            rope = (*rope, inputs.key_valid if cache is None else None)
         x, cache = decoder.run_decoder_layers(self.layers, x, inputs, cache, rope, remat=self.remat,
                                               deterministic=deterministic, rngs=rngs, windows=self.windows,
                                               attention=self.attention)

@@ -17,7 +17,7 @@ from absl import logging
 
 from ftjax.hf import UnsupportedModelError
 
-_NOT_FAMILIES = {"common", "decoder", "quantized", "registry", "seq2seq"}
+_NOT_FAMILIES = {"common", "decoder", "fused_attention", "moe", "quantized", "registry", "seq2seq"}
 _FAMILIES: dict[str, Family] = {}
 _DISCOVERED = False
 _BROKEN: dict[str, str] = {}  # family module -> why it failed to import (named in "not supported" errors).
