@@ -67,6 +67,12 @@ _TOPOLOGY = flags.DEFINE_string(
     "topology", None, "--mode=dry_run: plan for this TPU slice instead of the live devices, compiled ahead of time "
     "here (needs libtpu): v5litepod-16 / v5e-16, v6e-8, v4-32, v5p-16 (gcloud's names: v4/v5p count TensorCores), "
     "a libtpu topology (v5e:4x4), or cpu:N.")
+_LM_EVAL = flags.DEFINE_list("lm_eval", None, "--mode=eval: score the checkpoint on these lm-evaluation-harness "
+                             "tasks (TASK[,TASK]; `lm-eval ls tasks` lists them) instead of the run's splits; "
+                             "results under 'lm_eval' in WORKDIR/eval.json. Needs a causal_lm run.")
+_LM_EVAL_LIMIT = flags.DEFINE_integer("lm_eval_limit", None, "--lm_eval: at most this many examples per task.")
+_LM_EVAL_INCLUDE = flags.DEFINE_string("lm_eval_include", None, "--lm_eval: a folder of your own task YAMLs "
+                                       "(lm-eval's include_path).")
 _COMPARE_OUT = flags.DEFINE_string("compare_out", None, "--mode=compare: report folder (default: the first "
                                    "workdir's parent/compare).")
 
@@ -149,13 +155,22 @@ def _dry_run(cfg, workdir: str) -> dict:
 
 
 def _eval(cfg, workdir: str) -> dict:
+    if _LM_EVAL.value:
+        # lm-eval (an optional extra) is imported only for this mode.
+        from ftjax import lm_eval_model
+
+        try:
+            return lm_eval_model.evaluate_workdir(cfg, workdir, _LM_EVAL.value, restore=_restore_for_inference,
+                                                  limit=_LM_EVAL_LIMIT.value, include_path=_LM_EVAL_INCLUDE.value)
+        except lm_eval_model.LMEvalError as e:
+            fail(str(e))
     run = Run(cfg, workdir, purpose="eval")
     step, why, params = _restore_for_inference(run, workdir)
     result = {"step": step, "checkpoint": why, "val": run.evaluate("validation", params)}
     if run.data.has_split("test"):
         result["test"] = run.evaluate("test", params)
     if run.primary:
-        fileio.write_json(fileio.path(workdir) / "eval.json", result)
+        workdir_lib.update_eval(workdir, result)  # an earlier --lm_eval result stays beside it
     print(json.dumps(result, indent=1))
     return result
 
@@ -220,6 +235,10 @@ def usage_problem(argv: list[str]) -> str | None:
     if _CONFIG.value is None and _MODE.value not in ("eval", "export", "dry_run", "compare"):
         return (f"--mode={_MODE.value} needs --config=configs/RECIPE.py (eval, export and dry_run read "
                 f"WORKDIR/run.json); recipes: {', '.join(recipes()) or 'none found'}")
+    if (_LM_EVAL.value or _LM_EVAL_LIMIT.value is not None or _LM_EVAL_INCLUDE.value) and _MODE.value != "eval":
+        return f"--lm_eval (and --lm_eval_limit, --lm_eval_include) go with --mode=eval, not --mode={_MODE.value}"
+    if (_LM_EVAL_LIMIT.value is not None or _LM_EVAL_INCLUDE.value) and not _LM_EVAL.value:
+        return "--lm_eval_limit and --lm_eval_include go with --lm_eval=TASK[,TASK]"
     if _TOPOLOGY.value and _MODE.value != "dry_run":
         return f"--topology plans a run: it goes with --mode=dry_run, not --mode={_MODE.value}"
     return None

@@ -21,6 +21,8 @@ from ftjax.loop import TrainingError
 RUN_FILE = "run.json"
 LOCK_FILE = "train.lock"
 DRY_RUN_FILE = "dry_run.json"  # --mode=dry_run: the plan (per-chip memory, fits, compile time, FLOPs)
+EVAL_FILE = "eval.json"  # --mode=eval: the checkpoint's val/test metrics, and lm-eval's under LM_EVAL_KEY
+LM_EVAL_KEY = "lm_eval"  # --mode=eval --lm_eval=TASKS: lm-evaluation-harness results (ftjax/lm_eval_model.py)
 
 # The resume policy: fields that may change when a run is resumed, and what the change does. Every other
 # field is fixed for the life of the run (model, data, batch size, seed, optimizer, schedule shape ...).
@@ -214,6 +216,12 @@ def check_resume(workdir: str, new: dict, has_checkpoint: bool) -> None:
             logging.warning("resume: %s %r -> %r (%s)", field, a, b, CHANGEABLE[field])
         new = {**new, "resumes": old.get("resumes", []) + [{"at": new["written"], "changes": applied}]}
     fileio.write_json(fileio.path(workdir) / RUN_FILE, new)
+
+
+def update_eval(workdir: str, updates: dict) -> None:
+    """Sets `updates`' keys in WORKDIR/eval.json, keeping the others (an lm-eval score beside the splits')."""
+    path = fileio.path(workdir) / EVAL_FILE
+    fileio.write_json(path, {**(fileio.read_json(path) if path.exists() else {}), **updates})
 
 
 class WorkdirLock:
