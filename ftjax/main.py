@@ -3,6 +3,7 @@
     python -m ftjax.main --config=configs/minilm_food_reviews.py --workdir=/tmp/run [--config.optim.lr=1e-4]
     modes: train (default) | eval | export | dry_run | sweep (--sweep=configs/sweeps/X.py) | lr_find
            | compare (--workdir=A --workdir=B ... or --workdir='runs/lr_*'; no --config)
+           | diagnose (what went wrong in WORKDIR's run and the flags to change; no --config)
 """
 
 from __future__ import annotations
@@ -38,10 +39,10 @@ from ftjax.distributed import DistributedConfigError
 from ftjax.loop import TrainingError
 from ftjax.models import ModelLoadError
 from ftjax.run import Run
-from ftjax.tune import compare, lr_find, space, sweep
+from ftjax.tune import compare, diagnose, lr_find, space, sweep
 from ftjax.tune.report import REPORT
 
-MODES = ("train", "eval", "export", "dry_run", "sweep", "lr_find", "compare")
+MODES = ("train", "eval", "export", "dry_run", "sweep", "lr_find", "compare", "diagnose")
 # --help prints this module's docstring: with the recipes a first run can start from.
 __doc__ = (__doc__ or "") + "\nrecipes (--config=PATH[:arg]; each file's docstring says its arg):\n" + "".join(
     f"    {name}\n" for name in recipes())
@@ -202,8 +203,16 @@ def _compare(cfg, workdirs: list[str]) -> dict:
     return {"report": str(path)}
 
 
+def _diagnose(cfg, workdir: str) -> dict:
+    """Reads the workdir's files only (a finished, interrupted or failed run): findings, plots, flags."""
+    result = diagnose.diagnose(workdir)
+    print("\n".join(diagnose.summary_lines(result)))
+    print(f"report: {fileio.path(workdir) / workdir_lib.DIAGNOSIS_FILE}")
+    return result
+
+
 MODE_FNS = {"train": _train, "eval": _eval, "export": _export, "dry_run": _dry_run, "sweep": _sweep,
-            "lr_find": _lr_find, "compare": _compare}
+            "lr_find": _lr_find, "compare": _compare, "diagnose": _diagnose}
 
 
 def run_mode(mode: str, cfg, workdir: str) -> dict:
@@ -232,8 +241,8 @@ def usage_problem(argv: list[str]) -> str | None:
     if _MODE.value != "compare" and len(_WORKDIR.value) > 1:
         return (f"--mode={_MODE.value} takes one --workdir, got {len(_WORKDIR.value)}: {_WORKDIR.value} "
                 "(several are for --mode=compare)")
-    if _CONFIG.value is None and _MODE.value not in ("eval", "export", "dry_run", "compare"):
-        return (f"--mode={_MODE.value} needs --config=configs/RECIPE.py (eval, export and dry_run read "
+    if _CONFIG.value is None and _MODE.value not in ("eval", "export", "dry_run", "compare", "diagnose"):
+        return (f"--mode={_MODE.value} needs --config=configs/RECIPE.py (eval, export, dry_run and diagnose read "
                 f"WORKDIR/run.json); recipes: {', '.join(recipes()) or 'none found'}")
     if (_LM_EVAL.value or _LM_EVAL_LIMIT.value is not None or _LM_EVAL_INCLUDE.value) and _MODE.value != "eval":
         return f"--lm_eval (and --lm_eval_limit, --lm_eval_include) go with --mode=eval, not --mode={_MODE.value}"
@@ -252,6 +261,9 @@ def main(argv) -> None:
     try:
         if _MODE.value == "compare":  # reads finished runs' files only: no devices, no config
             run_mode("compare", _CONFIG.value, _WORKDIR.value)
+            return
+        if _MODE.value == "diagnose":  # reads the run's files only (its config from run.json)
+            run_mode("diagnose", None, _WORKDIR.value[0])
             return
         workdir = _WORKDIR.value[0]
         cfg = _CONFIG.value if _CONFIG.value is not None else workdir_lib.saved_config(workdir)

@@ -179,7 +179,7 @@ class Run:
     def _record(self) -> None:
         """run.json: refuses a resume that changes what cannot change, applies and logs the rest."""
         description = workdir_lib.describe(self.cfg, self.data.fingerprint, self.label_names,
-                                           self.steps_per_epoch)
+                                           self.steps_per_epoch, self.data.stats)
         has_checkpoint = workdir_lib.has_checkpoint(self.workdir)
         # Every process has compared run.json before process 0 rewrites it.
         if self.primary:

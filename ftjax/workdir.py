@@ -21,6 +21,11 @@ from ftjax.loop import TrainingError
 RUN_FILE = "run.json"
 LOCK_FILE = "train.lock"
 DRY_RUN_FILE = "dry_run.json"  # --mode=dry_run: the plan (per-chip memory, fits, compile time, FLOPs)
+SUMMARY_FILE = "summary.json"  # a finished run's final numbers (trainer.finish)
+LR_FIND_FILE = "lr_find.json"  # --mode=lr_find: the range test's losses and suggested LR
+PLOTS_DIR = "plots"  # PNGs of the run (callbacks/plots.py) and of its diagnosis
+DIAGNOSIS_FILE = "diagnosis.md"  # --mode=diagnose: the findings, their evidence, plots and flags to change
+DIAGNOSIS_JSON = "diagnosis.json"  # the same as data
 EVAL_FILE = "eval.json"  # --mode=eval: the checkpoint's val/test metrics, and lm-eval's under LM_EVAL_KEY
 LM_EVAL_KEY = "lm_eval"  # --mode=eval --lm_eval=TASKS: lm-evaluation-harness results (ftjax/lm_eval_model.py)
 
@@ -165,10 +170,13 @@ def saved_config(workdir: str) -> ml_collections.ConfigDict:
 
 
 def describe(cfg: ml_collections.ConfigDict, data_fingerprint: dict, label_names: list[str],
-             steps_per_epoch: int) -> dict[str, Any]:
+             steps_per_epoch: int, data_stats: dict | None = None) -> dict[str, Any]:
+    """run.json's contents; `data_stats` (label counts, truncation ...: the DataBundle's stats) are recorded from
+    the start, so an interrupted run can be diagnosed too."""
     return {
         "config": flatten(cfg),
         "data": data_fingerprint,
+        "data_stats": _jsonable(data_stats or {}),
         "model": model_identity(cfg.model.name_or_path),
         "labels": list(label_names),
         "steps_per_epoch": int(steps_per_epoch),

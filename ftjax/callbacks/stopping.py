@@ -10,7 +10,12 @@ from typing import Any
 import numpy as np
 from absl import logging
 
+from ftjax.callbacks.metric_log import MetricLogger
 from ftjax.loop import FAILED, PRUNED, STOPPED_EARLY, Callback, Loop, TrainingError
+
+# metrics.jsonl's split for the step whose loss (or updated params) was not finite: the NanGuard stop, as a
+# later reader (--mode=diagnose) finds it; the error message itself only reaches the console.
+NONFINITE_SPLIT = "nonfinite"
 
 
 class OverfitMonitor:
@@ -157,7 +162,8 @@ class OverfitWarning(Callback):
 
 class NanGuard(Callback):
     """A non-finite loss (or params made inf/NaN by the update) ends a solo run with an error naming the
-    step and the last good checkpoint; in a population, only that member stops ("failed")."""
+    step and the last good checkpoint; in a population, only that member stops ("failed"). The stop is also a
+    NONFINITE_SPLIT line (loss, param_norm) in the member's metrics.jsonl, through the loop's MetricLogger."""
 
     def __init__(self, raise_error: bool, last_checkpoint: Callable[[], str] | None = None):
         self.raise_error = raise_error
@@ -169,6 +175,7 @@ class NanGuard(Callback):
             if math.isfinite(loss) and math.isfinite(norm):
                 continue
             what = f"loss is {loss}" if not math.isfinite(loss) else "the update made params inf/nan"
+            self._record(loop, int(k), step + 1, loss, norm)
             if self.raise_error:
                 raise TrainingError(
                     f"{what} at step {step + 1}; stopping. Last good checkpoint: {self.last_checkpoint()}. "
@@ -176,6 +183,13 @@ class NanGuard(Callback):
                 )
             loop.stop_member(k, FAILED)
             logging.warning("population member %d: %s at step %d; it stops", k, what, step + 1)
+
+    @staticmethod
+    def _record(loop: Loop, member: int, step: int, loss: float, norm: float) -> None:
+        logger = next((cb for cb in loop.callbacks if isinstance(cb, MetricLogger)), None)
+        if logger is not None:
+            logger.writers[member].write(step, NONFINITE_SPLIT, {"loss": loss, "param_norm": norm})
+            logger.writers[member].flush()
 
 
 class Pruning(Callback):

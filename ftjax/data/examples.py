@@ -54,6 +54,9 @@ def build(
     if labelled:
         labels = {r: _labels(d, s, names, source_names) for r, s in raw.items()}
     stats: dict[str, Any] = {"examples": {r: len(s) for r, s in raw.items()}}
+    if labelled:  # examples per class name and split (label imbalance: --mode=diagnose reads it)
+        stats["label_counts"] = {r: {name: int(n) for name, n in zip(names, np.bincount(y, minlength=len(names)))}
+                                 for r, y in labels.items()}
     shape, plans = None, None
     if is_image:
         lengths, makers = _image_makers(d, raw, labels, rows)
@@ -90,7 +93,7 @@ def build(
         bundle.steps_per_epoch,
         rows.batch,
         names[:20],
-        {k: v for k, v in stats.items() if k != "examples"},
+        {k: v for k, v in stats.items() if k not in ("examples", "label_counts")},
     )
     return bundle
 

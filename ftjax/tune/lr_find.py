@@ -15,6 +15,7 @@ from ftjax import fileio
 from ftjax.config import ConfigError
 from ftjax.loop import Callback, Loop, fit
 from ftjax.tune.population import Population, with_overrides
+from ftjax.workdir import LR_FIND_FILE
 
 matplotlib.use("Agg")  # files only, no display; before pyplot is imported
 import matplotlib.pyplot as plt
@@ -143,6 +144,6 @@ def lr_find(cfg, workdir: str, *, lr_min: float = 1e-7, lr_max: float = 1.0, ste
          title)
     result = {"suggestion": suggestion, "lrs": lrs[:len(losses)].tolist(),
               "losses": [float(x) if math.isfinite(x) else None for x in losses], "population": population}
-    fileio.write_json(fileio.path(workdir) / "lr_find.json", result)
+    fileio.write_json(fileio.path(workdir) / LR_FIND_FILE, result)
     logging.info("lr_find: suggested lr %.3g (%s)", suggestion["lr"], suggestion["method"])
     return result
