@@ -17,17 +17,17 @@ from ftjax.callbacks import (
     EarlyStopping,
     Evaluate,
     MetricLogger,
-    MetricWriter,
     NanGuard,
     OverfitWarning,
     Preemption,
     ProgressBar,
     StopAfter,
+    profiling,
+    trackers,
 )
 from ftjax.callbacks.averaging import AveragedEvaluate
 from ftjax.callbacks.forgetting import Forgetting
-from ftjax.callbacks.hparams import write_hparams
-from ftjax.callbacks import profiling
+from ftjax.callbacks.metric_log import FAILED
 from ftjax.callbacks.plots import plot_run
 from ftjax.callbacks.profiling import ProfileTrace
 from ftjax.callbacks.samples import LMSamples
@@ -36,7 +36,7 @@ from ftjax.callbacks.throughput import Throughput
 from ftjax.checkpoint import Checkpointer
 from ftjax.loop import PRUNED, STOPPED_EARLY, Callback, Loop, fit
 from ftjax.run import Run
-from ftjax.workdir import WorkdirLock, check_workdir_path
+from ftjax.workdir import RUN_FILE, WorkdirLock, check_workdir_path
 
 
 class SoloStepper:
@@ -108,7 +108,8 @@ def standard_callbacks(
     LM samples, precompile, progress, then the checkpoint (which saves the decisions above) and the SIGTERM
     save."""
     t, members = run.cfg.train, len(member_dirs)
-    logger = MetricLogger(member_dirs, t.log_every, enabled=run.primary)
+    logger = MetricLogger(member_dirs, t.log_every, enabled=run.primary,  # + train.trackers, on process 0
+                          trackers=trackers.build(run.cfg, member_dirs, solo) if run.primary else None)
     checkpoint = Checkpoint(ckpt, every=t.checkpoint.every)
     callbacks: list[Callback] = [
         Evaluate(run.eval_every),
@@ -147,12 +148,14 @@ def train(
     steps of this call, as a crash would (tests).
     """
     t_start = time.time()
+    trackers.check(cfg, workdir)  # a missing mlflow / wandb package stops the run before it loads anything
     lock = hold_workdir(workdir)
     run = Run(cfg, workdir, devices=devices)
     es = cfg.train.early_stop
     ckpt = open_checkpointer(run, es.metric, es.mode)
     extra = list(callbacks) + ([StopAfter(stop_after)] if stop_after is not None else [])
     cbs = standard_callbacks(run, ckpt, [workdir], metric=es.metric, mode=es.mode, solo=True, extra=extra)
+    logger = next(cb for cb in cbs if isinstance(cb, MetricLogger))
     if run.primary:
         run.optimizer.plot_lr(fileio.path(workdir) / "plots" / "lr_schedule.png")
     logging.info("%d steps (%d per epoch), eval every %d, global batch %d", run.total_steps,
@@ -166,6 +169,7 @@ def train(
         early = next(cb for cb in cbs if isinstance(cb, EarlyStopping))
         return finish(run, ckpt, loop, early, t_start)
     finally:
+        logger.end(FAILED)  # the trackers' runs of a run that raised; after finish or an interruption, nothing
         ckpt.close()
         lock.release()
 
@@ -180,7 +184,8 @@ def hold_workdir(workdir: str) -> WorkdirLock:
 
 
 def finish(run: Run, ckpt: Checkpointer, loop: Loop, early: EarlyStopping, t_start: float) -> dict[str, Any]:
-    """Restores the best checkpoint, evaluates it on validation (and test), writes summary.json + plots.
+    """Restores the best checkpoint, evaluates it on validation (and test), writes summary.json + plots and
+    ends the trackers' runs with them.
     When the best step is not the last, the last weights are scored on test first (summary["last"]): what
     selecting the best checkpoint gained or lost, and the number to set beside a trainer that keeps its
     last weights (HF Trainer's default)."""
@@ -204,10 +209,11 @@ def finish(run: Run, ckpt: Checkpointer, loop: Loop, early: EarlyStopping, t_sta
         "data_stats": run.data.stats,
         "val": run.evaluate("validation"),
     }
+    writer = next(cb for cb in loop.callbacks if isinstance(cb, MetricLogger)).writers[0]
     if run.data.has_split("test"):
         summary["test"] = run.evaluate("test")
-        with MetricWriter(run.workdir, enabled=run.primary) as writer:
-            writer.write(loop.step, "test", summary["test"])
+        writer.write(loop.step, "test", summary["test"])
+        writer.flush()
     if last is not None:
         summary["last"] = last
     summary["timing"] = {**loop.timing, "wall_seconds": time.time() - t_start,
@@ -220,7 +226,9 @@ def finish(run: Run, ckpt: Checkpointer, loop: Loop, early: EarlyStopping, t_sta
     if forgetting is not None:
         summary["forgetting"] = forgetting.summary()
     if run.primary:
-        fileio.write_json(fileio.path(run.workdir) / "summary.json", summary)
-        write_hparams(run.workdir, run.cfg, summary)  # TensorBoard's HParams view of this run
+        folder = fileio.path(run.workdir)
+        fileio.write_json(folder / "summary.json", summary)
         plot_run(run.workdir)
+        # The trackers' end: TensorBoard's HParams view; MLflow / W&B get the summary and these files.
+        writer.end(summary, [*sorted((folder / "plots").glob("*.png")), folder / "summary.json", folder / RUN_FILE])
     return summary

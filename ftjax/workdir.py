@@ -1,6 +1,7 @@
 """A run's workdir is its source of truth. WORKDIR/run.json holds the resolved config, the data
-fingerprint and the model identity, so eval, export and dry_run need nothing but the workdir; a rerun
-compares against it (the resume policy below); a lock file keeps a second trainer out."""
+fingerprint, the model identity and the experiment trackers' run ids, so eval, export and dry_run need nothing
+but the workdir and a resume continues the same MLflow / W&B run; a rerun compares against it (the resume
+policy below); a lock file keeps a second trainer out."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from ftjax.loop import TrainingError
 
 RUN_FILE = "run.json"
 LOCK_FILE = "train.lock"
+TRACKERS_KEY = "trackers"  # run.json: {"mlflow": {"run_id": ...}, "wandb": {"id": ...}} (callbacks/trackers.py)
 DRY_RUN_FILE = "dry_run.json"  # --mode=dry_run: the plan (per-chip memory, fits, compile time, FLOPs)
 SUMMARY_FILE = "summary.json"  # a finished run's final numbers (trainer.finish)
 LR_FIND_FILE = "lr_find.json"  # --mode=lr_find: the range test's losses and suggested LR
@@ -47,6 +49,12 @@ CHANGEABLE = {
     "train.progress": "the progress display",
     "train.reuse_host_memory": "how this process's malloc reuses memory (same math)",
     "train.precompile": "when programs compile",
+    "train.trackers": "which trackers get the run from now on (one that had it continues its run)",
+    "train.mlflow.tracking_uri": "a new MLflow run there from now on (metrics.jsonl's earlier points sent first)",
+    "train.mlflow.experiment": "a new MLflow run there from now on (metrics.jsonl's earlier points sent first)",
+    "train.wandb.project": "a new W&B run there from now on (metrics.jsonl's earlier points sent first)",
+    "train.wandb.entity": "a new W&B run there from now on (metrics.jsonl's earlier points sent first)",
+    "train.wandb.mode": "W&B online or offline (the same run id)",
     "data.test_split": "the final test evaluation",
     "data.lm.num_samples": "LM samples written at each eval",
     "data.lm.sample_max_new_tokens": "LM samples written at each eval",
@@ -210,7 +218,8 @@ def resume_changes(old: dict, new: dict) -> tuple[list[tuple[str, Any, Any]], li
 
 def check_resume(workdir: str, new: dict, has_checkpoint: bool) -> None:
     """Refuses a resume whose config, data or model differ in a field that cannot change mid-run (a
-    table of field, old, new); applies and logs the changes the policy allows; records the description."""
+    table of field, old, new); applies and logs the changes the policy allows; records the description
+    (a resume keeps the trackers' run ids; a fresh start, with no checkpoint, drops them)."""
     old = read_run(workdir)
     if old is not None and has_checkpoint:
         applied, refused = resume_changes(old, new)
@@ -223,7 +232,21 @@ def check_resume(workdir: str, new: dict, has_checkpoint: bool) -> None:
         for field, a, b in applied:
             logging.warning("resume: %s %r -> %r (%s)", field, a, b, CHANGEABLE[field])
         new = {**new, "resumes": old.get("resumes", []) + [{"at": new["written"], "changes": applied}]}
+        if old.get(TRACKERS_KEY):  # the resumed run continues its MLflow / W&B runs
+            new[TRACKERS_KEY] = old[TRACKERS_KEY]
     fileio.write_json(fileio.path(workdir) / RUN_FILE, new)
+
+
+def tracker_run(workdir: str, name: str) -> dict | None:
+    """What run.json records of tracker `name`'s run (its id and where it lives), or None."""
+    return ((read_run(workdir) or {}).get(TRACKERS_KEY) or {}).get(name)
+
+
+def record_tracker_run(workdir: str, name: str, record: dict) -> None:
+    """Keeps tracker `name`'s run (id and where it lives) in run.json, so a resume continues that run."""
+    run = read_run(workdir) or {}
+    run[TRACKERS_KEY] = {**(run.get(TRACKERS_KEY) or {}), name: record}
+    fileio.write_json(fileio.path(workdir) / RUN_FILE, run)
 
 
 def update_eval(workdir: str, updates: dict) -> None:

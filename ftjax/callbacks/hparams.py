@@ -3,8 +3,9 @@ own WORKDIR/tb at the end of the run. Point TensorBoard at the runs' common pare
 runs/`) and the HParams dashboard lists every run with its values side by side (the same view as
 `--mode=compare`'s tables).
 
-The trainer calls `write_hparams(workdir, cfg, summary)` once summary.json is written; `HParams` is the
-same as a callback for loops whose final metrics are the early-stopping best (a population's members).
+A solo run's TensorBoard tracker (`metric_log.TensorBoard.end`) calls `write_hparams(workdir, cfg, summary)` once
+summary.json is written; `HParams` is the same as a callback for loops whose final metrics are the
+early-stopping best (a population's members).
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ SEVEN = (
 IDENTITY = ("model.name_or_path", "model.task", "data.source", "data.max_len")
 # optim.* and train.* fields that are bookkeeping, not hyperparameters.
 BOOKKEEPING = ("train.checkpoint.", "train.compilation_cache", "train.progress", "train.precompile",
-               "train.log_every", "train.eval_every", "train.eval_batch_size")
+               "train.log_every", "train.eval_every", "train.eval_batch_size", "train.trackers", "train.mlflow.",
+               "train.wandb.")
 
 
 def hparam_dict(flat_config: dict[str, Any]) -> dict[str, bool | int | float | str]:

@@ -29,8 +29,10 @@ from ftjax.config.fields import (
     REMAT_POLICIES,
     RULES,
     TASKS,
+    TRACKERS,
     model_task,
     remat_policy,
+    tracker_names,
 )
 from ftjax.config.nested import (
     GROUP_DEFAULTS,
@@ -63,6 +65,7 @@ __all__ = [
     "SCHEDULE_FIELDS",
     "SCHEDULE_KEYS",
     "TASKS",
+    "TRACKERS",
     "Check",
     "ConfigError",
     "Field",
@@ -76,6 +79,7 @@ __all__ = [
     "parse_layer_ranges",
     "parse_recipe_arg",
     "resolve_mesh_shape",
+    "tracker_names",
     "validate",
     "validate_schedule",
 ]

@@ -86,6 +86,23 @@ FORGETTING_MONITORS = ("weight_drift", "cka", "pretrain")
 FORGETTING_DEFAULT = ("weight_drift", "cka")
 _MONITORS = Check(f"a tuple of {', '.join(FORGETTING_MONITORS)}",
                   ok=lambda v: not isinstance(v, str) and set(v) <= set(FORGETTING_MONITORS))
+# train.trackers: where a run's metrics, config, summary and plots go besides metrics.jsonl
+# (ftjax/callbacks/metric_log.py: TensorBoard; ftjax/callbacks/trackers.py: MLflow, W&B).
+TRACKERS = ("tensorboard", "mlflow", "wandb")
+
+
+def tracker_names(value: Any) -> tuple[str, ...]:
+    """The names of a train.trackers value: a tuple, where an entry may join several with commas (the flag
+    `--config.train.trackers=tensorboard,mlflow` gives ("tensorboard,mlflow",))."""
+    items = (value,) if isinstance(value, str) else tuple(value or ())
+    return tuple(n.strip() for item in items for n in str(item).split(",") if n.strip())
+
+
+_TRACKERS = Check(f"distinct names from {', '.join(TRACKERS)}, e.g. (\"tensorboard\", \"mlflow\") or "
+                  '"tensorboard,mlflow" (() = metrics.jsonl only)',
+                  ok=lambda v: set(tracker_names(v)) <= set(TRACKERS)
+                  and len(set(tracker_names(v))) == len(tracker_names(v)))
+WANDB_MODES = ("auto", "online", "offline")
 _RETAIN = Check('((name, "files:PATH" | "tfds:NAME" | "hf:NAME"[, split]), ...)',
                 ok=lambda v: all(len(e) in (2, 3) and ":" in e[1] and all(isinstance(x, str) for x in e) for e in v))
 
@@ -409,6 +426,17 @@ FIELDS: tuple[Field, ...] = (
         "compile every bucket length's train and eval program up front, in parallel "
         "threads (no mid-run compile stalls)",
     ),
+    F("train.trackers", ("tensorboard",), "experiment trackers that get the metrics at their steps, the config, the "
+      "final summary and the plots (metrics.jsonl is always written): tensorboard (WORKDIR/tb), mlflow "
+      "(`pip install 'ftjax[mlflow]'`), wandb (`pip install 'ftjax[wandb]'`)", _TRACKERS),
+    F("train.mlflow.tracking_uri", "", 'MLflow server or store ("" = $MLFLOW_TRACKING_URI, else '
+      "sqlite:///WORKDIR/mlflow.db with artifacts in WORKDIR/mlartifacts)"),
+    F("train.mlflow.experiment", "ftjax", "MLflow experiment of the run (created when missing)",
+      Check("a non-empty name", ok=bool)),
+    F("train.wandb.project", "ftjax", "W&B project of the run", Check("a non-empty name", ok=bool)),
+    F("train.wandb.entity", "", 'W&B team or user ("" = the API key\'s default)'),
+    F("train.wandb.mode", "auto", "auto: $WANDB_MODE, else online with an API key ($WANDB_API_KEY or `wandb "
+      "login`), else offline (files under WORKDIR/wandb; `wandb sync` uploads them)", one_of(WANDB_MODES)),
     # ---- preference: model.task="preference" (ftjax/preference.py, ftjax/data/preference.py).
     F("preference.loss", "dpo", "the pair loss: dpo (sigmoid), ipo, hinge, orpo, simpo (orpo, simpo: no reference model)",
       one_of(PREFERENCE_LOSSES)),

@@ -16,7 +16,8 @@ _SECTIONS = {
     "model": "what to load and how to run it",
     "data": "where examples come from and how they become batches",
     "optim": "the optimizer, LR schedule, weight decay, freezing and LoRA",
-    "train": "batch size, run length, evaluation, early stopping, checkpoints",
+    "train": "batch size, run length, evaluation, early stopping, checkpoints, experiment trackers",
+    "preference": "preference training (model.task=preference): the pair loss and the pairs' columns",
     "forgetting": "catastrophic-forgetting monitors, their reference text and budget",
     "mesh": "device mesh axis sizes",
 }
