@@ -30,15 +30,6 @@ def confusion_metrics(confusion: np.ndarray) -> dict[str, float]:
     return {"accuracy": float(tp.sum() / count), "macro_f1": float(f1.mean())}
 
 
-def eval_metrics(loss_sum: float, weight: float, confusion: np.ndarray | None, task: str,
-                 sums: dict[str, float] | None = None) -> dict[str, float]:
-    """The metrics of one evaluated split: loss (mean over examples, or tokens for token tasks), plus
-    accuracy and macro-F1 when a confusion matrix was accumulated, plus perplexity for causal LMs and seq2seq,
-    plus the mean over the weight of each "sum_<name>" in `sums` as <name> (preference: reward_accuracy ...)."""
-    result = {"loss": float(loss_sum) / float(weight)}
-    result.update({k[4:]: float(v) / float(weight) for k, v in (sums or {}).items() if k.startswith("sum_")})
-    if confusion is not None:
-        result.update(confusion_metrics(confusion))
-    if task in ("causal_lm", "seq2seq"):
-        result["perplexity"] = float(math.exp(min(result["loss"], MAX_LOG_PERPLEXITY)))
-    return result
+def perplexity(loss: float) -> float:
+    """exp(mean token loss), capped at exp(MAX_LOG_PERPLEXITY) so a diverged run still reports a number."""
+    return float(math.exp(min(float(loss), MAX_LOG_PERPLEXITY)))

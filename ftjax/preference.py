@@ -15,7 +15,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from ftjax import lora as lora_lib
 from ftjax import losses as losses_lib
 
 LOSSES = ("dpo", "ipo", "hinge", "orpo", "simpo")
@@ -165,16 +164,3 @@ def batch_loss(model: Any, batch: dict, obj: Objective, *, deterministic: bool, 
     if obj.needs_chosen_nll:
         loss_sum = loss_sum + orpo_nll(chosen, w) * w.sum()
     return loss_sum, w.sum(), {k: (v * w).sum() for k, v in metrics.items()}
-
-
-def adapters_off_reference(model: Any) -> Any:
-    """The reference of a LoRA policy: the same model called with its adapters off (`lora.adapters_off`)."""
-    from_lora = getattr(type(model), "_lora_wrapped", False)
-    if not from_lora:
-        raise ValueError("the DPO/IPO/hinge reference is the base with the LoRA adapters off: set optim.lora.rank")
-
-    def call(inputs: dict) -> jax.Array:
-        with lora_lib.adapters_off():
-            return model(**inputs, deterministic=True)["logits"]
-
-    return call

@@ -18,15 +18,14 @@ from flax import nnx
 
 from ftjax import averaging as averaging_lib
 from ftjax import config as config_lib
-from ftjax import data as data_lib
-from ftjax import distributed, fileio, hf, lora, models, optim, preference
-from ftjax import metrics as metrics_lib
+from ftjax import distributed, fileio, hf, lora, models, optim
 from ftjax import params as params_lib
 from ftjax import sharding as sharding_lib
-from ftjax.data import structure
-from ftjax.models import quantized
+from ftjax import tasks as tasks_lib
 from ftjax import workdir as workdir_lib
+from ftjax.data import structure
 from ftjax.loop import TrainingError
+from ftjax.models import quantized
 from ftjax.reinit import reinit_top_layers
 from ftjax.step import StepConfig, make_eval_step, make_train_step
 
@@ -87,7 +86,7 @@ def check_model_fits(cfg: Any) -> None:
     config = hf.read_config_json(folder)
     model_type = config["model_type"]
     positions = config.get("max_position_embeddings", config.get("n_positions"))
-    if model_type in _POSITION_OFFSET and positions and cfg.model.task != "image_classification":
+    if model_type in _POSITION_OFFSET and positions and tasks_lib.of(cfg).has_tokens:
         usable = int(positions) - _POSITION_OFFSET[model_type]
         if cfg.data.max_len > usable:
             raise config_lib.ConfigError(
@@ -97,7 +96,6 @@ def check_model_fits(cfg: Any) -> None:
 
 
 PURPOSES = ("train", "eval", "export", "plan")
-LABELLED_TASKS = ("classification", "token_classification", "image_classification")  # a head of num_labels
 
 
 def _struct(x: Any, sharding: Any) -> jax.ShapeDtypeStruct:
@@ -134,20 +132,20 @@ class Run:
         sharding_lib.log_mesh(self.mesh)
         check_batch_sizes(cfg.train, sharding_lib.data_parallel_size(self.mesh))
         check_model_fits(cfg)
-        image = cfg.model.task == "image_classification"
-        self.tokenizer = None if image or self.abstract else models.load_tokenizer(cfg.model.name_or_path)
+        self.task = tasks_lib.of(cfg)
+        self.tokenizer = None if not self.task.has_tokens or self.abstract else models.load_tokenizer(cfg.model.name_or_path)
         if purpose in ("export", "plan"):
             self.data = None
             saved = workdir_lib.read_run(workdir) or {}
             self.label_names = list(saved.get("labels", []))
             self.steps_per_epoch = int(saved.get("steps_per_epoch", 1))
-            self.batch_layout = structure.from_config(cfg) if self.abstract else None
-            if self.abstract and cfg.model.task in LABELLED_TASKS and not (cfg.model.num_labels or self.label_names):
+            self.batch_layout = structure.from_config(cfg, self.task) if self.abstract else None
+            if self.abstract and self.task.labelled and not (cfg.model.num_labels or self.label_names):
                 raise config_lib.ConfigError(
                     "model.num_labels", None, f"a plan reads no data, so it cannot count the labels of "
                     f"model.task={cfg.model.task!r}: set model.num_labels (e.g. --config.model.num_labels=2)")
         else:
-            self.data = data_lib.build(
+            self.data = tasks_lib.build_data(
                 cfg, self.tokenizer, process_index=jax.process_index(), process_count=jax.process_count(),
                 data_parallel=sharding_lib.data_parallel_size(self.mesh),
             )
@@ -166,12 +164,11 @@ class Run:
         self._init_state(params)
         self.key = jax.random.key(cfg.train.seed) if not self.abstract else _struct(
             jax.eval_shape(lambda: jax.random.key(cfg.train.seed)), sharding_lib.replicated(self.mesh))
-        objective = preference.objective_of(cfg) if cfg.model.task == "preference" else None
-        self.step_cfg = StepConfig(cfg.model.task, cfg.train.grad_accum, cfg.train.label_smoothing,
-                                   cfg.model.loss_chunk_tokens, objective)
+        self.step_cfg = StepConfig(self.task, cfg.train.grad_accum, cfg.train.label_smoothing,
+                                   cfg.model.loss_chunk_tokens)
         self._train_steps: dict[tuple, Callable] = {}
         self.eval_step = jax.jit(
-            make_eval_step(self.graphdef, self.rest, cfg.model.task, cfg.model.loss_chunk_tokens, objective),
+            make_eval_step(self.graphdef, self.rest, self.task, cfg.model.loss_chunk_tokens),
             in_shardings=(self.param_shardings, sharding_lib.batch_sharding(self.mesh)),
             out_shardings=sharding_lib.replicated(self.mesh),
         )
@@ -193,8 +190,8 @@ class Run:
         dropout = {k: d[k] for k in ("hidden", "attention", "classifier") if d[k] is not None}
         model = models.from_pretrained(
             cfg.model.name_or_path,
-            task=config_lib.model_task(cfg.model.task),  # preference: a causal_lm model
-            num_labels=cfg.model.num_labels or (len(names) if names else None),
+            task=self.task.model_task,  # the head it trains (preference: a causal_lm model)
+            num_labels=self.task.num_labels or cfg.model.num_labels or (len(names) if names else None),
             id2label=dict(enumerate(names)) if names else None,
             dropout=dropout or None,
             dtype=compute_dtype(cfg.model.dtype, self.platform),
@@ -305,13 +302,9 @@ class Run:
                     sums[key] = sums[key] + value if key in sums else value
         if "weight" not in sums or not sums["weight"].any():
             raise TrainingError(f"the {split} split has no examples to evaluate")
-        confusion = sums.get("confusion")
-        return [
-            metrics_lib.eval_metrics(sums["loss_sum"][k], sums["weight"][k],
-                                     None if confusion is None else confusion[k], self.cfg.model.task,
-                                     {name: v[k] for name, v in sums.items() if name.startswith("sum_")})
-            for k in range(len(sums["weight"]))
-        ]
+        return [self.task.metrics(sums["loss_sum"][k], sums["weight"][k],
+                                  {name: v[k] for name, v in sums.items() if name not in ("loss_sum", "weight")})
+                for k in range(len(sums["weight"]))]
 
     def evaluate(self, split: str, params: Any = None) -> dict[str, float]:
         """Loss (and accuracy, macro-F1 for classification; perplexity for LMs) over a whole split."""

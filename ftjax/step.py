@@ -17,97 +17,34 @@ import optax
 from flax import nnx
 
 from ftjax import averaging as averaging_lib
-from ftjax import losses as losses_lib
 from ftjax import params as params_lib
-from ftjax import preference as preference_lib
+from ftjax import tasks as tasks_lib
 
 # {"step": int32 scalar, "params": nested dict, "opt_state": optax state(, "avg": EMA / SWA, ftjax.averaging)}
 State = dict[str, Any]
 
-INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "pixel_values", "segment_ids",
-              "segment_starts", "decoder_input_ids", "decoder_attention_mask")
-
-# ----------------------------------------------------------------------------------------------------
-# Losses: (logits, batch) -> per-example loss [B] (already averaged over tokens for token tasks); packed
-# classification rows give logits [B, S, C], labels and weights [B, S]: a loss per segment (example).
+# The losses live with their tasks (ftjax/tasks/); these names stay for the step's callers and tests.
+model_inputs = tasks_lib.model_inputs
+INPUT_KEYS = tasks_lib.INPUT_KEYS
 
 
-def classification_loss(logits: jax.Array, batch: dict, label_smoothing: float = 0.0) -> jax.Array:
-    logits = logits.astype(jnp.float32)
-    num_classes = logits.shape[-1]
-    labels = jax.nn.one_hot(batch["labels"], num_classes)
-    if not isinstance(label_smoothing, (int, float)) or label_smoothing:  # a traced rate: population mode
-        labels = optax.smooth_labels(labels, label_smoothing)
-    return optax.softmax_cross_entropy(logits, labels)
-
-
-def token_loss_sum(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Per-example (sum of token losses, number of labelled tokens); label -100 is ignored, as in HF."""
-    return losses_lib.token_losses(logits, labels).sum(-1), (labels != -100).sum(-1).astype(jnp.float32)
-
-
-def causal_lm_loss_sum(
-    logits: jax.Array, labels: jax.Array, segment_ids: jax.Array | None = None
-) -> tuple[jax.Array, jax.Array]:
-    """token_loss_sum with HF's shift: logits at t predict labels[t + 1] (labels are the input ids, -100
-    where no loss); with packed rows (segment_ids) never across a document boundary."""
-    return token_loss_sum(logits, losses_lib.causal_targets(labels, segment_ids))
-
-
-def seq2seq_loss_sum(
-    logits: jax.Array, labels: jax.Array, label_smoothing: Any = 0.0
-) -> tuple[jax.Array, jax.Array]:
-    """Per-example (sum of target-token losses, labelled tokens) of decoder logits [B, T, V] against labels
-    [B, T] (logits at t predict labels[t]; -100 ignored). Label smoothing as HF's LabelSmoother:
-    (1 - e) * nll + e * mean over the vocabulary of -log p."""
-    loss = losses_lib.token_losses(logits, labels, label_smoothing)
-    return loss.sum(-1), (labels != -100).sum(-1).astype(jnp.float32)
-
-
-def model_inputs(batch: dict) -> dict:
-    return {k: batch[k] for k in INPUT_KEYS if k in batch}
-
-
-def loss_and_weight(logits: jax.Array, batch: dict, task: str, label_smoothing: float) -> tuple[jax.Array, jax.Array]:
-    """(weighted loss sum, weight sum) of a batch; the step's loss is their ratio over all micro-batches."""
-    w = batch["weights"].astype(jnp.float32)
-    if task == "causal_lm":
-        loss_sum, tokens = causal_lm_loss_sum(logits, batch["labels"], batch.get("segment_ids"))
-        return (loss_sum * w).sum(), (tokens * w).sum()
-    if task in ("token_classification", "masked_lm"):
-        loss_sum, tokens = token_loss_sum(logits, batch["labels"])
-        return (loss_sum * w).sum(), (tokens * w).sum()
-    if task == "seq2seq":  # a token-level mean over the labelled target tokens
-        loss_sum, tokens = seq2seq_loss_sum(logits, batch["labels"], label_smoothing)
-        return (loss_sum * w).sum(), (tokens * w).sum()
-    per_example = classification_loss(logits, batch, label_smoothing)
-    return (per_example * w).sum(), w.sum()
-
-
-CHUNKED_TASKS = ("causal_lm", "seq2seq")  # the LM tasks whose models can return hidden states + head.
+def loss_and_weight(logits: jax.Array, batch: dict, task: str, label_smoothing: Any) -> tuple[jax.Array, jax.Array]:
+    """(weighted loss sum, weight sum) of a batch from logits, by `task`'s loss."""
+    return tasks_lib.get(task).logits_loss(logits, batch, label_smoothing)
 
 
 def call_options(task: str, loss_chunk_tokens: int) -> dict:
-    """Extra model-call arguments of the step: with the chunked loss on, the LM models return their final hidden
-    states ("lm_hidden") and head ("lm_head") instead of [B, L, V] logits."""
-    return {"return_hidden": True} if loss_chunk_tokens and task in CHUNKED_TASKS else {}
+    """Extra model-call arguments of the step (the chunked LM loss: hidden states + head, no logits)."""
+    return tasks_lib.get(task).call_options(loss_chunk_tokens)
 
 
 def output_loss_and_weight(out: dict, batch: dict, task: str, label_smoothing: Any,
                            loss_chunk_tokens: int = 0) -> tuple[jax.Array, jax.Array]:
-    """loss_and_weight of a model call's output: from its logits, or (when the model returned "lm_hidden",
-    see call_options) chunk by chunk through `ftjax.losses.chunked_token_loss_sum`, with the same targets."""
-    if "lm_hidden" not in out:
-        return loss_and_weight(out["logits"], batch, task, label_smoothing)
-    if task == "causal_lm":
-        targets = losses_lib.causal_targets(batch["labels"], batch.get("segment_ids"))
-        label_smoothing = 0.0  # causal_lm_loss_sum is unsmoothed
-    else:
-        targets = batch["labels"]
-    loss_sum, tokens = losses_lib.chunked_token_loss_sum(
-        out["lm_hidden"], out["lm_head"], targets, label_smoothing=label_smoothing, chunk_tokens=loss_chunk_tokens)
-    w = batch["weights"].astype(jnp.float32)
-    return (loss_sum * w).sum(), (tokens * w).sum()
+    """(loss sum, weight) of a model call's output: from its logits, or chunk by chunk from "lm_hidden"."""
+    t = tasks_lib.get(task)
+    if "lm_hidden" in out:
+        return t.hidden_loss(out, batch, label_smoothing, loss_chunk_tokens)
+    return t.logits_loss(out["logits"], batch, label_smoothing)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -116,11 +53,14 @@ def output_loss_and_weight(out: dict, batch: dict, task: str, label_smoothing: A
 
 @dataclasses.dataclass(frozen=True)
 class StepConfig:
-    task: str
+    task: tasks_lib.Task | str  # an ftjax.tasks.Task (a name: one that needs no config section)
     grad_accum: int = 1
     label_smoothing: float = 0.0
     loss_chunk_tokens: int = 0  # model.loss_chunk_tokens: 0 = the loss from full logits
-    objective: preference_lib.Objective | None = None  # model.task="preference": the pair loss
+
+    @property
+    def task_obj(self) -> tasks_lib.Task:
+        return self.task if isinstance(self.task, tasks_lib.Task) else tasks_lib.get(self.task)
 
 
 def _split_micro(batch: dict, grad_accum: int) -> dict:
@@ -153,17 +93,13 @@ def make_train_step(
     def is_trainable(path: str) -> bool:
         return path in trainable
 
-    options = call_options(step_cfg.task, step_cfg.loss_chunk_tokens)
+    task = step_cfg.task_obj
 
     def loss_fn(train_params, frozen_params, micro, key):
         model = params_lib.merge(graphdef, params_lib.combine(train_params, frozen_params), rest)
-        if step_cfg.objective is not None:
-            return preference_loss(model, micro, step_cfg.objective, deterministic=False, rngs=nnx.Rngs(dropout=key))[:2]
-        out = model(**model_inputs(micro), **options, deterministic=False, rngs=nnx.Rngs(dropout=key))
-        loss_sum, weight = output_loss_and_weight(out, micro, step_cfg.task, step_cfg.label_smoothing,
-                                                  step_cfg.loss_chunk_tokens)
-        if "aux_loss" in out:  # a mixture of experts' load-balancing loss: a mean, weighted as the batch is
-            loss_sum = loss_sum + out["aux_loss"] * weight
+        loss_sum, weight, _ = task.batch_loss(model, micro, deterministic=False, rngs=nnx.Rngs(dropout=key),
+                                              label_smoothing=step_cfg.label_smoothing,
+                                              loss_chunk_tokens=step_cfg.loss_chunk_tokens)
         return loss_sum, weight
 
     def train_step(state: State, batch: dict, key: jax.Array) -> tuple[State, dict]:
@@ -233,40 +169,17 @@ def _mask_layers(g: jax.Array, flags: tuple[bool, ...] | None) -> jax.Array:
     return g * keep
 
 
-def preference_loss(model: nnx.Module, batch: dict, objective: preference_lib.Objective, **call: Any) -> tuple:
-    """preference_lib.batch_loss with the reference its loss needs (the base with the adapters off)."""
-    reference = preference_lib.adapters_off_reference(model) if objective.needs_reference else None
-    return preference_lib.batch_loss(model, batch, objective, reference=reference, **call)
-
-
-def make_eval_step(graphdef: nnx.GraphDef, rest: nnx.State, task: str,
-                   loss_chunk_tokens: int = 0,
-                   objective: preference_lib.Objective | None = None) -> Callable[[Any, dict], dict]:
-    """`eval_step(params, batch) -> {"loss_sum", "weight"(, "confusion")}` with dropout off (token tasks:
-    causal_lm, masked_lm, seq2seq: the weight counts labelled tokens; the loss is unsmoothed). With
-    `loss_chunk_tokens` the LM losses are computed in chunks, as in the train step. With a preference
-    `objective`: the weight counts pairs, and "sum_<metric>" holds each reward metric summed over them."""
-    options = call_options(task, loss_chunk_tokens)
+def make_eval_step(graphdef: nnx.GraphDef, rest: nnx.State, task: tasks_lib.Task | str,
+                   loss_chunk_tokens: int = 0) -> Callable[[Any, dict], dict]:
+    """`eval_step(params, batch) -> {"loss_sum", "weight", ...the task's eval sums}` with dropout off and the
+    loss unsmoothed (token tasks: the weight counts labelled tokens; preference: pairs). With
+    `loss_chunk_tokens` the LM losses are computed in chunks, as in the train step."""
+    task = task if isinstance(task, tasks_lib.Task) else tasks_lib.get(task)
 
     def eval_step(params, batch):
         model = params_lib.merge(graphdef, params, rest)
-        if objective is not None:
-            loss_sum, weight, sums = preference_loss(model, batch, objective, deterministic=True)
-            return {"loss_sum": loss_sum, "weight": weight, **{f"sum_{k}": v for k, v in sums.items()}}
-        out = model(**model_inputs(batch), **options, deterministic=True)
-        loss_sum, weight = output_loss_and_weight(out, batch, task, 0.0, loss_chunk_tokens)
-        result = {"loss_sum": loss_sum, "weight": weight}
-        if task in ("classification", "image_classification"):
-            logits = out["logits"]
-            # A [C, C] confusion matrix (rows: label, cols: prediction) is all the host needs for
-            # accuracy and macro-F1, and being replicated it is readable on every process.
-            # Packed rows: [B, S] examples, flattened.
-            num_classes = logits.shape[-1]
-            w = batch["weights"].astype(jnp.float32)
-            truth = jax.nn.one_hot(batch["labels"], num_classes) * w[..., None]
-            pred = jax.nn.one_hot(jnp.argmax(logits, -1), num_classes)
-            result["confusion"] = truth.reshape(-1, num_classes).T @ pred.reshape(-1, num_classes)
-        return result
+        loss_sum, weight, sums = task.batch_loss(model, batch, deterministic=True,
+                                                 loss_chunk_tokens=loss_chunk_tokens)
+        return {"loss_sum": loss_sum, "weight": weight, **sums}
 
     return eval_step
-

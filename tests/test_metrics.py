@@ -9,7 +9,9 @@ import pytest
 
 from ftjax.callbacks import EarlyStopper, MetricWriter, OverfitMonitor, Progress, read_metrics
 from ftjax.callbacks.plots import plot_run
-from ftjax.metrics import confusion_metrics, eval_metrics
+from ftjax import tasks
+from ftjax.config import TASKS
+from ftjax.metrics import confusion_metrics
 
 
 def _confusion(labels, preds, weights, num_labels):
@@ -37,12 +39,22 @@ def test_macro_f1_matches_sklearn_when_installed():
     assert confusion_metrics(_confusion(labels, preds, w, 6))["macro_f1"] == pytest.approx(ref)
 
 
-def test_eval_metrics_mean_loss_classification_and_a_capped_perplexity():
+def test_task_metrics_mean_loss_classification_and_a_capped_perplexity():
     cm = _confusion([0, 1], [0, 0], [1, 1], 2)
-    assert eval_metrics(3.0, 2.0, cm, "classification") == {
+    assert tasks.get("classification").metrics(3.0, 2.0, {"confusion": cm}) == {
         "loss": 1.5, "accuracy": 0.5, "macro_f1": pytest.approx(1 / 3)}
-    assert eval_metrics(2.0, 1.0, None, "causal_lm") == {"loss": 2.0, "perplexity": pytest.approx(math.exp(2.0))}
-    assert eval_metrics(1e4, 1.0, None, "causal_lm")["perplexity"] == pytest.approx(math.exp(50.0))
+    lm = tasks.get("causal_lm")
+    assert lm.metrics(2.0, 1.0, {}) == {"loss": 2.0, "perplexity": pytest.approx(math.exp(2.0))}
+    assert lm.metrics(1e4, 1.0, {})["perplexity"] == pytest.approx(math.exp(50.0))
+    # "sum_<name>": a metric summed over the weight, reported as its mean (preference's reward metrics)
+    assert lm.metrics(4.0, 2.0, {"sum_reward_accuracy": 1.0})["reward_accuracy"] == 0.5
+
+
+def test_every_config_task_is_a_task_module_and_its_structure_is_declared():
+    assert set(tasks.NAMES) == set(TASKS)
+    for name in tasks.TASKS:
+        structure = tasks.get(name).structure(4, (16, 8), None, 32)
+        assert structure["weights"][0][0] == 4 and all(len(v) == 2 for v in structure.values())
 
 
 def test_confusion_metrics_from_a_device_computed_matrix():

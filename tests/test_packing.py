@@ -10,6 +10,7 @@ from ftjax import models
 from ftjax import step as step_lib
 from ftjax.data import example_packing as packing
 from ftjax.data.text import Tokens
+from ftjax.tasks import classification as classification_task
 from tests.test_models import save_tiny, tiny_config
 
 LENGTHS = (9, 5, 2, 7, 3, 11, 4, 16, 10, 6)  # example lengths; rows of 16 tokens below
@@ -92,7 +93,7 @@ def test_packed_loss_and_confusion_count_each_example_once(tmp_path):
     loss_sum, weight = step_lib.loss_and_weight(logits, {k: jnp.asarray(v) for k, v in batch.items()},
                                                 "classification", 0.0)
     alone = model(**unpacked(tokens, 0))["logits"]
-    per_example = step_lib.classification_loss(alone, {"labels": jnp.asarray(LABELS)})
+    per_example = classification_task.classification_loss(alone, {"labels": jnp.asarray(LABELS)})
     assert float(weight) == len(LENGTHS)
     np.testing.assert_allclose(float(loss_sum), float(per_example.sum()), rtol=1e-5)
 

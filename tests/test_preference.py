@@ -15,6 +15,7 @@ from ftjax import lora, models, preference, trainer
 from ftjax.config import ConfigError, validate
 from ftjax.data import preference as preference_data
 from ftjax.data.sources import RawSplit
+from ftjax.tasks import preference as preference_task
 from tests.test_lm_data import tiny_llama, tiny_tokenizer
 
 GOOD = ["the cat sat on the mat", "a dog ran in the park", "fine thanks"]
@@ -84,7 +85,7 @@ def test_the_lora_reference_is_the_base_model(folder):
     for _, mod in lora.lora_modules(tuned).items():
         mod.lora_b[...] = jnp.ones_like(mod.lora_b[...]) * 0.05
     ids = jnp.asarray([[5, 17, 42, 99, 3, 2, 7, 8]])
-    ref = preference.adapters_off_reference(tuned)({"input_ids": ids, "attention_mask": jnp.ones_like(ids)})
+    ref = preference_task.adapters_off_reference(tuned)({"input_ids": ids, "attention_mask": jnp.ones_like(ids)})
     np.testing.assert_allclose(np.asarray(ref), np.asarray(base(input_ids=ids)["logits"]), atol=1e-6)
     assert not np.allclose(np.asarray(tuned(input_ids=ids)["logits"]), np.asarray(ref), atol=1e-3)
 

@@ -28,6 +28,7 @@ from ftjax.config import default_config
 from ftjax.data.seq2seq import shift_right
 from ftjax.generate import generate, generate_seq2seq_ids
 from ftjax.models import bart, t5
+from ftjax.tasks import seq2seq as seq2seq_task
 from tests.tiny import MINILM
 
 VOCAB = 60
@@ -224,7 +225,7 @@ def test_teacher_forced_loss_equals_transformers_labels_loss(folders):
     cfg = model.hf_config
     dec_in = shift_right(labels, cfg.decoder_start_token_id, cfg.pad_token_id)
     logits = model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec_in)["logits"]
-    loss_sum, tokens = step_lib.seq2seq_loss_sum(logits, jnp.asarray(labels))
+    loss_sum, tokens = seq2seq_task.seq2seq_loss_sum(logits, jnp.asarray(labels))
     assert float(tokens.sum()) == (labels != -100).sum()
     np.testing.assert_allclose(float(loss_sum.sum() / tokens.sum()), want.loss.item(), rtol=1e-5)
 

@@ -113,10 +113,10 @@ def copy_dir(tmp_path_factory):
 
 
 def _build(cfg):
-    from ftjax import data as data_lib
+    from ftjax import tasks
     from ftjax import models
 
-    return data_lib.build(cfg, models.load_tokenizer(cfg.model.name_or_path))
+    return tasks.build_data(cfg, models.load_tokenizer(cfg.model.name_or_path))
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -29,17 +29,18 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from ftjax import data as data_lib
 from ftjax import forgetting as lib
 from ftjax import hf, models
 from ftjax import metrics as metrics_lib
 from ftjax import params as params_lib
 from ftjax import sharding as sharding_lib
+from ftjax import tasks as tasks_lib
 from ftjax.config import ConfigError
 from ftjax.loop import STOPPED_EARLY, Callback, Loop
 from ftjax.models import registry
 from ftjax.run import compute_dtype
-from ftjax.step import causal_lm_loss_sum, token_loss_sum
+from ftjax.tasks.causal_lm import causal_lm_loss_sum
+from ftjax.tasks.tokens import token_loss_sum
 
 SPLIT = "forgetting"
 _INPUTS = ("input_ids", "attention_mask", "token_type_ids")
@@ -188,7 +189,7 @@ class PretrainObjective:
         loss = total / max(count, 1.0)
         if self.task == "masked_lm":
             return {"mlm_loss": loss}
-        return {"lm_loss": loss, "lm_perplexity": math.exp(min(loss, metrics_lib.MAX_LOG_PERPLEXITY))}
+        return {"lm_loss": loss, "lm_perplexity": metrics_lib.perplexity(loss)}
 
 
 def _checkpoint_has_head(model_cfg: Any, family: Any, task: str) -> bool:
@@ -227,7 +228,7 @@ class RetainSet:
         cfg.data.source, cfg.data.train_split, cfg.data.eval_split = source, split, split
         cfg.data.test_split, cfg.data.max_examples = "", 0
         self.name, self.run = name, run
-        self.bundle = data_lib.build(cfg, run.tokenizer, process_index=jax.process_index(),
+        self.bundle = tasks_lib.build_data(cfg, run.tokenizer, process_index=jax.process_index(),
                                      process_count=jax.process_count(),
                                      data_parallel=sharding_lib.data_parallel_size(run.mesh))
         if list(self.bundle.label_names) != list(run.label_names):
@@ -243,8 +244,8 @@ class RetainSet:
                 out = jax.device_get(run.eval_step(params, sharding_lib.shard_batch(batch, run.mesh)))
                 for key, value in out.items():
                     sums[key] = sums.get(key, 0.0) + np.asarray(value, np.float64)
-        result = metrics_lib.eval_metrics(sums["loss_sum"], sums["weight"], sums.get("confusion"),
-                                          run.cfg.model.task)
+        result = run.task.metrics(sums["loss_sum"], sums["weight"],
+                                  {k: v for k, v in sums.items() if k not in ("loss_sum", "weight")})
         return {f"retain/{self.name}/{k}": v for k, v in result.items()}
 
 

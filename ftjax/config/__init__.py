@@ -30,7 +30,6 @@ from ftjax.config.fields import (
     RULES,
     TASKS,
     TRACKERS,
-    model_task,
     remat_policy,
     tracker_names,
 )
@@ -74,7 +73,6 @@ __all__ = [
     "duration_to_steps",
     "group_name",
     "markdown_table",
-    "model_task",
     "parse_duration",
     "parse_layer_ranges",
     "parse_recipe_arg",

@@ -37,14 +37,8 @@ OPTIMIZERS = ("adamw", "adafactor", "sgd", "lion")
 # What a model is built for (its head): the tasks of ftjax.models.
 MODEL_TASKS = ("base", "classification", "token_classification", "masked_lm", "image_classification", "causal_lm",
                "seq2seq")
-# model.task: a model task, or an objective trained on one (preference: a causal_lm model, ftjax/preference.py).
-TASKS = MODEL_TASKS + ("preference",)
-
-
-def model_task(task: str) -> str:
-    """The ftjax.models task a model.task trains (preference: causal_lm)."""
-    return "causal_lm" if task == "preference" else task
-
+# model.task: what a run trains, one ftjax/tasks/ module each (its model head: Task.model_task).
+TASKS = tuple(t for t in MODEL_TASKS if t != "base") + ("preference", "reward")
 
 PREFERENCE_LOSSES = ("dpo", "ipo", "hinge", "orpo", "simpo")
 

@@ -20,7 +20,7 @@ Maker = Callable[[np.ndarray], dict]  # global-batch plan rows -> this process's
 
 @dataclasses.dataclass
 class DataBundle:
-    """Everything the trainer needs from the data; see ftjax.data.build()."""
+    """Everything the trainer needs from the data; see ftjax.tasks.build_data()."""
 
     label_names: list[str]  # id -> class name (the model's id2label); [] for tasks without labels.
     num_examples: dict[str, int]  # real examples per split ("train", "validation", "test").

@@ -26,7 +26,7 @@ def build(
     """The DataBundle of a causal_lm run: packed rows of data.max_len tokens (see the module docstring)."""
     d, t = cfg.data, cfg.train
     if tokenizer is None:
-        raise DataError("model.task='causal_lm' is a text task: ftjax.data.build needs the model's tokenizer")
+        raise DataError("model.task='causal_lm' is a text task: ftjax.tasks.build_data needs the model's tokenizer")
     rows = splits.layout(t, process_index, process_count)
     raw, fmt = documents.read(d, splits.roles(d))
     # Hold out documents (before packing), as for examples.

@@ -145,7 +145,7 @@ def build(cfg: ml_collections.ConfigDict, tokenizer: Any, *, process_index: int 
     """The DataBundle of a preference run (see the module docstring)."""
     d, t = cfg.data, cfg.train
     if tokenizer is None:
-        raise DataError("model.task='preference' is a text task: ftjax.data.build needs the model's tokenizer")
+        raise DataError("model.task='preference' is a text task: ftjax.tasks.build_data needs the model's tokenizer")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     rows = splits.layout(t, process_index, process_count)
     raw = splits.read(d, splits.roles(d))

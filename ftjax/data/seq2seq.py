@@ -53,7 +53,7 @@ def build(
     d, t = cfg.data, cfg.train
     s = d.seq2seq
     if tokenizer is None:
-        raise DataError("model.task='seq2seq' is a text task: ftjax.data.build needs the model's tokenizer")
+        raise DataError("model.task='seq2seq' is a text task: ftjax.tasks.build_data needs the model's tokenizer")
     start = decoder_start_token_id if decoder_start_token_id is not None else _decoder_start(cfg)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     rows = splits.layout(t, process_index, process_count)

@@ -22,7 +22,6 @@ from jax.sharding import PartitionSpec as P
 
 from ftjax import config as config_lib
 from ftjax import fileio, optim, schedules
-from ftjax import params as params_lib
 from ftjax import sharding as sharding_lib
 from ftjax.callbacks import EarlyStopping
 from ftjax.callbacks.hparams import write_hparams
@@ -193,7 +192,7 @@ class Population:
         self.toward_pretrained = member_cfgs[0].optim.decay_toward == "pretrained"
         self._stack_state()
         self._steps: dict[frozenset, Callable] = {}
-        self._eval = jax.jit(jax.vmap(make_eval_step(run.graphdef, run.rest, run.cfg.model.task,
+        self._eval = jax.jit(jax.vmap(make_eval_step(run.graphdef, run.rest, run.task,
                                                      run.cfg.model.loss_chunk_tokens), in_axes=(0, None)))
 
     def _member_hparams(self, lr_tables: np.ndarray | None) -> tuple[dict, list[str]]:
@@ -257,7 +256,7 @@ class Population:
         masks = run.optimizer.grad_masks_at(step)
         if trainable not in self._steps:
             def member(state, hp, active, batch, key):
-                step_cfg = StepConfig(run.cfg.model.task, run.cfg.train.grad_accum, hp["label_smoothing"],
+                step_cfg = StepConfig(run.task, run.cfg.train.grad_accum, hp["label_smoothing"],
                                       run.cfg.model.loss_chunk_tokens)
                 fn = make_train_step(run.graphdef, run.rest, self._tx(hp), trainable, step_cfg, grad_masks=masks)
                 new, metrics = fn(state, batch, key)
