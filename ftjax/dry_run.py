@@ -329,7 +329,7 @@ def plan(run: Any, topo: Topology) -> dict[str, Any]:
     cfg, mesh = run.cfg, run.mesh
     train_batch = run.batch_structs("train", longest=True)[0]
     eval_batch = run.batch_structs("eval", longest=True)[0]
-    train = _compile(run.train_step_for(0), (run.state, train_batch, run.key), mesh)
+    train = _compile(run.train_step_for(0), (run.state, train_batch, run.key, *run.teacher_args), mesh)
     evaluation = _compile(run.eval_step, (run.state["params"], eval_batch), mesh)
     parts = {
         "params": per_device_bytes(run.state["params"]),

@@ -441,18 +441,22 @@ FAMILIES = {
 
 
 def step_flops(model: Any, trainable: frozenset[str] | Sequence[str], shape: Shape,
-               reference_forward: bool = False) -> StepFlops:
+               reference_forward: bool = False, teacher: Any = None) -> StepFlops:
     """Matmul FLOPs of one training step on `shape` (forward, and backward for the `trainable` param paths,
     '/'-joined as in `Optimizer.trainable_at(step)`). `model`: an ftjax model or a `Spec`. reference_forward:
     the step also runs a reference model's forward on the same rows (DPO's reference: counted as a second
-    forward, adapters included, an upper bound by the adapters' share)."""
+    forward, adapters included, an upper bound by the adapters' share). teacher: a distillation teacher (a model
+    or Spec) whose forward on the same rows the step also runs."""
     spec = model if isinstance(model, Spec) else spec_of(model)
     walker = FAMILIES.get(spec.hf_config.model_type)
     if walker is None:
         raise ValueError(f"no FLOP count for model_type {spec.hf_config.model_type!r}; known: {sorted(FAMILIES)}")
     counter = _Counter(frozenset(trainable), dict(spec.lora_ranks))
     walker(counter, spec, shape)
-    return StepFlops(counter.forward * (2 if reference_forward else 1), counter.backward)
+    forward = counter.forward * (2 if reference_forward else 1)
+    if teacher is not None:
+        forward += step_flops(teacher, frozenset(), shape).forward
+    return StepFlops(forward, counter.backward)
 
 
 # ---- FLOPs of a compiled program (for dry_run's HLO / model FLOP ratio).

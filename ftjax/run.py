@@ -18,6 +18,7 @@ from flax import nnx
 
 from ftjax import averaging as averaging_lib
 from ftjax import config as config_lib
+from ftjax import distill as distill_lib
 from ftjax import distributed, fileio, hf, lora, models, optim
 from ftjax import params as params_lib
 from ftjax import sharding as sharding_lib
@@ -133,7 +134,8 @@ class Run:
         check_batch_sizes(cfg.train, sharding_lib.data_parallel_size(self.mesh))
         check_model_fits(cfg)
         self.task = tasks_lib.of(cfg)
-        self.tokenizer = None if not self.task.has_tokens or self.abstract else models.load_tokenizer(cfg.model.name_or_path)
+        text = self.task.has_tokens and not self.abstract
+        self.tokenizer = models.load_tokenizer(cfg.model.name_or_path) if text else None
         if purpose in ("export", "plan"):
             self.data = None
             saved = workdir_lib.read_run(workdir) or {}
@@ -151,8 +153,12 @@ class Run:
             )
             self.label_names, self.steps_per_epoch = list(self.data.label_names), self.data.steps_per_epoch
             self.batch_layout = self.data.batch_layout
+        self.task = self.task.with_labels(self.label_names)  # e.g. token classification's entity tags
         self.model, head_pattern = self._load_model()
         self.graphdef, params, self.rest = params_lib.split(self.model)
+        self.teacher = self._load_teacher() if cfg.distill.teacher else None
+        # The train step's arguments after (state, batch, key): a distillation teacher's params (not donated).
+        self.teacher_args = () if self.teacher is None else (self.teacher["params"],)
         self.total_steps = total_steps_of(cfg.train, self.steps_per_epoch)
         self.eval_every = eval_every_of(cfg.train, self.steps_per_epoch)
         self.optimizer = optim.build(cfg.optim, params, total_steps=self.total_steps,
@@ -217,6 +223,29 @@ class Run:
             model = lora.apply_lora(model, cfg.optim.lora, seed=cfg.train.seed)
         return model, lora.optim_head_pattern(model)
 
+    def _load_teacher(self) -> dict[str, Any]:
+        """distill.teacher loaded as a model of the student's task (its own head and labels), checked against
+        the student, its params frozen and sharded by the same rules: {"model", "graphdef", "rest", "params",
+        "shardings"}."""
+        cfg = self.cfg
+        teacher = models.from_pretrained(
+            cfg.distill.teacher, task=self.task.model_task, dtype=compute_dtype(cfg.model.dtype, self.platform),
+            param_dtype=cfg.model.param_dtype, remat=cfg.model.remat, scan_layers=cfg.model.scan_layers,
+            attention=cfg.model.attention, allow_pickle=cfg.model.allow_pickle, mesh=self.mesh,
+            abstract=self.abstract)
+        text = self.task.has_tokens and not self.abstract
+        tokenizer = models.load_tokenizer(cfg.distill.teacher) if text else None
+        distill_lib.check_teacher(self.model, teacher, self.tokenizer, tokenizer, cfg.distill.teacher)
+        graphdef, params, rest = params_lib.split(teacher)
+        shardings = sharding_lib.param_shardings(params, teacher.logical_axes(), self.mesh,
+                                                 head_dim=sharding_lib.head_dim_of(teacher))
+        params = jax.tree_util.tree_map(_struct, params, shardings) if self.abstract \
+            else jax.device_put(params, shardings)
+        logging.info("distill: teacher %s (%s, %.1fM params), %s at T=%g, alpha=%g", cfg.distill.teacher,
+                     teacher.hf_config.model_type, params_lib.count(params) / 1e6, cfg.distill.loss,
+                     cfg.distill.temperature, cfg.distill.alpha)
+        return {"model": teacher, "graphdef": graphdef, "rest": rest, "params": params, "shardings": shardings}
+
     def _init_state(self, params: Any) -> None:
         self.param_shardings = sharding_lib.param_shardings(params, self.model.logical_axes(), self.mesh,
                                                             head_dim=sharding_lib.head_dim_of(self.model))
@@ -250,12 +279,15 @@ class Run:
         masks = self.optimizer.grad_masks_at(step)
         key = (trainable, tuple(sorted(masks.items())))
         if key not in self._train_steps:
+            teacher = None if self.teacher is None else (self.teacher["graphdef"], self.teacher["rest"])
             fn = make_train_step(self.graphdef, self.rest, self.optimizer.tx, trainable, self.step_cfg,
-                                 self.averaging if self.averaging.on else None, grad_masks=masks)
+                                 self.averaging if self.averaging.on else None, grad_masks=masks,
+                                 teacher=teacher)
+            extra = () if self.teacher is None else (self.teacher["shardings"],)
             self._train_steps[key] = jax.jit(
                 fn,
                 in_shardings=(self.state_shardings, sharding_lib.batch_sharding(self.mesh),
-                              sharding_lib.replicated(self.mesh)),
+                              sharding_lib.replicated(self.mesh), *extra),
                 out_shardings=(self.state_shardings, sharding_lib.replicated(self.mesh)),
                 donate_argnums=(0,),
             )
@@ -277,7 +309,8 @@ class Run:
         t0 = time.time()
         train_fn = self.train_step_for(step)
         with jax.set_mesh(self.mesh):
-            lowered = [train_fn.lower(self.state, b, self.key) for b in self.batch_structs("train")]
+            lowered = [train_fn.lower(self.state, b, self.key, *self.teacher_args)
+                       for b in self.batch_structs("train")]
             lowered += [self.eval_step.lower(self.state["params"], b) for b in self.batch_structs("eval")]
         with concurrent.futures.ThreadPoolExecutor(max_workers=min(len(lowered), os.cpu_count() or 1)) as pool:
             list(pool.map(lambda program: program.compile(), lowered))

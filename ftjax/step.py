@@ -80,14 +80,18 @@ def make_train_step(
     step_cfg: StepConfig,
     averaging: averaging_lib.Averaging | None = None,
     grad_masks: dict[str, tuple[bool, ...]] | None = None,
-) -> Callable[[State, dict, jax.Array], tuple[State, dict]]:
-    """A pure `train_step(state, batch, key) -> (state, metrics)`; jit it with shardings and donation.
+    teacher: tuple[nnx.GraphDef, nnx.State] | None = None,
+) -> Callable[..., tuple[State, dict]]:
+    """A pure `train_step(state, batch, key[, teacher_params]) -> (state, metrics)`; jit it with shardings and
+    donation (never of the teacher's params).
 
     Only params whose path is in `trainable` are differentiated; the others enter the loss as constants,
     so XLA never computes their gradients (nor the activations' gradients below the lowest trainable op).
     With `averaging` on, state["avg"] (EMA / SWA of the params, `ftjax.averaging`) is updated in the step.
     `grad_masks` ({stacked param path: per-layer flags}, `Optimizer.grad_masks_at`): the layers of a scanned
     stack that do not train at this phase get zero gradients, as their unrolled params would get none.
+    `teacher` (graphdef, rest) of a distillation teacher (ftjax/tasks/distill.py): its params come in as the
+    step's last argument, sharded like the student's, and enter the loss as constants (no gradient).
     """
 
     def is_trainable(path: str) -> bool:
@@ -95,17 +99,18 @@ def make_train_step(
 
     task = step_cfg.task_obj
 
-    def loss_fn(train_params, frozen_params, micro, key):
+    def loss_fn(train_params, frozen_params, micro, key, teacher_params):
         model = params_lib.merge(graphdef, params_lib.combine(train_params, frozen_params), rest)
+        taught = {} if teacher is None else {"teacher": params_lib.merge(teacher[0], teacher_params, teacher[1])}
         loss_sum, weight, _ = task.batch_loss(model, micro, deterministic=False, rngs=nnx.Rngs(dropout=key),
                                               label_smoothing=step_cfg.label_smoothing,
-                                              loss_chunk_tokens=step_cfg.loss_chunk_tokens)
+                                              loss_chunk_tokens=step_cfg.loss_chunk_tokens, **taught)
         return loss_sum, weight
 
-    def train_step(state: State, batch: dict, key: jax.Array) -> tuple[State, dict]:
+    def train_step(state: State, batch: dict, key: jax.Array, teacher_params: Any = None) -> tuple[State, dict]:
         train_params, frozen_params = params_lib.partition(state["params"], is_trainable)
         step_key = jax.random.fold_in(key, state["step"])
-        loss_sum_fn = lambda tp, mb, k: loss_fn(tp, frozen_params, mb, k)
+        loss_sum_fn = lambda tp, mb, k: loss_fn(tp, frozen_params, mb, k, teacher_params)
 
         if step_cfg.grad_accum == 1:
             (loss_sum, weight), grads = jax.value_and_grad(loss_sum_fn, has_aux=True)(train_params, batch, step_key)

@@ -60,7 +60,8 @@ class SoloStepper:
         run = self.run
         train_step = run.train_step_for(step)
         with jax.set_mesh(run.mesh):
-            run.state, metrics = train_step(run.state, sharding_lib.shard_batch(batch, run.mesh), run.key)
+            run.state, metrics = train_step(run.state, sharding_lib.shard_batch(batch, run.mesh), run.key,
+                                            *run.teacher_args)
         return metrics
 
     def evaluate(self, split: str) -> list[dict[str, float]]:

@@ -41,6 +41,8 @@ MODEL_TASKS = ("base", "classification", "token_classification", "masked_lm", "i
 TASKS = tuple(t for t in MODEL_TASKS if t != "base") + ("preference", "reward")
 
 PREFERENCE_LOSSES = ("dpo", "ipo", "hinge", "orpo", "simpo")
+DISTILL_LOSSES = ("forward_kl", "reverse_kl", "jsd")
+DISTILL_TASKS = ("classification", "causal_lm", "seq2seq")  # tasks whose logits a teacher's can be compared with
 
 SEQ2SEQ_METRICS = ("bleu", "chrf", "rouge1", "rouge2", "rougeL")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -450,6 +452,16 @@ FIELDS: tuple[Field, ...] = (
     F("forgetting.reference", "", 'reference text for cka / pretrain: "" = the packaged English corpus, or a '
       "data.source-style `files:`, `tfds:` or `hf:` source", unless(("",), _SOURCE)),
     F("forgetting.reference_split", "train", "split (tfds/hf) or file stem (files) of the reference source"),
+    # ---- distill: knowledge distillation from a teacher run inside the step (ftjax/distill.py).
+    F("distill.teacher", "", 'HF folder (or hub id) of the teacher: a model of the same task and vocabulary (or labels) '
+      'that ftjax loads; it runs frozen in the same jitted step, sharded like the student ("" = off)'),
+    F("distill.loss", "forward_kl", "the divergence of the student's from the teacher's distribution at each "
+      "labelled position: forward_kl KL(teacher || student), reverse_kl KL(student || teacher), jsd (Jensen-Shannon)",
+      one_of(DISTILL_LOSSES)),
+    F("distill.temperature", 2.0, "softmax temperature T of both distributions; the divergence is scaled by T^2 "
+      "(Hinton et al. 2015)", above(0)),
+    F("distill.alpha", 0.5, "weight of the task loss: loss = alpha * task + (1 - alpha) * T^2 * divergence "
+      "(0 = distillation alone)", in_range(0, 1, "[]")),
     F("forgetting.reference_field", "", 'text column of the reference source ("" = data.text_field)'),
     F("forgetting.max_examples", 64, "reference texts used (the first N)", at_least(1)),
     F("forgetting.max_len", 64, "tokens per reference text (capped at data.max_len)", at_least(8, ">= 8 tokens")),
@@ -540,6 +552,15 @@ def _check_mesh(c: Any) -> None:
 
 
 RULES: tuple[Rule, ...] = (
+def _check_distill(c: Any) -> None:
+    if not get(c, "distill.teacher"):
+        return
+    require(get(c, "model.task") in DISTILL_TASKS, "distill.teacher", get(c, "distill.teacher"),
+            f"distills model.task {', '.join(DISTILL_TASKS)} (got {get(c, 'model.task')!r}); set distill.teacher=''")
+    require(not get(c, "model.loss_chunk_tokens"), "model.loss_chunk_tokens", get(c, "model.loss_chunk_tokens"),
+            "0 with distill.teacher (the divergence compares full logits)")
+
+
     Rule(
         "buckets_fit_max_len",
         "data.buckets",
@@ -565,3 +586,5 @@ RULES: tuple[Rule, ...] = (
     Rule("reinit_needs_a_full_precision_base", "model.reinit_layers", "0 with optim.lora.quantize_base",
          _check_reinit_unquantized),
 )
+    Rule("distill_compares_logits", "distill.teacher", "a classification, causal_lm or seq2seq run without "
+         "model.loss_chunk_tokens", _check_distill),

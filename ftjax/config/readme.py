@@ -18,6 +18,7 @@ _SECTIONS = {
     "optim": "the optimizer, LR schedule, weight decay, freezing and LoRA",
     "train": "batch size, run length, evaluation, early stopping, checkpoints, experiment trackers",
     "preference": "preference training (model.task=preference): the pair loss and the pairs' columns",
+    "distill": "knowledge distillation from a teacher model run in the same step",
     "forgetting": "catastrophic-forgetting monitors, their reference text and budget",
     "mesh": "device mesh axis sizes",
 }

@@ -11,7 +11,15 @@ from __future__ import annotations
 from typing import Any
 
 from ftjax.data import structure
-from ftjax.tasks import causal_lm, classification, preference, reward, seq2seq, tokens
+from ftjax.tasks import (
+    causal_lm,
+    classification,
+    distill,
+    preference,
+    reward,
+    seq2seq,
+    tokens,
+)
 from ftjax.tasks.base import INPUT_KEYS, Structure, Task, model_inputs
 
 # Tasks that need no settings beyond their name; those built from a config section are in `of`.
@@ -38,7 +46,8 @@ def get(name: str) -> Task:
 def of(cfg: Any) -> Task:
     """The task a config trains (model.task, with its section's settings)."""
     name = cfg.model.task
-    return _FROM_CONFIG[name](cfg) if name in _FROM_CONFIG else get(name)
+    task = _FROM_CONFIG[name](cfg) if name in _FROM_CONFIG else get(name)
+    return distill.of_config(task, cfg) if cfg.distill.teacher else task
 
 
 def build_data(cfg: Any, tokenizer: Any, *, process_index: int = 0, process_count: int = 1,

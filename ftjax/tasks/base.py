@@ -81,6 +81,11 @@ class Task:
         """The padded lengths a built DataBundle chose."""
         return tuple((int(n), None) for n in bundle.bucket_lengths)
 
+    def with_labels(self, names: list[str]) -> Task:
+        """The task as it runs on data whose label ids name `names` (the run's id2label, from its data or
+        run.json): token classification reads its entity tags from them; other tasks need nothing."""
+        return self
+
     # ---- loss
     def logits_loss(self, logits: jax.Array, batch: dict, label_smoothing: Any) -> tuple[jax.Array, jax.Array]:
         """(weighted loss sum, weight sum) of a batch from the model's logits."""
@@ -116,6 +121,11 @@ class Task:
         if not deterministic and "aux_loss" in out:
             loss_sum = loss_sum + out["aux_loss"] * weight
         return loss_sum, weight, self.eval_sums(out, batch)
+
+    def position_weights(self, batch: dict) -> jax.Array:
+        """The weight of each position of the logits [..., classes] in the loss (distillation compares the
+        teacher's distribution there): per example, or per labelled token for the token tasks."""
+        raise NotImplementedError(f"task {self.name!r} has no per-position loss weights (no distillation)")
 
     def eval_sums(self, out: dict, batch: dict) -> dict[str, jax.Array]:
         """What an evaluation adds up besides loss_sum and weight (classification: the confusion matrix;

@@ -36,6 +36,10 @@ class CausalLM(Task):
     def token_targets(self, batch):
         return losses_lib.causal_targets(batch["labels"], batch.get("segment_ids"))
 
+    def position_weights(self, batch):  # the positions whose next token is labelled
+        labelled = (self.token_targets(batch) != losses_lib.IGNORE).astype(jnp.float32)
+        return labelled * batch["weights"].astype(jnp.float32)[:, None]
+
     def logits_loss(self, logits, batch, label_smoothing):
         loss_sum, tokens = causal_lm_loss_sum(logits, batch["labels"], batch.get("segment_ids"))
         w = batch["weights"].astype(jnp.float32)

@@ -43,6 +43,9 @@ class Classification(Task):
     def eval_sums(self, out, batch):
         return {"confusion": confusion(out["logits"], batch)}
 
+    def position_weights(self, batch):
+        return batch["weights"].astype(jnp.float32)  # [B] (packed rows: [B, S], one per example)
+
     def metrics(self, loss_sum, weight, sums):
         return {**super().metrics(loss_sum, weight, sums), **metrics_lib.confusion_metrics(sums["confusion"])}
 

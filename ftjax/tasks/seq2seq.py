@@ -43,6 +43,10 @@ class Seq2Seq(Task):
     def bundle_lengths(self, bundle):
         return tuple((int(s), int(t)) for s, t in bundle.seq2seq_pairs)
 
+    def position_weights(self, batch):
+        labelled = (batch["labels"] != losses_lib.IGNORE).astype(jnp.float32)
+        return labelled * batch["weights"].astype(jnp.float32)[:, None]
+
     def logits_loss(self, logits, batch, label_smoothing):
         loss_sum, tokens = seq2seq_loss_sum(logits, batch["labels"], label_smoothing)
         w = batch["weights"].astype(jnp.float32)

@@ -26,6 +26,10 @@ class TokenTask(Task):
         w = batch["weights"].astype(jnp.float32)
         return (loss_sum * w).sum(), (tokens * w).sum()
 
+    def position_weights(self, batch):
+        labelled = (self.token_targets(batch) != losses_lib.IGNORE).astype(jnp.float32)
+        return labelled * batch["weights"].astype(jnp.float32)[:, None]
+
 
 TOKEN_CLASSIFICATION = TokenTask("token_classification", "token_classification", labelled=True)
 MASKED_LM = TokenTask("masked_lm", "masked_lm")

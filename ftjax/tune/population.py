@@ -185,6 +185,9 @@ class Population:
         check_population_fields(_differing_fields(member_cfgs))
         for cfg in member_cfgs:
             config_lib.validate(cfg)
+        if member_cfgs[0].distill.teacher:
+            raise PopulationError("distill.teacher", member_cfgs[0].distill.teacher,
+                                  "a population trains without a teacher; distil in solo runs (or sweep them)")
         self.cfgs, self.members = member_cfgs, len(member_cfgs)
         self.run = run = Run(template_config(member_cfgs[0]), workdir, devices=devices)
         self.total_steps, self.eval_every = run.total_steps, run.eval_every
