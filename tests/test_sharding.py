@@ -159,7 +159,9 @@ def test_fsdp_and_tensor_meshes_match_data_parallel(reference, family, mesh_shap
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5, atol=1e-6)
     assert params.keys() == ref_params.keys()
     for path, value in params.items():
-        np.testing.assert_allclose(value, ref_params[path], rtol=1e-4, atol=2e-5, err_msg=path)
+        # Adam's first steps scale tiny reduction-order differences of the sharded gradients up to ~lr: one
+        # element of 512 differed by 2.3e-5 on a loaded machine (fsdp=2, tensor=2)
+        np.testing.assert_allclose(value, ref_params[path], rtol=1e-4, atol=5e-5, err_msg=path)
 
 
 def test_optimizer_state_is_sharded_like_its_params():
