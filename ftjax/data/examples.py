@@ -35,11 +35,6 @@ def build(
     (example_packing.py) for classification with an encoder when data.packing, else length buckets."""
     d, t, task = cfg.data, cfg.train, cfg.model.task
     rows = splits.layout(t, process_index, process_count)
-    if task == "token_classification":
-        raise DataError(
-            "model.task='token_classification' needs per-token labels, which ftjax.data does not "
-            "read yet; use classification, masked_lm, causal_lm or image_classification"
-        )
     is_image = task == "image_classification"
     if not is_image and tokenizer is None:
         raise DataError(f"model.task={task!r} is a text task: build() needs the model's tokenizer")

