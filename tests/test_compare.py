@@ -166,6 +166,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
                           text=True, timeout=300, check=False)
 
 
+@pytest.mark.slow
 def test_cli_compare_mode_and_one_workdir_for_other_modes(three_runs, tmp_path):
     out = str(tmp_path / "report")
     proc = _cli("--mode=compare", f"--workdir={os.path.dirname(three_runs[0])}/lr_*", f"--compare_out={out}")

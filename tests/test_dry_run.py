@@ -156,6 +156,7 @@ def test_a_labelled_task_plan_needs_the_label_count(tmp_path, model_dir):
     assert result["task"] == "classification" and result["fits"] is True
 
 
+@pytest.mark.slow
 def test_the_cli_plans_for_a_topology_and_refuses_it_elsewhere(llama_folder, tmp_path):
     recipe = tmp_path / "plan_recipe.py"
     recipe.write_text(f"from tests.test_dry_run import lm_config\n\ndef get_config(arg=None):\n"

@@ -59,6 +59,7 @@ def _params(workdir, cfg) -> dict:
     return params_lib.flatten(jax.device_get(state["params"]))
 
 
+@pytest.mark.slow
 def test_train_preempt_resume_eval_export_on_gcs(gcs_bucket, model_dir, data_dir, tmp_path):
     overrides = {"train.steps": 10, "train.eval_every": 5, "train.log_every": 1, "train.checkpoint.every": 3}
     cfg = tiny.tiny_config(model_dir, data_dir, **overrides)

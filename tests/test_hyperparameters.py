@@ -229,6 +229,7 @@ def _val_lines(workdir: str) -> list[dict]:
         return [r for r in map(json.loads, f) if r["split"].startswith("val")]
 
 
+@pytest.mark.slow
 def test_ema_swa_resume_is_bit_identical_evaluated_and_exported(model_dir, data_dir, tmp_path):
     cfg = tiny.tiny_config(model_dir, data_dir, **{"train.checkpoint.every": 3, "train.epochs": 2.0,
                                                    "train.ema.decay": 0.9, "train.swa.start": 0.5,

@@ -150,6 +150,7 @@ def _cli(*args: str) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
+@pytest.mark.slow
 def test_eval_mode_scores_the_best_checkpoint_with_lm_eval(llama_dir, tasks_dir, tmp_path):
     """A tiny causal-LM run trained two steps, then --mode=eval --lm_eval: eval.json gets the tasks' metrics
     under "lm_eval" (limit applied) and a table is printed; an unknown task is one error line."""

@@ -8,6 +8,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from ftjax import params as params_lib
 from ftjax import trainer
@@ -25,6 +26,7 @@ def test_auto_dtype_is_float32_on_cpu_and_bfloat16_elsewhere():
     assert compute_dtype("bfloat16") == "bfloat16" and compute_dtype("float32") == "float32"
 
 
+@pytest.mark.slow
 def test_bfloat16_training_tracks_float32_with_float32_master_state(model_dir, data_dir, tmp_path):
     common = {"train.log_every": 1, "train.epochs": 2.0, "model.dropout.hidden": 0.0,
               "model.dropout.attention": 0.0, "model.param_dtype": "float32"}

@@ -153,7 +153,9 @@ TRAINING = {
 }
 
 
-@pytest.mark.parametrize("name", list(TRAINING))
+# llrd and llrd_and_unfreeze are slow: per-layer multipliers are pinned cheaply in test_optim, scanned or not.
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n.startswith("llrd") else n
+                                  for n in TRAINING])
 def test_scanned_training_equals_unrolled(name):
     unrolled, scanned = pair()
     a, loss_a, opt_a, _ = _train(unrolled, _optim_cfg(**TRAINING[name]))

@@ -243,6 +243,7 @@ def _metrics(workdir):
         return [r for r in map(json.loads, f) if r.get("split") == "val"]
 
 
+@pytest.mark.slow
 def test_bleu_rises_well_above_its_start_on_a_copy_task(t5_dir, copy_dir, tmp_path):
     from ftjax import trainer
     from ftjax.callbacks.seq2seq_eval import Seq2SeqEval

@@ -44,6 +44,7 @@ def _dead_pid() -> int:
     return p.pid
 
 
+@pytest.mark.slow
 def test_a_small_sweep_resumes_after_interruption_without_repeating_trials_and_reports(
     model_dir, data_dir, tmp_path
 ):
@@ -94,6 +95,7 @@ def test_a_small_sweep_resumes_after_interruption_without_repeating_trials_and_r
     assert len(again.get_trials()) == len(trials)
 
 
+@pytest.mark.slow
 def test_a_poor_trial_is_pruned_at_an_eval_point(model_dir, data_dir, tmp_path):
     # Constant LR (no warmup): the poor trial's Adam steps of size ~1 wreck the model before the first eval.
     cfg = tiny.tiny_config(model_dir, data_dir, **{**FAST, "train.steps": 6, "optim.schedule.type": "constant"})
@@ -123,6 +125,7 @@ def test_a_population_sweep_runs_its_trials_together(model_dir, data_dir, tmp_pa
         assert sorted(t.intermediate_values) == [2, 4]
 
 
+@pytest.mark.slow
 def test_a_grid_sweep_covers_the_grid_once(model_dir, data_dir, tmp_path):
     cfg = tiny.tiny_config(model_dir, data_dir, **{**FAST, "train.steps": 2})
     spec = _spec(sampler="grid", n_trials=10, space={"optim.schedule.type": space.choice("constant", "warmup_cosine")})
@@ -229,6 +232,7 @@ def _start_postgres() -> tuple[str, list[str]]:
                                                                      "immediate", "stop"]
 
 
+@pytest.mark.slow
 def test_two_workers_share_one_postgresql_sweep(model_dir, data_dir, tmp_path):
     url, stop = _start_postgres()
     try:

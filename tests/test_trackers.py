@@ -185,6 +185,7 @@ def _history(records) -> list[dict]:
             for r in records if r.WhichOneof("record_type") == "history"]
 
 
+@pytest.mark.slow
 def test_wandb_offline_writes_under_the_workdir_and_a_resume_keeps_the_run_id(tiny_run, tmp_path):
     workdir = str(tmp_path / "run")
     settings = {"train.trackers": ("wandb",), "train.wandb.project": "ftjax_test", "train.steps": 4}

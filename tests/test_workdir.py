@@ -55,6 +55,7 @@ def test_changed_training_data_is_refused(model_dir, data_dir, tmp_path):
         trainer.train(cfg, str(tmp_path / "run"))
 
 
+@pytest.mark.slow
 def test_more_steps_and_new_cadences_are_applied_and_recorded(model_dir, data_dir, tmp_path):
     trainer.train(tiny.tiny_config(model_dir, data_dir, **{"train.steps": 3}), str(tmp_path))
     longer = tiny.tiny_config(model_dir, data_dir, **{"train.steps": 5, "train.log_every": 1})
