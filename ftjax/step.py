@@ -58,9 +58,6 @@ class StepConfig:
     label_smoothing: float = 0.0
     loss_chunk_tokens: int = 0  # model.loss_chunk_tokens: 0 = the loss from full logits
 
-    @property
-    def task_obj(self) -> tasks_lib.Task:
-        return self.task if isinstance(self.task, tasks_lib.Task) else tasks_lib.get(self.task)
 
 
 def _split_micro(batch: dict, grad_accum: int) -> dict:
@@ -97,7 +94,7 @@ def make_train_step(
     def is_trainable(path: str) -> bool:
         return path in trainable
 
-    task = step_cfg.task_obj
+    task = tasks_lib.resolve(step_cfg.task)
 
     def loss_fn(train_params, frozen_params, micro, key, teacher_params):
         model = params_lib.merge(graphdef, params_lib.combine(train_params, frozen_params), rest)
@@ -179,7 +176,7 @@ def make_eval_step(graphdef: nnx.GraphDef, rest: nnx.State, task: tasks_lib.Task
     """`eval_step(params, batch) -> {"loss_sum", "weight", ...the task's eval sums}` with dropout off and the
     loss unsmoothed (token tasks: the weight counts labelled tokens; preference: pairs). With
     `loss_chunk_tokens` the LM losses are computed in chunks, as in the train step."""
-    task = task if isinstance(task, tasks_lib.Task) else tasks_lib.get(task)
+    task = tasks_lib.resolve(task)
 
     def eval_step(params, batch):
         model = params_lib.merge(graphdef, params, rest)

@@ -31,7 +31,7 @@ _FROM_CONFIG = {"preference": preference.of_config}
 
 NAMES = (*TASKS, *_FROM_CONFIG)  # every model.task (ftjax.config.TASKS lists the same; a test checks)
 
-__all__ = ["INPUT_KEYS", "NAMES", "TASKS", "Structure", "Task", "build_data", "get", "model_inputs", "of"]
+__all__ = ["INPUT_KEYS", "NAMES", "TASKS", "Structure", "Task", "build_data", "get", "model_inputs", "of", "resolve"]
 
 
 def get(name: str) -> Task:
@@ -41,6 +41,11 @@ def get(name: str) -> Task:
     if name in _FROM_CONFIG:
         raise ValueError(f"task {name!r} is built from its config section: use ftjax.tasks.of(cfg)")
     raise ValueError(f"model.task={name!r} is not a task; use one of {', '.join(NAMES)}")
+
+
+def resolve(task: Task | str) -> Task:
+    """A Task as given, or the task of a name (`get`)."""
+    return task if isinstance(task, Task) else get(task)
 
 
 def of(cfg: Any) -> Task:
