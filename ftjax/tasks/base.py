@@ -110,8 +110,16 @@ class Task:
     def batch_loss(self, model: Any, batch: dict, *, deterministic: bool, rngs: Any = None,
                    label_smoothing: Any = 0.0, loss_chunk_tokens: int = 0) -> tuple[jax.Array, jax.Array, dict]:
         """(loss sum, weight, eval sums) of one batch: the train step minimises loss sum / weight (over its
-        micro-batches), the eval step adds up all three. In training (deterministic=False) a model's auxiliary
-        loss (a mixture of experts' load balancing, "aux_loss", a mean) joins it, weighted as the batch is."""
+        micro-batches), the eval step adds up all three."""
+        loss_sum, weight, out = self.forward_loss(model, batch, deterministic=deterministic, rngs=rngs,
+                                                  label_smoothing=label_smoothing, loss_chunk_tokens=loss_chunk_tokens)
+        return loss_sum, weight, self.eval_sums(out, batch)
+
+    def forward_loss(self, model: Any, batch: dict, *, deterministic: bool, rngs: Any = None,
+                     label_smoothing: Any = 0.0, loss_chunk_tokens: int = 0) -> tuple[jax.Array, jax.Array, dict]:
+        """(loss sum, weight, the model's output) of one model call on the batch. In training
+        (deterministic=False) a model's auxiliary loss (a mixture of experts' load balancing, "aux_loss", a mean)
+        joins the loss, weighted as the batch is."""
         out = model(**model_inputs(batch), **self.call_options(loss_chunk_tokens), deterministic=deterministic,
                     rngs=rngs)
         if "lm_hidden" in out:
@@ -120,7 +128,7 @@ class Task:
             loss_sum, weight = self.logits_loss(out["logits"], batch, label_smoothing)
         if not deterministic and "aux_loss" in out:
             loss_sum = loss_sum + out["aux_loss"] * weight
-        return loss_sum, weight, self.eval_sums(out, batch)
+        return loss_sum, weight, out
 
     def position_weights(self, batch: dict) -> jax.Array:
         """The weight of each position of the logits [..., classes] in the loss (distillation compares the

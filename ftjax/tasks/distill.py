@@ -35,10 +35,9 @@ class Distilled(Task):
         """The base task's (loss sum, weight, eval sums); with a `teacher` (training), the loss sum becomes
         alpha * task + (1 - alpha) * T^2 * Σ divergence over the labelled positions, whose weights are the
         task's own (so dividing by the task's weight averages both over the same positions)."""
-        out = model(**model_inputs(batch), deterministic=deterministic, rngs=rngs)
-        loss_sum, weight = self.base.logits_loss(out["logits"], batch, label_smoothing)
-        if not deterministic and "aux_loss" in out:
-            loss_sum = loss_sum + out["aux_loss"] * weight
+        # full logits (no chunked loss: config rule distill_compares_logits)
+        loss_sum, weight, out = self.base.forward_loss(model, batch, deterministic=deterministic, rngs=rngs,
+                                                       label_smoothing=label_smoothing)
         if teacher is not None:
             s = self.spec
             taught = jax.lax.stop_gradient(teacher(**model_inputs(batch), deterministic=True)["logits"])
