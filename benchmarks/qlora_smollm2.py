@@ -74,14 +74,13 @@ def main() -> None:
     results = [run_variant(q, folder, corpus, a.out, a) for q in a.variants.split(",")]
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; SmolLM2-135M-Instruct, "
           f"LoRA r{a.rank} all-linear, {a.steps} steps x {a.batch} x {a.max_len} tokens")
-    print("| base | params / device (dry_run) | val ppl first eval | val ppl best | step s (median) |")
+    print("| base | params / device (dry_run) | val ppl first eval | val ppl best | train examples/s |")
     print("|---|---|---|---|---|")
     for r in results:
-        s, plan = r["summary"], r["plan"]
-        best = s.get("best", {}).get("metrics", s.get("best", {}))
-        ppl = best.get("perplexity") or (math.exp(best["loss"]) if "loss" in best else float("nan"))
-        print(f"| {r['base']} | {plan['parts']['params'] / 2**20:.1f} MiB | {s.get('first_val_perplexity', '')} | "
-              f"{ppl:.3f} | {s['timing'].get('step_seconds_median', s['timing'])} |")
+        s, plan, evals = r["summary"], r["plan"], _evals(r["workdir"])
+        ppl = [e.get("perplexity", math.exp(e["loss"])) for e in evals]
+        print(f"| {r['base']} | {plan['parts']['params'] / 2**20:.1f} MiB | {ppl[0]:.3f} | {min(ppl):.3f} | "
+              f"{s['timing']['train_examples_per_second']:.2f} |")
     with open(os.path.join(a.out, "results.json"), "w") as f:
         json.dump(results, f, indent=1, default=str)
 
