@@ -23,28 +23,7 @@ from ftjax import tasks as tasks_lib
 # {"step": int32 scalar, "params": nested dict, "opt_state": optax state(, "avg": EMA / SWA, ftjax.averaging)}
 State = dict[str, Any]
 
-# The losses live with their tasks (ftjax/tasks/); these names stay for the step's callers and tests.
-model_inputs = tasks_lib.model_inputs
-INPUT_KEYS = tasks_lib.INPUT_KEYS
-
-
-def loss_and_weight(logits: jax.Array, batch: dict, task: str, label_smoothing: Any) -> tuple[jax.Array, jax.Array]:
-    """(weighted loss sum, weight sum) of a batch from logits, by `task`'s loss."""
-    return tasks_lib.get(task).logits_loss(logits, batch, label_smoothing)
-
-
-def call_options(task: str, loss_chunk_tokens: int) -> dict:
-    """Extra model-call arguments of the step (the chunked LM loss: hidden states + head, no logits)."""
-    return tasks_lib.get(task).call_options(loss_chunk_tokens)
-
-
-def output_loss_and_weight(out: dict, batch: dict, task: str, label_smoothing: Any,
-                           loss_chunk_tokens: int = 0) -> tuple[jax.Array, jax.Array]:
-    """(loss sum, weight) of a model call's output: from its logits, or chunk by chunk from "lm_hidden"."""
-    t = tasks_lib.get(task)
-    if "lm_hidden" in out:
-        return t.hidden_loss(out, batch, label_smoothing, loss_chunk_tokens)
-    return t.logits_loss(out["logits"], batch, label_smoothing)
+# The losses live with their tasks (ftjax/tasks/: Task.batch_loss, forward_loss, logits_loss).
 
 
 # ----------------------------------------------------------------------------------------------------

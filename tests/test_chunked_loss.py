@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ftjax import lora, losses, models, optim
+from ftjax import lora, losses, models, optim, tasks
 from ftjax import params as params_lib
 from ftjax import step as step_lib
 from ftjax.config import default_config
@@ -71,12 +71,12 @@ def seq2seq_batch(rows: int = 2, source: int = 7, target: int = 9) -> dict:
 
 def loss_and_grads(model, batch: dict, task: str, chunk: int, label_smoothing: float = 0.0):
     graphdef, params, rest = params_lib.split(model)
-    options = step_lib.call_options(task, chunk)
 
     def loss(p):
-        out = params_lib.merge(graphdef, p, rest)(**step_lib.model_inputs(batch), **options)
+        loss_sum, weight, out = tasks.get(task).forward_loss(
+            params_lib.merge(graphdef, p, rest), batch, deterministic=True, label_smoothing=label_smoothing,
+            loss_chunk_tokens=chunk)
         assert ("lm_hidden" in out) == bool(chunk) and ("logits" in out) != bool(chunk)
-        loss_sum, weight = step_lib.output_loss_and_weight(out, batch, task, label_smoothing, chunk)
         return loss_sum / weight
 
     value, grads = jax.jit(jax.value_and_grad(loss))(params)
@@ -116,9 +116,10 @@ def test_lora_on_the_lm_head_applies_in_the_chunked_head_with_its_dropout():
     model.lm_head.lora_b.set_value(b)  # (zeros at init: no delta for dropout to change)
 
     def loss(deterministic):
-        out = model(**step_lib.model_inputs(batch), return_hidden=True, deterministic=deterministic,
-                    rngs=nnx.Rngs(dropout=0))
-        return float(step_lib.output_loss_and_weight(out, batch, "causal_lm", 0.0, 5)[0])
+        loss_sum, _, out = tasks.get("causal_lm").forward_loss(model, batch, deterministic=deterministic,
+                                                               rngs=nnx.Rngs(dropout=0), loss_chunk_tokens=5)
+        assert "lm_hidden" in out
+        return float(loss_sum)
 
     assert loss(False) != pytest.approx(loss(True), rel=1e-4)
 
@@ -139,11 +140,10 @@ def test_chunked_token_loss_sum_rejects_a_zero_chunk():
 
 def _temp_bytes(model, batch: dict, chunk: int) -> int:
     graphdef, params, rest = params_lib.split(model)
-    options = step_lib.call_options("causal_lm", chunk)
 
     def loss(p):
-        out = params_lib.merge(graphdef, p, rest)(**step_lib.model_inputs(batch), **options)
-        return step_lib.output_loss_and_weight(out, batch, "causal_lm", 0.0, chunk)[0]
+        return tasks.get("causal_lm").forward_loss(params_lib.merge(graphdef, p, rest), batch, deterministic=True,
+                                                   loss_chunk_tokens=chunk)[0]
 
     compiled = jax.jit(jax.value_and_grad(loss)).lower(params).compile()
     return compiled.memory_analysis().temp_size_in_bytes

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ftjax import step as step_lib
+from ftjax import tasks as tasks_lib
 from ftjax import trainer
 from ftjax.config import default_config
 from ftjax.data import packing
@@ -128,7 +128,7 @@ def test_packed_row_gives_each_document_the_logits_it_gets_alone(llama_dir):
     p = packing.pack(docs, 20, split_long=False, pad_id=1)
     assert p.segment_ids[0].max() == 3
     batch = packing.PackedBatcher(p, 1, slice(0, 1))(np.array([0]))
-    packed = model(**step_lib.model_inputs(batch))["logits"][0]
+    packed = model(**tasks_lib.model_inputs(batch))["logits"][0]
     start = 0
     for doc in docs:
         alone = model(input_ids=jnp.asarray(doc.ids)[None])["logits"][0]

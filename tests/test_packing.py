@@ -6,8 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ftjax import models
-from ftjax import step as step_lib
+from ftjax import models, tasks
 from ftjax.data import example_packing as packing
 from ftjax.data.text import Tokens
 from ftjax.tasks import classification as classification_task
@@ -61,7 +60,7 @@ def test_packed_logits_equal_unpacked_logits(tmp_path, family):
     tokens = examples(family)
     alone = np.asarray(model(**unpacked(tokens, pad))["logits"])  # [examples, C]
     batch = packed_batch(tokens, pad)
-    out = np.asarray(model(**step_lib.model_inputs(batch))["logits"])  # [rows, S, C]
+    out = np.asarray(model(**tasks.model_inputs(batch))["logits"])  # [rows, S, C]
     assert out.shape == (len(PLAN), 3, 3)
     real = PLAN >= 0
     np.testing.assert_array_equal(batch["weights"], real.astype(np.float32))
@@ -89,9 +88,9 @@ def test_packed_loss_and_confusion_count_each_example_once(tmp_path):
     model = models.from_pretrained(folder, task="classification")
     tokens = examples("bert")
     batch = packed_batch(tokens, 0)
-    logits = model(**step_lib.model_inputs(batch))["logits"]
-    loss_sum, weight = step_lib.loss_and_weight(logits, {k: jnp.asarray(v) for k, v in batch.items()},
-                                                "classification", 0.0)
+    logits = model(**tasks.model_inputs(batch))["logits"]
+    loss_sum, weight = tasks.get("classification").logits_loss(logits, {k: jnp.asarray(v) for k, v in batch.items()},
+                                                               0.0)
     alone = model(**unpacked(tokens, 0))["logits"]
     per_example = classification_task.classification_loss(alone, {"labels": jnp.asarray(LABELS)})
     assert float(weight) == len(LENGTHS)

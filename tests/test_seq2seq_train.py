@@ -113,8 +113,7 @@ def copy_dir(tmp_path_factory):
 
 
 def _build(cfg):
-    from ftjax import tasks
-    from ftjax import models
+    from ftjax import models, tasks
 
     return tasks.build_data(cfg, models.load_tokenizer(cfg.model.name_or_path))
 
@@ -202,13 +201,12 @@ def test_loss_equals_transformers_t5_loss(t5_dir, copy_dir, smoothing):
     import torch.nn.functional as F
     import transformers
 
-    from ftjax import models
-    from ftjax.step import loss_and_weight, model_inputs
+    from ftjax import models, tasks
 
     batch = next(iter(_build(s2s_config(t5_dir, copy_dir)).train_iterator()))
     model = models.from_pretrained(t5_dir, task="seq2seq", dtype="float32")
-    logits = model(**model_inputs(batch), deterministic=True)["logits"]
-    loss_sum, weight = loss_and_weight(logits, batch, "seq2seq", smoothing)
+    logits = model(**tasks.model_inputs(batch), deterministic=True)["logits"]
+    loss_sum, weight = tasks.get("seq2seq").logits_loss(logits, batch, smoothing)
     ours = float(loss_sum / weight)
     hf = transformers.T5ForConditionalGeneration.from_pretrained(t5_dir).eval()
     with torch.no_grad():
