@@ -39,6 +39,7 @@ def main() -> None:
     import numpy as np
 
     from configs.minilm_food_reviews import get_config
+    from ftjax import config as config_lib
     from ftjax import trainer
     from ftjax.tune import population
 
@@ -50,9 +51,9 @@ def main() -> None:
     overrides = {"data.max_examples": args.max_examples, "train.epochs": args.epochs, "data.max_len": args.max_len,
                  "data.buckets": 1, "train.batch_size": args.batch, "train.progress": False,
                  "train.checkpoint.async_save": False, "train.compilation_cache": "", "data.test_split": ""}
-    base = population.with_overrides(base, overrides)
+    base = config_lib.with_overrides(base, overrides)
     lrs = np.geomspace(1e-5, 3e-4, args.k)
-    cfgs = [population.with_overrides(base, {"optim.lr": float(lr), "optim.weight_decay": 0.01 * (k % 2)})
+    cfgs = [config_lib.with_overrides(base, {"optim.lr": float(lr), "optim.weight_decay": 0.01 * (k % 2)})
             for k, lr in enumerate(lrs)]
     root = tempfile.mkdtemp(prefix="ftjax_popbench_")
 

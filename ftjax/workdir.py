@@ -16,7 +16,7 @@ import ml_collections
 from absl import logging
 
 from ftjax import fileio
-from ftjax.config import ConfigError, default_config, validate
+from ftjax.config import ConfigError, default_config, set_field, validate
 from ftjax.loop import TrainingError
 
 RUN_FILE = "run.json"
@@ -113,13 +113,10 @@ def config_from_dict(saved: dict) -> ml_collections.ConfigDict:
     for field, value in BEFORE_FIELD.items():
         if field not in saved_fields:
             saved_fields[field] = value
+    known = flatten(cfg.to_dict())
     for field, value in saved_fields.items():
-        node = cfg
-        parts = field.split(".")
-        for part in parts[:-1]:
-            node = node[part]
-        if parts[-1] in node:
-            node[parts[-1]] = _tuples(value)
+        if field in known:  # a field today's config no longer has is dropped
+            set_field(cfg, field, _tuples(value))
     return validate(cfg)
 
 

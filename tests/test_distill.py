@@ -47,7 +47,7 @@ def llamas(tmp_path_factory):
 
 
 def _lm_config(student: str, corpus: str, **overrides):
-    from ftjax.tune.population import with_overrides
+    from ftjax.config import with_overrides
 
     c = default_config()
     c.model.name_or_path, c.model.task, c.model.scan_layers = student, "causal_lm", False

@@ -11,9 +11,8 @@ import pytest
 
 from ftjax import dry_run, fileio
 from ftjax import workdir as workdir_lib
-from ftjax.config import ConfigError, default_config
+from ftjax.config import ConfigError, default_config, with_overrides
 from ftjax.run import Run
-from ftjax.tune.population import with_overrides
 from tests.test_lm_data import tiny_llama
 from tests.test_main import _cli, _error_line
 

@@ -19,9 +19,8 @@ from flax import nnx
 from ftjax import averaging, dry_run, lora, main, models, optim, reinit, trainer
 from ftjax import checkpoint as checkpoint_lib
 from ftjax import params as params_lib
-from ftjax.config import ConfigError, default_config, validate
+from ftjax.config import ConfigError, default_config, validate, with_overrides
 from ftjax.run import Run
-from ftjax.tune.population import with_overrides
 from tests import tiny
 from tests.test_lm_data import tiny_llama
 

@@ -8,6 +8,7 @@ import os
 import numpy as np
 import pytest
 
+from ftjax import config as config_lib
 from ftjax import trainer
 from ftjax.callbacks import Pruning, StopAfter
 from ftjax.tune import population
@@ -31,7 +32,7 @@ MEMBERS = [
 def test_population_members_equal_their_solo_runs(model_dir, data_dir, tmp_path):
     base = tiny.tiny_config(model_dir, data_dir, **{"train.eval_every": 4, "train.log_every": 2,
                                                     "optim.freeze_layers": "embeddings"})
-    cfgs = [population.with_overrides(base, m) for m in MEMBERS]
+    cfgs = [config_lib.with_overrides(base, m) for m in MEMBERS]
     dirs = [str(tmp_path / f"member_{k}") for k in range(len(cfgs))]
     summaries = population.train_population(cfgs, str(tmp_path / "pop"), dirs)
     assert [s["status"] for s in summaries] == ["complete"] * 3
@@ -52,7 +53,7 @@ def test_population_members_equal_their_solo_runs(model_dir, data_dir, tmp_path)
 
 def test_a_stopped_member_keeps_its_state_while_the_others_train(model_dir, data_dir, tmp_path):
     base = tiny.tiny_config(model_dir, data_dir, **{"train.eval_every": 3})
-    cfgs = [population.with_overrides(base, {"optim.lr": lr}) for lr in (1e-3, 2e-3)]
+    cfgs = [config_lib.with_overrides(base, {"optim.lr": lr}) for lr in (1e-3, 2e-3)]
     dirs = [str(tmp_path / f"m{k}") for k in range(2)]
     summaries = population.train_population(cfgs, str(tmp_path / "pop"), dirs,
                                             callbacks=[Pruning(lambda k, step, val: k == 1 and step >= 3)])
@@ -64,7 +65,7 @@ def test_a_stopped_member_keeps_its_state_while_the_others_train(model_dir, data
 def test_an_interrupted_population_resumes_bit_identically(model_dir, data_dir, tmp_path):
     base = tiny.tiny_config(model_dir, data_dir, **{"train.eval_every": 3, "train.log_every": 1,
                                                     "train.checkpoint.every": 2})
-    cfgs = [population.with_overrides(base, m) for m in MEMBERS[:2]]
+    cfgs = [config_lib.with_overrides(base, m) for m in MEMBERS[:2]]
     straight = [str(tmp_path / f"straight_{k}") for k in range(2)]
     population.train_population(cfgs, str(tmp_path / "pop_straight"), straight)
     resumed = [str(tmp_path / f"resumed_{k}") for k in range(2)]
@@ -85,7 +86,7 @@ def test_an_interrupted_population_resumes_bit_identically(model_dir, data_dir, 
 ])
 def test_a_population_over_a_shape_changing_field_is_an_error(model_dir, data_dir, tmp_path, field, value, match):
     base = tiny.tiny_config(model_dir, data_dir)
-    cfgs = [base, population.with_overrides(base, {field: value})]
+    cfgs = [base, config_lib.with_overrides(base, {field: value})]
     with pytest.raises(population.PopulationError, match=match) as e:
         population.Population(cfgs, str(tmp_path))
     assert field in str(e.value)
@@ -95,4 +96,4 @@ def test_an_unknown_field_is_an_error():
     from ftjax.config import ConfigError, default_config
 
     with pytest.raises(ConfigError, match="optim.learning_rate.*not a field"):
-        population.with_overrides(default_config(), {"optim.learning_rate": 1e-3})
+        config_lib.with_overrides(default_config(), {"optim.learning_rate": 1e-3})

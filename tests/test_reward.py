@@ -27,7 +27,7 @@ def folder(tmp_path_factory):
 
 def _config(model_dir: str, data: str, **overrides):
     from configs.reward import get_config
-    from ftjax.tune.population import with_overrides
+    from ftjax.config import with_overrides
 
     c = get_config(f"model={model_dir},data={data},batch=8,max_len=32,lr=3e-3")
     c.train.steps, c.train.eval_every = 30, 10

@@ -15,9 +15,8 @@ import pytest
 from absl import flags
 
 from ftjax import main, metrics, models, tasks, trainer
-from ftjax.config import default_config
+from ftjax.config import default_config, with_overrides
 from ftjax.data import DataError
-from ftjax.tune.population import with_overrides
 from tests import tiny
 
 seqeval = pytest.importorskip("seqeval.metrics")

@@ -48,8 +48,7 @@ def sentiment_csvs(directory: str, n_train: int = 96, n_test: int = 40, seed: in
 
 def tiny_config(model_dir: str, data_dir: str, **overrides):
     """A complete config for a fast run of the tiny BERT on the sentiment CSVs."""
-    from ftjax.config import default_config
-    from ftjax.tune.population import with_overrides
+    from ftjax.config import default_config, with_overrides
 
     c = default_config()
     c.model.name_or_path = model_dir

@@ -46,7 +46,8 @@ from ftjax.config.nested import (
     validate_schedule,
 )
 from ftjax.config.readme import markdown_table
-from ftjax.config.schema import Field, Rule
+from ftjax.config.schema import Field, Rule, set_field, with_overrides
+from ftjax.config.schema import get as get_field
 
 __all__ = [
     "DTYPES",
@@ -71,15 +72,18 @@ __all__ = [
     "Rule",
     "default_config",
     "duration_to_steps",
+    "get_field",
     "group_name",
     "markdown_table",
     "parse_duration",
     "parse_layer_ranges",
     "parse_recipe_arg",
     "resolve_mesh_shape",
+    "set_field",
     "tracker_names",
     "validate",
     "validate_schedule",
+    "with_overrides",
 ]
 
 

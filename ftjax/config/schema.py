@@ -3,11 +3,13 @@ building the ConfigDict of defaults and checking a config against it."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import ml_collections
+import numpy as np
 
 from ftjax.config.checks import Check, ConfigError
 
@@ -53,16 +55,39 @@ class Rule:
 
 
 def get(root: Any, path: str) -> Any:
-    """root["a"]["b"] for "a.b"; ConfigError naming the field when it is missing."""
+    """root["a"]["b"] for "a.b"; ConfigError naming the field when the config has no such field."""
     value = root
     for key in path.split("."):
         try:
             value = value[key]
         except (KeyError, AttributeError, TypeError):
             raise ConfigError(
-                path, None, "missing: start the config from ftjax.config.default_config()"
+                path, None, "missing: not a field of the config (start it from ftjax.config.default_config(); "
+                "the README's config reference lists every field)"
             ) from None
     return value
+
+
+def set_field(root: Any, path: str, value: Any) -> None:
+    """root["a"]["b"] = value for "a.b" (numpy scalars as Python values); ConfigError naming the field when
+    the config has no such field or the value has the wrong type for it."""
+    get(root, path)
+    *parents, leaf = path.split(".")
+    node = get(root, ".".join(parents)) if parents else root
+    if isinstance(value, np.generic):
+        value = value.item()
+    try:
+        node[leaf] = value
+    except TypeError as e:
+        raise ConfigError(path, value, f"wrong type for this field ({e})") from None
+
+
+def with_overrides(cfg: ml_collections.ConfigDict, overrides: Mapping[str, Any]) -> ml_collections.ConfigDict:
+    """A copy of `cfg` with dotted fields set ({"optim.lr": 1e-4}); ConfigError for a field it does not have."""
+    out = copy.deepcopy(cfg)  # keeps typed-`object` fields (warmup: int or float)
+    for path, value in overrides.items():
+        set_field(out, path, value)
+    return out
 
 
 def as_dict(value: Any) -> dict:

@@ -12,9 +12,9 @@ import numpy as np
 from absl import logging
 
 from ftjax import fileio
-from ftjax.config import ConfigError
+from ftjax.config import ConfigError, with_overrides
 from ftjax.loop import Callback, Loop, fit
-from ftjax.tune.population import Population, with_overrides
+from ftjax.tune.population import Population
 from ftjax.workdir import LR_FIND_FILE
 
 matplotlib.use("Agg")  # files only, no display; before pyplot is imported

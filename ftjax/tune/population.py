@@ -58,33 +58,6 @@ class PopulationError(ConfigError):
     """A population cannot be built from this search space or config."""
 
 
-def get_field(cfg: ml_collections.ConfigDict, field: str) -> Any:
-    node = cfg
-    for part in field.split("."):
-        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
-            raise ConfigError(field, None, "is not a field of the config (see ftjax/config.py default_config())")
-        node = node[part]
-    return node
-
-
-def with_overrides(cfg: ml_collections.ConfigDict, overrides: dict[str, Any]) -> ml_collections.ConfigDict:
-    """A copy of `cfg` with dotted fields set; ConfigError for a field the config does not have."""
-    out = copy.deepcopy(cfg)  # keeps typed-`object` fields (warmup: int or float)
-    for field, value in overrides.items():
-        get_field(out, field)
-        node = out
-        parts = field.split(".")
-        for part in parts[:-1]:
-            node = node[part]
-        if isinstance(value, np.generic):
-            value = value.item()
-        try:
-            node[parts[-1]] = value
-        except TypeError as e:
-            raise ConfigError(field, value, f"wrong type for this field ({e})") from None
-    return out
-
-
 def check_population_fields(fields: list[str]) -> None:
     for field in fields:
         if field in POPULATION_FIELDS:
@@ -304,16 +277,7 @@ class Population:
 
 
 def _differing_fields(cfgs: list[ml_collections.ConfigDict]) -> list[str]:
-    def flat(d, prefix=""):
-        out = {}
-        for k, v in d.items():
-            if isinstance(v, dict):
-                out.update(flat(v, f"{prefix}{k}."))
-            else:
-                out[f"{prefix}{k}"] = v
-        return out
-
-    flats = [flat(c.to_dict()) for c in cfgs]
+    flats = [flatten(c) for c in cfgs]
     return sorted({k for f in flats[1:] for k in f if f.get(k) != flats[0].get(k)})
 
 

@@ -13,8 +13,8 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from ftjax.config import ConfigError
-from ftjax.tune.population import check_population_fields, get_field
+from ftjax.config import ConfigError, get_field
+from ftjax.tune.population import check_population_fields
 
 SAMPLERS = ("grid", "random", "tpe")
 PRUNERS = ("none", "median", "successive_halving", "hyperband")

@@ -17,11 +17,10 @@ from absl import logging
 from ftjax import config as config_lib
 from ftjax import trainer
 from ftjax.callbacks import Pruning
-from ftjax.config import ConfigError
+from ftjax.config import ConfigError, with_overrides
 from ftjax.data import DataError
 from ftjax.loop import TrainingError
 from ftjax.tune import population
-from ftjax.tune.population import with_overrides
 from ftjax.tune.report import progress_line, write_report
 from ftjax.tune.space import SweepError, SweepSpec, grid_values, suggest, validate_spec
 from ftjax.tune.study import Heartbeat, counts, open_study, recover_orphans
