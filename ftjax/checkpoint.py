@@ -17,9 +17,10 @@ from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
 
 from ftjax import fileio
+from ftjax.errors import UserError
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint can't be read or doesn't match the state; the message names the directory and the fix."""
 
 

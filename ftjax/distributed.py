@@ -18,6 +18,8 @@ import numpy as np
 from absl import flags, logging
 from jax.experimental import multihost_utils
 
+from ftjax.errors import UserError
+
 try:  # A private JAX helper (TPU chips on the PCI bus); when it moves, `_on_tpu_vm` assumes no TPU.
     from jax._src import hardware_utils
 except ImportError:
@@ -45,7 +47,7 @@ CPU_DEVICES = flags.DEFINE_integer(
 _PORT_BASE = 65535 - 2**12 + 1
 
 
-class DistributedConfigError(ValueError):
+class DistributedConfigError(UserError, ValueError):
     """Multi-process settings are missing or inconsistent; the message names the flag/variable and the fix."""
 
 

@@ -22,10 +22,11 @@ from ftjax import params as params_lib
 from ftjax import sharding as sharding_lib
 from ftjax import workdir as workdir_lib
 from ftjax.config import remat_policy
+from ftjax.errors import UserError
 from ftjax.models import quantized
 
 
-class TopologyError(ValueError):
+class TopologyError(UserError, ValueError):
     """--topology names no slice ftjax can plan for (the message lists the valid names)."""
 
 
@@ -480,7 +481,7 @@ def report(run: Any, result: dict[str, Any] | None = None) -> str:
         lines += summary_lines(result)
         lines.append(f"plan: {fileio.path(run.workdir) / workdir_lib.DRY_RUN_FILE}")
     if run.primary:
-        path = os.path.join(run.workdir, "plots", "lr_schedule.png")
+        path = os.path.join(run.workdir, workdir_lib.PLOTS_DIR, workdir_lib.LR_SCHEDULE_PLOT)
         run.optimizer.plot_lr(path)
         lines.append(f"LR schedule plot: {path}")
     return "\n".join(lines)

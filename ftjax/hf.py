@@ -26,6 +26,7 @@ from safetensors.numpy import save, save_file
 from transformers import AutoConfig, AutoTokenizer
 
 from ftjax import fileio
+from ftjax.errors import UserError
 
 SAFETENSORS = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -34,7 +35,7 @@ PYTORCH_BIN_INDEX = "pytorch_model.bin.index.json"
 _TRUE = ("1", "true", "yes", "on")
 
 
-class ModelLoadError(Exception):
+class ModelLoadError(UserError):
     """Base of every error loading or saving a model; each subclass is a ValueError or FileNotFoundError."""
 
 
@@ -50,7 +51,7 @@ class HubOfflineError(ModelFolderError):
     """A hub id was given but the hub cannot be reached (offline mode or no network)."""
 
 
-class CheckpointError(ModelLoadError, ValueError):
+class WeightsError(ModelLoadError, ValueError):
     """A weights file is unreadable, truncated, pickled without permission, or has a wrong tensor shape."""
 
 
@@ -177,11 +178,11 @@ def _header(path: str) -> dict[str, Any]:
             except (json.JSONDecodeError, UnicodeDecodeError):
                 header = None
     if not isinstance(header, dict):
-        raise CheckpointError(f"{path} is not a valid safetensors file (bad or truncated header); re-download it")
+        raise WeightsError(f"{path} is not a valid safetensors file (bad or truncated header); re-download it")
     header.pop("__metadata__", None)
     end = max((v["data_offsets"][1] for v in header.values()), default=0)
     if 8 + n + end > size:
-        raise CheckpointError(
+        raise WeightsError(
             f"{path} is truncated: {size} bytes, but its header needs {8 + n + end}; re-download or re-save it"
         )
     return header
@@ -193,7 +194,7 @@ def _read_torch_bin(path: str) -> dict[str, np.ndarray]:
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for damaged or unsafe files.
-        raise CheckpointError(f"{path} cannot be loaded with torch.load(weights_only=True): {e}") from e
+        raise WeightsError(f"{path} cannot be loaded with torch.load(weights_only=True): {e}") from e
     out = {}
     for k, v in sd.items():
         v = v.detach().cpu()
@@ -253,7 +254,7 @@ class Weights:
             with safe_open(path, framework="numpy") as f:
                 return f.get_tensor(key)
         except (SafetensorError, OSError) as e:
-            raise CheckpointError(f"{path} cannot be read as safetensors ({e}); re-download or re-save it") from e
+            raise WeightsError(f"{path} cannot be read as safetensors ({e}); re-download or re-save it") from e
 
 
 def weight_files(folder: str, allow_pickle: bool = False) -> list[str]:
@@ -270,7 +271,7 @@ def weight_files(folder: str, allow_pickle: bool = False) -> list[str]:
             "pass a folder with model weights"
         )
     if not allow_pickle:
-        raise CheckpointError(
+        raise WeightsError(
             f"{folder!r} only has a pickled {PYTORCH_BIN}; pass allow_pickle=True (model.allow_pickle) to "
             "load it with torch.load(weights_only=True), or convert it to safetensors"
         )
@@ -280,12 +281,6 @@ def weight_files(folder: str, allow_pickle: bool = False) -> list[str]:
 def open_weights(folder: str, allow_pickle: bool = False) -> Weights:
     """The checkpoint of an HF folder, ready to be read one tensor at a time (safetensors first)."""
     return Weights.open(weight_files(folder, allow_pickle))
-
-
-def load_weights(folder: str, allow_pickle: bool = False) -> tuple[dict[str, np.ndarray], list[str]]:
-    """(HF state dict as numpy arrays, the files read): the whole checkpoint in host memory at once."""
-    weights = open_weights(folder, allow_pickle)
-    return {key: weights.read(key) for key in weights.names()}, weights.files
 
 
 # ---- writing: exports go to a temp folder beside the target and are renamed into place when complete.

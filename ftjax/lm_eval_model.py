@@ -21,6 +21,7 @@ from flax import nnx
 from ftjax import fileio, hf, models
 from ftjax import params as params_lib
 from ftjax import workdir as workdir_lib
+from ftjax.errors import UserError
 from ftjax.generate import generate_ids
 
 try:
@@ -41,7 +42,7 @@ DEFAULT_MAX_GEN_TOKS = 256  # lm-eval's HF backend's
 MIN_BUCKET = 16  # scored rows are right-padded to a power of two >= this (capped at max_length)
 
 
-class LMEvalError(ValueError):
+class LMEvalError(UserError, ValueError):
     """A user error of --lm_eval: the package missing, an unknown task, a run that is not a causal LM."""
 
 

@@ -21,6 +21,7 @@ from ml_collections import config_flags
 
 from ftjax import (
     averaging,
+    cli_flags,
     distributed,  # registers --coordinator_address, --num_processes, --process_id, --cpu_devices
     dry_run,
     fileio,
@@ -29,17 +30,14 @@ from ftjax import (
     models,
     trainer,
 )
-from ftjax import cli_flags
 from ftjax import workdir as workdir_lib
 from ftjax.cli_flags import fail, recipes
-from ftjax.checkpoint import Checkpointer, CheckpointError
-from ftjax.config import ConfigError
-from ftjax.data import DataError
 from ftjax.distributed import DistributedConfigError
+from ftjax.errors import UserError
 from ftjax.loop import TrainingError
-from ftjax.models import ModelLoadError
+from ftjax.reporting import compare
 from ftjax.run import Run
-from ftjax.tune import compare, diagnose, lr_find, space, sweep
+from ftjax.tune import diagnose, lr_find, space, sweep
 from ftjax.tune.report import REPORT
 
 MODES = ("train", "eval", "export", "dry_run", "sweep", "lr_find", "compare", "diagnose")
@@ -80,16 +78,17 @@ _COMPARE_OUT = flags.DEFINE_string("compare_out", None, "--mode=compare: report 
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions a user can cause; they end the run with their message, not a traceback."""
-    return (ConfigError, DataError, DistributedConfigError, ModelLoadError, TrainingError, CheckpointError,
-            FileNotFoundError, FileExistsError, NotADirectoryError, compare.CompareError, dry_run.TopologyError)
+    # Every ftjax user error is a UserError but loop.TrainingError (for now); the OS's own errors about a path
+    # the user gave (a missing recipe, workdir or file) are user errors too.
+    return (UserError, TrainingError, FileNotFoundError, FileExistsError, NotADirectoryError)
 
 
 def _restore_for_inference(run: Run, workdir: str) -> tuple[int, str, Any]:
     """(step, why that step, params) of the best checkpoint by the early-stopping metric (or --step),
     opened read-only: a training run writing beside it loses nothing."""
     es = run.cfg.train.early_stop
-    ckpt = Checkpointer(fileio.path(workdir) / "checkpoints", keep=1, best_metric=f"val_{es.metric}",
-                        best_mode=es.mode, async_save=False, primary_host=run.primary, read_only=True)
+    ckpt = workdir_lib.checkpointer(workdir, run.cfg, metric=es.metric, mode=es.mode, primary=run.primary,
+                                    read_only=True)
     try:
         if _STEP.value is not None:
             step, why = _STEP.value, "--step"
@@ -128,7 +127,7 @@ def _lr_find(cfg, workdir: str) -> dict:
     result = lr_find.lr_find(cfg, workdir, lr_min=_LR_MIN.value, lr_max=_LR_MAX.value, steps=_LR_STEPS.value,
                              population=_POPULATION.value)
     s = result["suggestion"]
-    print(f"suggested lr: {s['lr']:.3g} ({s['method']}); plot: {os.path.join(workdir, 'lr_find.png')}")
+    print(f"suggested lr: {s['lr']:.3g} ({s['method']}); plot: {os.path.join(workdir, workdir_lib.LR_FIND_PLOT)}")
     return result
 
 
@@ -180,7 +179,7 @@ def _export(cfg, workdir: str) -> dict:
     """An HF folder (LoRA adapters merged in), plus the adapter alone in PEFT format under adapter/."""
     run = Run(cfg, workdir, purpose="export")
     step, why, params = _restore_for_inference(run, workdir)
-    out = _EXPORT_DIR.value or str(fileio.path(workdir) / "export")
+    out = _EXPORT_DIR.value or str(fileio.path(workdir) / workdir_lib.EXPORT_DIR)
     # With params sharded over several hosts no process holds them whole: gather them to every process.
     params = multihost_utils.process_allgather(params, tiled=True) if jax.process_count() > 1 else (
         jax.device_get(params))

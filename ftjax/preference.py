@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from ftjax import losses as losses_lib
+from ftjax.data.structure import model_inputs
 
 LOSSES = ("dpo", "ipo", "hinge", "orpo", "simpo")
 REFERENCE_FREE = ("orpo", "simpo")  # their loss reads the policy alone: no reference forward
@@ -137,7 +138,7 @@ def objective_of(cfg: Any) -> Objective:
 
 def pair_inputs(batch: dict) -> dict:
     """The model inputs of a batch of pairs: [B, 2, L] -> [2B, L] rows (pair b's chosen at 2b, rejected at 2b+1)."""
-    return {k: batch[k].reshape(-1, batch[k].shape[-1]) for k in ("input_ids", "attention_mask")}
+    return {k: v.reshape(-1, v.shape[-1]) for k, v in model_inputs(batch).items()}
 
 
 def _split(lp: LogProbs) -> tuple[LogProbs, LogProbs]:

@@ -12,6 +12,7 @@ from absl import logging
 
 from ftjax import distributed, fileio
 from ftjax import sharding as sharding_lib
+from ftjax import workdir as workdir_lib
 from ftjax.callbacks import (
     Checkpoint,
     EarlyStopping,
@@ -26,17 +27,18 @@ from ftjax.callbacks import (
     trackers,
 )
 from ftjax.callbacks.averaging import AveragedEvaluate
+from ftjax.callbacks.cadence import Every
 from ftjax.callbacks.forgetting import Forgetting
 from ftjax.callbacks.metric_log import FAILED
-from ftjax.callbacks.plots import plot_run
 from ftjax.callbacks.profiling import ProfileTrace
 from ftjax.callbacks.samples import LMSamples
 from ftjax.callbacks.seq2seq_eval import Seq2SeqEval
 from ftjax.callbacks.throughput import Throughput
 from ftjax.checkpoint import Checkpointer
 from ftjax.loop import PRUNED, STOPPED_EARLY, Callback, Loop, fit
+from ftjax.reporting.plots import plot_run
 from ftjax.run import Run
-from ftjax.workdir import RUN_FILE, WorkdirLock, check_workdir_path
+from ftjax.workdir import WorkdirLock, check_workdir_path
 
 
 class SoloStepper:
@@ -89,53 +91,70 @@ class Precompile(Callback):
 
 
 def open_checkpointer(run: Run, metric: str | None, mode: str = "min") -> Checkpointer:
-    c = run.cfg.train.checkpoint
-    return Checkpointer(fileio.path(run.workdir) / "checkpoints", keep=c.keep,
-                        best_metric=f"val_{metric}" if metric else None, best_mode=mode,
-                        async_save=c.async_save, primary_host=run.primary)
+    """`workdir.checkpointer` for a Run (tune/population.py's call; new code calls workdir.checkpointer)."""
+    return workdir_lib.checkpointer(run.workdir, run.cfg, metric=metric, mode=mode, primary=run.primary)
 
 
 def _forgetting_on(cfg: Any) -> bool:
     return bool(cfg.forgetting.monitors or cfg.forgetting.retain)
 
 
+class StandardCallbacks(list):
+    """The standard callbacks in the order they act (a list: `fit` takes it as it is), with handles on those
+    the end of a run reads: `logger` (MetricLogger), `early` (EarlyStopping), `checkpoint` (Checkpoint),
+    `throughput` (Throughput) and `forgetting` (Forgetting; None unless a solo run monitors forgetting)."""
+
+    def __init__(self, callbacks: list[Callback], *, logger: MetricLogger, early: EarlyStopping,
+                 checkpoint: Checkpoint, throughput: Throughput, forgetting: Forgetting | None):
+        super().__init__(callbacks)
+        self.logger, self.early, self.checkpoint = logger, early, checkpoint
+        self.throughput, self.forgetting = throughput, forgetting
+
+
 def standard_callbacks(
     run: Run, ckpt: Checkpointer, member_dirs: list[str], *, metric: str, mode: str, solo: bool,
-    extra: list[Callback] = (),
-) -> list[Callback]:
+    extra: list[Callback] = (), t_start: float | None = None,
+) -> StandardCallbacks:
     """The callbacks of a training run, in the order they act on an event: evaluate (+ seq2seq generation
-    metrics), the NaN guard, log,
-    the forgetting monitors (solo runs), early stopping, the overfit warning, `extra` (e.g. sweep pruning),
-    LM samples, precompile, progress, then the checkpoint (which saves the decisions above) and the SIGTERM
-    save."""
+    metrics, the EMA / SWA weights' evaluation), the NaN guard, log, the forgetting monitors (solo runs), early
+    stopping, the overfit warning, `extra` (e.g. sweep pruning), LM samples, throughput, precompile, the profiler
+    trace, progress, then the checkpoint (which saves the decisions above) and the SIGTERM save. Cadences are
+    given here (`Every`). `t_start`: when the run started (time to first step; default: the loop's start)."""
     t, members = run.cfg.train, len(member_dirs)
     logger = MetricLogger(member_dirs, t.log_every, enabled=run.primary,  # + train.trackers, on process 0
                           trackers=trackers.build(run.cfg, member_dirs, solo) if run.primary else None)
-    checkpoint = Checkpoint(ckpt, every=t.checkpoint.every)
-    callbacks: list[Callback] = [
+    checkpoint = Checkpoint(ckpt)
+    evaluate = [
         Evaluate(run.eval_every),
         *Seq2SeqEval.for_run(run, member_dirs),  # seq2seq: adds bleu/chrf/rouge to the validation results
-        *([AveragedEvaluate(run, run.eval_every)] if solo and run.averaging.on else []),
-        NanGuard(raise_error=solo, last_checkpoint=checkpoint.last_good),
+        *([Every(AveragedEvaluate(run), run.eval_every)] if solo and run.averaging.on else []),
+    ]
+    forgetting = Forgetting(run, logger) if solo and _forgetting_on(run.cfg) else None  # writes via the logger
+    early = EarlyStopping(metric, mode, t.early_stop.patience, t.early_stop.min_delta, members)
+    progress = ProgressBar(enabled=run.primary and t.progress, metric=metric)
+    throughput = Throughput.for_run(run, t_start, logger=logger, progress=progress)
+    callbacks: list[Callback] = [
+        *evaluate,
+        NanGuard(raise_error=solo, last_checkpoint=checkpoint.last_good, logger=logger),
         logger,
-        *([Forgetting(run, logger)] if solo and _forgetting_on(run.cfg) else []),  # writes via the logger
-        EarlyStopping(metric, mode, t.early_stop.patience, t.early_stop.min_delta, members),
+        *([forgetting] if forgetting is not None else []),
+        early,
         OverfitWarning(logger, t.overfit_patience, members),
         *extra,
     ]
     lm = run.cfg.data.lm
-    prompts = list(getattr(run.data, "sample_prompts", []))[: lm.num_samples]
+    prompts = run.data.sample_prompts[: lm.num_samples]
     if run.cfg.model.task == "causal_lm" and prompts:
         callbacks.append(LMSamples(run, member_dirs, prompts, lm.sample_max_new_tokens, enabled=run.primary))
-    callbacks.append(Throughput.for_run(run))  # before Precompile: it times the compiles
+    callbacks.append(throughput)  # before Precompile: it times the compiles
     if t.precompile:
         callbacks.append(Precompile())
     profile = profiling.parse(t.profile)
     if profile is not None:
         callbacks.append(ProfileTrace(member_dirs[0], *profile, enabled=run.primary))
-    callbacks += [ProgressBar(enabled=run.primary and t.progress, metric=metric), checkpoint,
-                  Preemption(checkpoint)]
-    return callbacks
+    callbacks += [progress, Every(checkpoint, t.checkpoint.every, at_end=False), Preemption(checkpoint)]
+    return StandardCallbacks(callbacks, logger=logger, early=early, checkpoint=checkpoint, throughput=throughput,
+                             forgetting=forgetting)
 
 
 def train(
@@ -153,24 +172,21 @@ def train(
     lock = hold_workdir(workdir)
     run = Run(cfg, workdir, devices=devices)
     es = cfg.train.early_stop
-    ckpt = open_checkpointer(run, es.metric, es.mode)
+    ckpt = workdir_lib.checkpointer(workdir, cfg, metric=es.metric, mode=es.mode, primary=run.primary)
     extra = list(callbacks) + ([StopAfter(stop_after)] if stop_after is not None else [])
-    cbs = standard_callbacks(run, ckpt, [workdir], metric=es.metric, mode=es.mode, solo=True, extra=extra)
-    logger = next(cb for cb in cbs if isinstance(cb, MetricLogger))
+    cbs = standard_callbacks(run, ckpt, [workdir], metric=es.metric, mode=es.mode, solo=True, extra=extra,
+                             t_start=t_start)
     if run.primary:
-        run.optimizer.plot_lr(fileio.path(workdir) / "plots" / "lr_schedule.png")
+        run.optimizer.plot_lr(fileio.path(workdir) / workdir_lib.PLOTS_DIR / workdir_lib.LR_SCHEDULE_PLOT)
     logging.info("%d steps (%d per epoch), eval every %d, global batch %d", run.total_steps,
                  run.steps_per_epoch, run.eval_every, cfg.train.batch_size)
     try:
-        throughput = next(cb for cb in cbs if isinstance(cb, Throughput))
-        throughput.t_start = t_start
-        loop = fit(SoloStepper(run), throughput.watch(run.data.train_iterator), cbs)
+        loop = fit(SoloStepper(run), cbs.throughput.watch(run.data.train_iterator), cbs)
         if loop.interrupted:
             return {"interrupted_at": loop.step}
-        early = next(cb for cb in cbs if isinstance(cb, EarlyStopping))
-        return finish(run, ckpt, loop, early, t_start)
+        return finish(run, ckpt, loop, cbs, t_start)
     finally:
-        logger.end(FAILED)  # the trackers' runs of a run that raised; after finish or an interruption, nothing
+        cbs.logger.end(FAILED)  # the trackers' runs of a run that raised; after finish or an interruption, nothing
         ckpt.close()
         lock.release()
 
@@ -184,7 +200,7 @@ def hold_workdir(workdir: str) -> WorkdirLock:
     return lock
 
 
-def finish(run: Run, ckpt: Checkpointer, loop: Loop, early: EarlyStopping, t_start: float) -> dict[str, Any]:
+def finish(run: Run, ckpt: Checkpointer, loop: Loop, cbs: StandardCallbacks, t_start: float) -> dict[str, Any]:
     """Restores the best checkpoint, evaluates it on validation (and test), writes summary.json + plots and
     ends the trackers' runs with them.
     When the best step is not the last, the last weights are scored on test first (summary["last"]): what
@@ -197,7 +213,7 @@ def finish(run: Run, ckpt: Checkpointer, loop: Loop, early: EarlyStopping, t_sta
         if run.data.has_split("test"):
             last = {"step": loop.step, "test": run.evaluate("test")}
         run.state, _ = ckpt.restore(best, run.abstract_state())
-    stopper = early.stoppers[0]
+    stopper = cbs.early.stoppers[0]
     status = loop.status[0]
     summary: dict[str, Any] = {
         "status": status,
@@ -210,7 +226,7 @@ def finish(run: Run, ckpt: Checkpointer, loop: Loop, early: EarlyStopping, t_sta
         "data_stats": run.data.stats,
         "val": run.evaluate("validation"),
     }
-    writer = next(cb for cb in loop.callbacks if isinstance(cb, MetricLogger)).writers[0]
+    writer = cbs.logger.writers[0]
     if run.data.has_split("test"):
         summary["test"] = run.evaluate("test")
         writer.write(loop.step, "test", summary["test"])
@@ -220,16 +236,14 @@ def finish(run: Run, ckpt: Checkpointer, loop: Loop, early: EarlyStopping, t_sta
     summary["timing"] = {**loop.timing, "wall_seconds": time.time() - t_start,
                          # Real (non-padding) examples over the training loop's wall time, evaluation excluded.
                          "train_examples_per_second": loop.examples_per_second()}
-    throughput = next((cb for cb in loop.callbacks if isinstance(cb, Throughput)), None)
-    if throughput is not None:
-        summary["perf"] = throughput.perf()
-    forgetting = next((cb for cb in loop.callbacks if isinstance(cb, Forgetting)), None)
-    if forgetting is not None:
-        summary["forgetting"] = forgetting.summary()
+    summary["perf"] = cbs.throughput.perf()
+    if cbs.forgetting is not None:
+        summary["forgetting"] = cbs.forgetting.summary()
     if run.primary:
         folder = fileio.path(run.workdir)
-        fileio.write_json(folder / "summary.json", summary)
+        fileio.write_json(folder / workdir_lib.SUMMARY_FILE, summary)
         plot_run(run.workdir)
         # The trackers' end: TensorBoard's HParams view; MLflow / W&B get the summary and these files.
-        writer.end(summary, [*sorted((folder / "plots").glob("*.png")), folder / "summary.json", folder / RUN_FILE])
+        writer.end(summary, [*sorted((folder / workdir_lib.PLOTS_DIR).glob("*.png")),
+                             folder / workdir_lib.SUMMARY_FILE, folder / workdir_lib.RUN_FILE])
     return summary

@@ -1,7 +1,8 @@
 """A run's workdir is its source of truth. WORKDIR/run.json holds the resolved config, the data
 fingerprint, the model identity and the experiment trackers' run ids, so eval, export and dry_run need nothing
 but the workdir and a resume continues the same MLflow / W&B run; a rerun compares against it (the resume
-policy below); a lock file keeps a second trainer out."""
+policy below); a lock file keeps a second trainer out. This module names every file and folder of a workdir
+(the layout below: nobody else spells them) and opens its checkpoints (`checkpointer`)."""
 
 from __future__ import annotations
 
@@ -14,22 +15,54 @@ from typing import Any
 
 import ml_collections
 from absl import logging
+from etils import epath
 
 from ftjax import fileio
+from ftjax.checkpoint import Checkpointer
 from ftjax.config import ConfigError, default_config, set_field, validate
 from ftjax.loop import TrainingError
 
-RUN_FILE = "run.json"
-LOCK_FILE = "train.lock"
-TRACKERS_KEY = "trackers"  # run.json: {"mlflow": {"run_id": ...}, "wandb": {"id": ...}} (callbacks/trackers.py)
+# The layout. A solo run's WORKDIR, and each population member's folder (MEMBER_DIR: metrics, tb, plots,
+# samples, summary and MEMBER_CONFIG_FILE; the population's checkpoints and lock are in its WORKDIR).
+RUN_FILE = "run.json"  # solo runs: config, data fingerprint, model identity, data stats, resumes, tracker ids
+LOCK_FILE = "train.lock"  # the trainer holding the workdir (WorkdirLock)
+CHECKPOINTS_DIR = "checkpoints"  # orbax: last k + best (ftjax.checkpoint; opened by `checkpointer`)
+METRICS_FILE = "metrics.jsonl"  # every logged scalar (callbacks/metric_log.py)
+TB_DIR = "tb"  # TensorBoard events, the HParams view and profiler traces (train.profile)
+PLOTS_DIR = "plots"  # PNGs of the run (reporting/plots.py), its LR schedule and its diagnosis
+LR_SCHEDULE_PLOT = "lr_schedule.png"  # in PLOTS_DIR: the LR of each param group over the run (train, dry_run)
+SAMPLES_DIR = "samples"  # generations at each eval: LM samples, seq2seq eval outputs (`samples_file`)
+SUMMARY_FILE = "summary.json"  # a finished run's final numbers (trainer.finish; a population member's too)
+MEMBER_CONFIG_FILE = "config.json"  # a population member's flat config (it has no run.json)
+EVAL_FILE = "eval.json"  # --mode=eval: the checkpoint's val/test metrics, and lm-eval's under LM_EVAL_KEY
+EXPORT_DIR = "export"  # --mode=export's default --export_dir: the HF folder (+ adapter/ with LoRA)
 DRY_RUN_FILE = "dry_run.json"  # --mode=dry_run: the plan (per-chip memory, fits, compile time, FLOPs)
-SUMMARY_FILE = "summary.json"  # a finished run's final numbers (trainer.finish)
 LR_FIND_FILE = "lr_find.json"  # --mode=lr_find: the range test's losses and suggested LR
-PLOTS_DIR = "plots"  # PNGs of the run (callbacks/plots.py) and of its diagnosis
+LR_FIND_PLOT = "lr_find.png"  # --mode=lr_find: the loss over the LR ramp
 DIAGNOSIS_FILE = "diagnosis.md"  # --mode=diagnose: the findings, their evidence, plots and flags to change
 DIAGNOSIS_JSON = "diagnosis.json"  # the same as data
-EVAL_FILE = "eval.json"  # --mode=eval: the checkpoint's val/test metrics, and lm-eval's under LM_EVAL_KEY
+TRACKERS_KEY = "trackers"  # run.json: {"mlflow": {"run_id": ...}, "wandb": {"id": ...}} (callbacks/trackers.py)
 LM_EVAL_KEY = "lm_eval"  # --mode=eval --lm_eval=TASKS: lm-evaluation-harness results (ftjax/lm_eval_model.py)
+
+
+def checkpoints_dir(workdir: fileio.PathLike) -> epath.Path:
+    return fileio.path(workdir) / CHECKPOINTS_DIR
+
+
+def samples_file(member_dir: fileio.PathLike, step: int) -> epath.Path:
+    """MEMBER_DIR/samples/step_<step>.jsonl: the generations of the eval at `step`."""
+    return fileio.path(member_dir) / SAMPLES_DIR / f"step_{step:06d}.jsonl"
+
+
+def checkpointer(workdir: fileio.PathLike, cfg: ml_collections.ConfigDict, *, metric: str | None = None,
+                 mode: str = "min", primary: bool = True, read_only: bool = False) -> Checkpointer:
+    """The Checkpointer of WORKDIR/checkpoints: train.checkpoint's retention and async saving, the best step
+    ranked by val_`metric` (None: unranked, as a population's). `read_only`: eval / export beside a training
+    run (nothing created or deleted, synchronous)."""
+    c = cfg.train.checkpoint
+    return Checkpointer(checkpoints_dir(workdir), keep=1 if read_only else c.keep,
+                        best_metric=f"val_{metric}" if metric else None, best_mode=mode,
+                        async_save=False if read_only else c.async_save, primary_host=primary, read_only=read_only)
 
 # The resume policy: fields that may change when a run is resumed, and what the change does. Every other
 # field is fixed for the life of the run (model, data, batch size, seed, optimizer, schedule shape ...).
@@ -133,7 +166,7 @@ def model_identity(name_or_path: str) -> dict[str, Any]:
 
 
 def has_checkpoint(workdir: str) -> bool:
-    folder = fileio.path(workdir) / "checkpoints"
+    folder = checkpoints_dir(workdir)
     return folder.exists() and any(p.name.isdigit() for p in folder.iterdir())
 
 

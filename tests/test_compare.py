@@ -18,9 +18,11 @@ from tensorboardX.proto import event_pb2, plugin_hparams_pb2
 
 from ftjax import fileio
 from ftjax.callbacks import EarlyStopping, MetricWriter
-from ftjax.callbacks.hparams import SEVEN, HParams, write_hparams
+from ftjax.callbacks.hparams import HParams
 from ftjax.config import default_config
-from ftjax.tune import compare, report, space
+from ftjax.reporting import compare
+from ftjax.reporting.hparams import SEVEN, write_hparams
+from ftjax.tune import report, space
 from ftjax.workdir import flatten
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

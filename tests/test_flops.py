@@ -285,8 +285,9 @@ def test_throughput_callback_logs_mfu_and_follows_the_trainable_set(tmp_path):
         return flops.StepFlops(1e6 * shape.tokens, 2e6 * shape.tokens * len(trainable))
 
     trainable_at = lambda step: frozenset({"a"} if step < 6 else {"a", "b"})  # unfreezes at 6
-    cb = Throughput(count, trainable_at, flops.Shape(4, 8), log_every=5, peak=(1e12, "test peak"))
     logger, bar = MetricLogger([str(tmp_path)], log_every=5), ProgressBar(enabled=False)
+    cb = Throughput(count, trainable_at, flops.Shape(4, 8), log_every=5, peak=(1e12, "test peak"), logger=logger,
+                    progress=bar)
     fit(_ToyStepper(), cb.watch(_batches), [logger, cb, bar])
     assert {t for t, _ in seen} == {frozenset({"a"}), frozenset({"a", "b"})} and len(seen) == 2  # cached
     assert seen[0][1] == flops.Shape(4, 8, segment_lengths=(8, 8, 8, 8))  # the watched batch's real tokens

@@ -14,7 +14,7 @@ import pytest
 from ftjax import tasks as tasks_lib
 from ftjax import trainer
 from ftjax.config import default_config
-from ftjax.data import packing
+from ftjax.data import document_packing as packing
 from ftjax.tasks import causal_lm as causal_lm_task
 
 CORPUS = [

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from ftjax.callbacks import EarlyStopper, MetricWriter, OverfitMonitor, Progress, read_metrics
-from ftjax.callbacks.plots import plot_run
 from ftjax import tasks
 from ftjax.config import TASKS
 from ftjax.metrics import confusion_metrics
+from ftjax.reporting.plots import plot_run
 
 
 def _confusion(labels, preds, weights, num_labels):

@@ -385,20 +385,20 @@ def test_truncated_safetensors(tmp_path):
     path = os.path.join(folder, "model.safetensors")
     with open(path, "rb+") as f:
         f.truncate(os.path.getsize(path) - 1000)
-    with pytest.raises(models.CheckpointError, match="model.safetensors is truncated"):
+    with pytest.raises(models.WeightsError, match="model.safetensors is truncated"):
         models.from_pretrained(folder)
 
 
 def test_wrong_tensor_shape_names_tensor_and_shapes(tmp_path):
     folder = save_tiny(tmp_path, "bert", "classification", num_labels=3)
-    with pytest.raises(models.CheckpointError,
+    with pytest.raises(models.WeightsError,
                        match=r"'classifier.weight' has shape \(3, 32\) in the checkpoint.*expects \(5, 32\)"):
         models.from_pretrained(folder, task="classification", num_labels=5)
 
 
 def test_pickle_refused_without_allow_pickle(tmp_path):
     folder = _pickle_only(tmp_path)
-    with pytest.raises(models.CheckpointError, match="allow_pickle=True"):
+    with pytest.raises(models.WeightsError, match="allow_pickle=True"):
         models.from_pretrained(folder)
 
 

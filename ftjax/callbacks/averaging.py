@@ -11,16 +11,13 @@ from ftjax.loop import Callback, Loop
 
 
 class AveragedEvaluate(Callback):
-    """List it right after `Evaluate` with the same `every`; SWA is evaluated once it has a snapshot."""
+    """List it right after `Evaluate`, registered with the same cadence (`Every(AveragedEvaluate(run),
+    eval_every)`): each after_step it gets evaluates; SWA is evaluated once it has a snapshot."""
 
-    def __init__(self, run: Any, every: int):
-        if every < 1:
-            raise ValueError(f"AveragedEvaluate every={every}: need >= 1 step")
-        self.run, self.every = run, every
+    def __init__(self, run: Any):
+        self.run = run
 
     def after_step(self, loop: Loop) -> None:
-        if loop.step % self.every and not loop.at_end:
-            return
         for kind in self.run.averaging.kinds:
             params = averaging.params_for(self.run.state, kind)
             if params is None:

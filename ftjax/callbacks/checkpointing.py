@@ -1,6 +1,7 @@
 """Checkpoints of the loop: the stepper's state plus everything a resumed run needs (data position,
-member status, timing, every callback's state), saved at each eval (ranked by the validation metric),
-every `every` steps, and on SIGTERM; restored before the loop starts."""
+member status, timing, every callback's state), saved at each eval (ranked by the validation metric), at
+each after_step it gets (registered `Every(checkpoint, train.checkpoint.every, at_end=False)`), and on SIGTERM;
+restored before the loop starts."""
 
 from __future__ import annotations
 
@@ -18,8 +19,8 @@ class Checkpoint(Callback):
     """Saves and restores through a `Checkpointer`; list it after the callbacks whose state it saves
     at an eval (early stopping, pruning), so the checkpoint holds their decision for that eval."""
 
-    def __init__(self, checkpointer: Checkpointer, every: int = 0):
-        self.ckpt, self.every = checkpointer, every
+    def __init__(self, checkpointer: Checkpointer):
+        self.ckpt = checkpointer
         self._saved_step: int | None = None
 
     def restore(self, loop: Loop) -> None:
@@ -46,8 +47,7 @@ class Checkpoint(Callback):
         self.save(loop, metrics={f"val_{k}": v for k, v in results[0].items()} if ranked else None)
 
     def after_step(self, loop: Loop) -> None:
-        if self.every and loop.step % self.every == 0:
-            self.save(loop)
+        self.save(loop)
 
     def on_end(self, loop: Loop) -> None:
         self.ckpt.wait()

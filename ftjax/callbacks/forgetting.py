@@ -36,6 +36,7 @@ from ftjax import params as params_lib
 from ftjax import sharding as sharding_lib
 from ftjax import tasks as tasks_lib
 from ftjax.config import ConfigError
+from ftjax.data.structure import model_inputs
 from ftjax.loop import STOPPED_EARLY, Callback, Loop
 from ftjax.models import registry
 from ftjax.run import compute_dtype
@@ -43,14 +44,13 @@ from ftjax.tasks.causal_lm import causal_lm_loss_sum
 from ftjax.tasks.tokens import token_loss_sum
 
 SPLIT = "forgetting"
-_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
-def _on_device(batch: dict, mesh: Any, keys: tuple[str, ...]) -> dict:
+def _on_device(batch: dict, mesh: Any) -> dict:
     """A global reference batch (the same on every process) as sharded arrays: each process its rows."""
     rows, count, index = batch["input_ids"].shape[0], jax.process_count(), jax.process_index()
     local = slice(index * rows // count, (index + 1) * rows // count)
-    return sharding_lib.shard_batch({k: batch[k][local] for k in keys}, mesh)
+    return sharding_lib.shard_batch({k: v[local] for k, v in batch.items()}, mesh)
 
 
 class WeightDrift:
@@ -83,14 +83,14 @@ class HiddenCKA:
 
         def hidden(params, batch):
             model = params_lib.merge(graphdef, params, rest)
-            out = model(**{k: batch[k] for k in _INPUTS}, deterministic=True, output_hidden_states=True)
+            out = model(**model_inputs(batch), deterministic=True, output_hidden_states=True)
             return jnp.stack(out["hidden_states"])
 
         self.mesh = run.mesh
         self.hidden = jax.jit(hidden)
         self.cka = jax.jit(lib.layer_cka, out_shardings=sharding_lib.replicated(run.mesh))
         with jax.set_mesh(run.mesh):
-            self.batches = [_on_device(b, run.mesh, _INPUTS) for b in batches]
+            self.batches = [_on_device(model_inputs(b), run.mesh) for b in batches]
             self.anchor = [self.hidden(run.state["params"], b) for b in self.batches]
         self.weights = [b["attention_mask"] for b in self.batches]
         self.names = ["embeddings"] + [f"layer_{i}" for i in range(self.anchor[0].shape[0] - 1)]
@@ -124,20 +124,20 @@ def _objective_batches(batches: list[dict], task: str, f: Any, tokenizer: Any, v
 
 
 class PretrainObjective:
-    """The pre-training loss of the current model on the reference text, through its own LM head (a run
-    fine-tuning that very task) or the checkpoint's, loaded once and kept frozen. `load` returns None (and
-    why) when the checkpoint has no such head."""
+    """The pre-training loss of the current model on the reference text, through its own LM head (a run whose
+    model has that head: causal_lm, preference, a distilled causal LM; LoRA adapters on) or the checkpoint's,
+    loaded once and kept frozen. `load` returns None (and why) when the checkpoint has no such head."""
 
     def __init__(self, run: Any, task: str, batches: list[dict], fn: Callable, head: dict):
         self.task, self.mesh, self.head = task, run.mesh, head
         vocab = min(int(run.model.hf_config.vocab_size), len(run.tokenizer))
         batches = _objective_batches(batches, task, run.cfg.forgetting, run.tokenizer, vocab)
         with jax.set_mesh(run.mesh):
-            self.batches = [_on_device(b, run.mesh, _INPUTS + ("labels",)) for b in batches]
+            self.batches = [_on_device({**model_inputs(b), "labels": b["labels"]}, run.mesh) for b in batches]
         label = {"masked_lm": token_loss_sum, "causal_lm": causal_lm_loss_sum}[task]
 
         def loss(params, head, batch):
-            loss_sum, count = label(fn(params, head, {k: batch[k] for k in _INPUTS}), batch["labels"])
+            loss_sum, count = label(fn(params, head, model_inputs(batch)), batch["labels"])
             return loss_sum.sum(), count.sum()
 
         self.loss = jax.jit(loss, out_shardings=sharding_lib.replicated(run.mesh))

@@ -15,9 +15,11 @@ from etils import epath
 from tensorboardX import SummaryWriter
 
 from ftjax import fileio
+from ftjax.callbacks.cadence import Cadence
 from ftjax.loop import Callback, Loop
+from ftjax.reporting.hparams import write_hparams
+from ftjax.workdir import METRICS_FILE, TB_DIR
 
-METRICS_FILE = "metrics.jsonl"
 # How a tracker's run ended (MLflow's names; W&B gets the exit code).
 FINISHED, FAILED, KILLED = "FINISHED", "FAILED", "KILLED"
 
@@ -67,7 +69,7 @@ class TensorBoard(Tracker):
 
     def _writer(self) -> SummaryWriter:
         if self._tb is None:
-            self._tb = SummaryWriter(logdir=self._local or str(self.workdir / "tb"), purge_step=self._purge_step,
+            self._tb = SummaryWriter(logdir=self._local or str(self.workdir / TB_DIR), purge_step=self._purge_step,
                                      flush_secs=30)
             self._purge_step = None
         return self._tb
@@ -83,7 +85,7 @@ class TensorBoard(Tracker):
             self._tb.flush()
         if self.remote and self._dirty:
             for event_file in fileio.path(self._local).glob("*"):
-                event_file.copy(self.workdir / "tb" / event_file.name, overwrite=True)
+                event_file.copy(self.workdir / TB_DIR / event_file.name, overwrite=True)
         self._dirty = False
 
     def close(self) -> None:
@@ -96,9 +98,6 @@ class TensorBoard(Tracker):
     def end(self, summary: dict[str, Any] | None, artifacts: Sequence[epath.Path], status: str) -> None:
         self.close()
         if summary is not None and self.params is not None:
-            # Imported here: hparams imports the callbacks package, which imports this module.
-            from ftjax.callbacks.hparams import write_hparams
-
             write_hparams(self.workdir, self.params, summary)  # TensorBoard's HParams view of this run
 
 
@@ -261,7 +260,7 @@ class MetricLogger(Callback):
         """`trackers[k]`: member k's trackers (default: TensorBoard)."""
         self.writers = [MetricWriter(d, enabled=enabled, trackers=None if trackers is None else trackers[k])
                         for k, d in enumerate(member_dirs)]
-        self.log_every = log_every
+        self.cadence = Cadence(log_every)  # a line every log_every steps and at the last step
         self.window_loss = np.zeros(len(member_dirs))
         self.window_steps = 0
         self.last_train_loss: list[float | None] = [None] * len(member_dirs)
@@ -276,7 +275,7 @@ class MetricLogger(Callback):
         self.window_loss += np.where(np.isfinite(loss), loss, 0.0)
         self.window_steps += 1
         done = step + 1
-        if done % self.log_every and done != loop.total_steps:
+        if not self.cadence.due(done, loop.total_steps):
             return
         lrs = loop.stepper.lr_at(step)
         for k in np.flatnonzero(loop.active):

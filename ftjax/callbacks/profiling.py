@@ -15,6 +15,7 @@ from absl import logging
 
 from ftjax import fileio
 from ftjax.loop import Callback, Loop
+from ftjax.workdir import TB_DIR
 
 PROFILE_FORMAT = re.compile(r"(\d+):(\d+)")
 
@@ -78,7 +79,7 @@ class ProfileTrace(Callback):
         if self.remote:
             self._dir = tempfile.mkdtemp(prefix="ftjax_profile_")
         else:
-            self._dir = str(self.workdir / "tb")
+            self._dir = str(self.workdir / TB_DIR)
             os.makedirs(self._dir, exist_ok=True)
         jax.profiler.start_trace(self._dir)
         logging.info("train.profile: tracing from step %d into %s", step, self._dir)
@@ -90,8 +91,8 @@ class ProfileTrace(Callback):
             for root, _, files in os.walk(self._dir):
                 for name in files:
                     local = os.path.join(root, name)
-                    fileio.path(local).copy(self.workdir / "tb" / os.path.relpath(local, self._dir), overwrite=True)
+                    fileio.path(local).copy(self.workdir / TB_DIR / os.path.relpath(local, self._dir), overwrite=True)
             shutil.rmtree(self._dir, ignore_errors=True)
         logging.info("train.profile: trace of steps %d..%d written under %s", self.start, loop.step - 1,
-                     self.workdir / "tb" / "plugins" / "profile")
+                     self.workdir / TB_DIR / "plugins" / "profile")
         self._dir = None

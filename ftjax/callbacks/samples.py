@@ -12,6 +12,7 @@ from absl import logging
 
 from ftjax import fileio
 from ftjax import params as params_lib
+from ftjax import workdir as workdir_lib
 from ftjax.generate import generate
 from ftjax.loop import Callback, Loop
 
@@ -42,7 +43,7 @@ class LMSamples(Callback):
             return None
         if not self.enabled:
             return None
-        path = fileio.path(self.member_dirs[member]) / "samples" / f"step_{step:06d}.jsonl"
+        path = workdir_lib.samples_file(self.member_dirs[member], step)
         fileio.write_text(path, "".join(json.dumps({"step": step, "prompt": p, "generation": str(out)}) + "\n"
                                         for p, out in zip(self.prompts, outputs)))
         return str(path)

@@ -22,6 +22,7 @@ from absl import logging
 
 from ftjax import fileio
 from ftjax import params as params_lib
+from ftjax import workdir as workdir_lib
 from ftjax.generate import generate_seq2seq_ids
 from ftjax.loop import Callback, Loop
 
@@ -79,7 +80,7 @@ class Seq2SeqEval(Callback):
     def for_run(cls, run: Any, member_dirs: list[str]) -> list[Callback]:
         """[the callback] for a seq2seq run with data.seq2seq.eval_examples > 0, else []."""
         s = run.cfg.data.seq2seq
-        data = getattr(run.data, "seq2seq_eval", None)
+        data = run.data.seq2seq_eval
         if run.cfg.model.task != "seq2seq" or not s.eval_examples or data is None or not data.ids:
             return []
         rows = max(1, run.data.eval_batch_size // jax.process_count() // s.num_beams)
@@ -106,7 +107,7 @@ class Seq2SeqEval(Callback):
         logging.info("seq2seq eval at step %d (%d examples): %s", step, len(generations),
                      {k: round(v, 2) for k, v in scores.items()})
         if self.enabled:
-            path = fileio.path(self.member_dirs[member]) / "samples" / f"step_{step:06d}.jsonl"
+            path = workdir_lib.samples_file(self.member_dirs[member], step)
             fileio.write_text(path, "".join(
                 json.dumps({"step": step, "source": s, "reference": r, "generation": g}) + "\n"
                 for s, r, g in zip(self.data.sources, self.data.references, generations)))

@@ -163,11 +163,14 @@ class OverfitWarning(Callback):
 class NanGuard(Callback):
     """A non-finite loss (or params made inf/NaN by the update) ends a solo run with an error naming the
     step and the last good checkpoint; in a population, only that member stops ("failed"). The stop is also a
-    NONFINITE_SPLIT line (loss, param_norm) in the member's metrics.jsonl, through the loop's MetricLogger."""
+    NONFINITE_SPLIT line (loss, param_norm) in the member's metrics.jsonl, through `logger` (the run's
+    MetricLogger; None: no line)."""
 
-    def __init__(self, raise_error: bool, last_checkpoint: Callable[[], str] | None = None):
+    def __init__(self, raise_error: bool, last_checkpoint: Callable[[], str] | None = None,
+                 logger: MetricLogger | None = None):
         self.raise_error = raise_error
         self.last_checkpoint = last_checkpoint or (lambda: "none was saved")
+        self.logger = logger
 
     def on_step(self, loop: Loop, step: int, metrics: dict[str, np.ndarray]) -> None:
         for k in np.flatnonzero(loop.active):
@@ -175,7 +178,7 @@ class NanGuard(Callback):
             if math.isfinite(loss) and math.isfinite(norm):
                 continue
             what = f"loss is {loss}" if not math.isfinite(loss) else "the update made params inf/nan"
-            self._record(loop, int(k), step + 1, loss, norm)
+            self._record(int(k), step + 1, loss, norm)
             if self.raise_error:
                 raise TrainingError(
                     f"{what} at step {step + 1}; stopping. Last good checkpoint: {self.last_checkpoint()}. "
@@ -184,12 +187,10 @@ class NanGuard(Callback):
             loop.stop_member(k, FAILED)
             logging.warning("population member %d: %s at step %d; it stops", k, what, step + 1)
 
-    @staticmethod
-    def _record(loop: Loop, member: int, step: int, loss: float, norm: float) -> None:
-        logger = next((cb for cb in loop.callbacks if isinstance(cb, MetricLogger)), None)
-        if logger is not None:
-            logger.writers[member].write(step, NONFINITE_SPLIT, {"loss": loss, "param_norm": norm})
-            logger.writers[member].flush()
+    def _record(self, member: int, step: int, loss: float, norm: float) -> None:
+        if self.logger is not None:
+            self.logger.writers[member].write(step, NONFINITE_SPLIT, {"loss": loss, "param_norm": norm})
+            self.logger.writers[member].flush()
 
 
 class Pruning(Callback):

@@ -27,6 +27,7 @@ from absl import logging
 
 from ftjax import flops as flops_lib
 from ftjax import peaks
+from ftjax.callbacks.cadence import Cadence
 from ftjax.callbacks.metric_log import MetricLogger
 from ftjax.callbacks.progress import ProgressBar
 from ftjax.loop import Callback, Loop
@@ -88,27 +89,32 @@ class Throughput(Callback):
     flops_fn(trainable, shape) -> StepFlops; trainable_at(step) -> frozenset of trainable param paths;
     default_shape: the batch Shape used for steps whose batch was not watched; devices: what the peak is
     summed over (default: all jax devices); t_start: the time the run started (default: the loop's start);
-    processes: how many processes each step one such batch (the watched batches are this process's rows).
+    processes: how many processes each step one such batch (the watched batches are this process's rows);
+    logger: the MetricLogger whose first writer gets the "perf" lines; progress: the ProgressBar that shows MFU.
     A population's step counts once per member (the vmapped step computes every member).
     """
 
     def __init__(self, flops_fn: Callable[[frozenset, flops_lib.Shape], flops_lib.StepFlops],
                  trainable_at: Callable[[int], frozenset], default_shape: flops_lib.Shape, *,
                  log_every: int = 50, devices: list | None = None, t_start: float | None = None,
-                 peak: tuple[float, str] | None = None, processes: int = 1):
+                 peak: tuple[float, str] | None = None, processes: int = 1, logger: MetricLogger | None = None,
+                 progress: ProgressBar | None = None):
         self.flops_fn, self.trainable_at, self.default_shape = flops_fn, trainable_at, default_shape
-        self.log_every, self.devices, self.t_start, self.peak = max(int(log_every), 1), devices, t_start, peak
+        self.cadence = Cadence(max(int(log_every), 1))  # a window every log_every steps and at the last step
+        self.devices, self.t_start, self.peak = devices, t_start, peak
         self.processes = int(processes)
         self._shapes: collections.deque = collections.deque()
         self._counted: tuple[Any, float] = (None, 0.0)
-        self._writer = self._progress = None
+        self._writer = logger.writers[0] if logger is not None and logger.writers else None
+        self._progress = progress
         self._first: dict[str, float] | None = None
         self._begin: dict[str, float] = {}
         self._window = self._total = None
         self.last: dict[str, float] = {}
 
     @classmethod
-    def for_run(cls, run: Any, t_start: float | None = None) -> Throughput:
+    def for_run(cls, run: Any, t_start: float | None = None, *, logger: MetricLogger | None = None,
+                progress: ProgressBar | None = None) -> Throughput:
         """The callback for an `ftjax.run.Run`: its model, trainable sets, batch size and mesh devices."""
         lengths = tuple(run.data.bucket_lengths or ())
         processes = jax.process_count()
@@ -120,7 +126,8 @@ class Throughput(Callback):
         return cls(functools.partial(flops_lib.step_flops, flops_lib.spec_of(run.model), reference_forward=reference,
                                      teacher=teacher),
                    run.optimizer.trainable_at, shape, log_every=run.cfg.train.log_every,
-                   devices=list(run.mesh.devices.flat), t_start=t_start, processes=processes)
+                   devices=list(run.mesh.devices.flat), t_start=t_start, processes=processes, logger=logger,
+                   progress=progress)
 
     def watch(self, make_batches: Callable[..., Iterator]) -> Callable[..., Iterator]:
         """Wraps `fit`'s make_batches so each step's FLOPs use its batch's real shape and tokens."""
@@ -135,11 +142,6 @@ class Throughput(Callback):
     def on_begin(self, loop: Loop) -> None:
         if self.peak is None:
             self.peak = peaks.total_peak(self.devices or jax.devices())
-        for cb in loop.callbacks:
-            if isinstance(cb, MetricLogger) and cb.writers:
-                self._writer = cb.writers[0]
-            elif isinstance(cb, ProgressBar):
-                self._progress = cb
         now = time.time()
         self._begin = {"time": now, "t0": self.t_start if self.t_start is not None else now, **compile_totals()}
         self._first = None
@@ -155,7 +157,7 @@ class Throughput(Callback):
         self._window.add(step_flops, now, eval_s)
         self._total.add(step_flops, now, eval_s)
         done = step + 1
-        if done % self.log_every and done != loop.total_steps:
+        if not self.cadence.due(done, loop.total_steps):
             return
         self.last = self._report(self._window, now, eval_s)
         self._window = _Window(now, eval_s)

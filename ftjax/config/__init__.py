@@ -3,8 +3,8 @@
 Recipes in `configs/` start from `default_config()` and change what they need; `validate()` walks the
 declaration, checking every field that can be checked without the model or the data, and raises
 `ConfigError` naming the field, the value and what is valid. Checks that need the param tree (a regex that
-matches nothing) or the run length (warmup longer than the run) are made by `ftjax.optim` and `ftjax.train`
-with the same error.
+matches nothing) or the run length (warmup longer than the run) are made by `ftjax.optim` / `ftjax.schedules` and
+`ftjax.run` with the same error.
 """
 
 from __future__ import annotations

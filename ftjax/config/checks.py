@@ -12,8 +12,10 @@ import re
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from ftjax.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A config value is invalid; the message names the field, the value and what is valid."""
 
     def __init__(self, field: str, value: Any, valid: str):

@@ -188,7 +188,7 @@ FIELDS: tuple[Field, ...] = (
     ),
     F("data.text_field", "text", "text column"),
     F("data.text_pair_field", "", 'second text column for pair tasks ("" = single text)'),
-    F("data.label_field", "label", "label column; string labels get ids in sorted order (`labels.json`)"),
+    F("data.label_field", "label", "label column; string labels get ids in sorted order (run.json's `labels`)"),
     F("data.tokens_field", "tokens", "token_classification: column of each sentence's words (a list of strings; "
       "CoNLL files: their first column)"),
     F("data.tags_field", "tags", "token_classification: column of each sentence's tags, one per word (strings, or "

@@ -37,6 +37,8 @@ class DataBundle:
     fingerprint: dict[str, dict] = dataclasses.field(default_factory=dict)  # per split: source, rows, sha256
     pack_shape: Any = None  # example_packing.PackShape when classification examples are packed, else None
     batch_layout: Any = None  # structure.BatchLayout: the keys, dtypes and shapes of its batches (set by build)
+    seq2seq_pairs: tuple[tuple[int, int], ...] = ()  # seq2seq: (source, target) shapes of the batches (precompile)
+    seq2seq_eval: Any = None  # seq2seq: seq2seq.EvalSources, the validation examples generated from at each eval
 
     @property
     def num_labels(self) -> int:
@@ -83,8 +85,11 @@ def assemble(
     bucket_lengths: tuple[int, ...],
     stats: dict[str, Any],
     sample_prompts: list[str] | None = None,
+    seq2seq_pairs: tuple[tuple[int, int], ...] = (),
+    seq2seq_eval: Any = None,
     fingerprint: dict[str, dict] | None = None,
     plans: tuple[Callable[[int], np.ndarray], dict[str, np.ndarray]] | None = None,
+    pack_shape: Any = None,
 ) -> DataBundle:
     """The bundle over examples of `lengths[split]` tokens: a seeded train order per epoch (length-grouped
     in windows of `grouping` batches; 0 = off) and a fixed eval order by length; or `plans` (the train
@@ -111,5 +116,8 @@ def assemble(
         _makers=makers,
         _threads=threads,
         sample_prompts=list(sample_prompts or []),
+        seq2seq_pairs=seq2seq_pairs,
+        seq2seq_eval=seq2seq_eval,
+        pack_shape=pack_shape,
         fingerprint=dict(fingerprint or {}),
     )

@@ -14,7 +14,7 @@ import pandas as pd
 
 from ftjax.data import sources, splits
 from ftjax.data.errors import DataError, DataFileNotFoundError
-from ftjax.data.packing import IGNORE, Document
+from ftjax.data.document_packing import IGNORE, Document
 from ftjax.data.sources import RawSplit
 
 _SAMPLE_PROMPT_TOKENS = 32  # text data: a sample prompt is a validation document's first tokens (at most)

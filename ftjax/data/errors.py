@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from ftjax.errors import UserError
 
-class DataError(ValueError):
+
+class DataError(UserError, ValueError):
     """Bad data or data config; the message names the `data.*` field or the file and the fix."""
 
 

@@ -80,8 +80,8 @@ def build(
         bucket_lengths=buckets,
         stats=stats,
         plans=plans,
+        pack_shape=shape,
     )
-    bundle.pack_shape = shape
     logging.info(
         "data: %s; %d steps/epoch of %d; labels %s; %s",
         stats["examples"],

@@ -3,7 +3,7 @@
 Each row holds several documents: `segment_ids` (1.. per document, 0 = padding) and per-document
 `position_ids` keep attention and the shifted loss inside a document; `labels` are the input ids with -100
 where no loss is taken (prompts, padding). Reading and tokenising: ftjax/data/documents.py; packing:
-ftjax/data/packing.py.
+ftjax/data/document_packing.py.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from absl import logging
 from ftjax.data import documents, sources, splits
 from ftjax.data.bundle import DataBundle, Maker, assemble
 from ftjax.data.errors import DataError
-from ftjax.data.packing import IGNORE, Packed, PackedBatcher, pack
+from ftjax.data.document_packing import IGNORE, Packed, PackedBatcher, pack
 
 
 def build(

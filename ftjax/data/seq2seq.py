@@ -88,10 +88,10 @@ def build(
         label_names=[],
         bucket_lengths=tuple(sorted({p[0] for p in pairs})),
         stats=stats,
+        seq2seq_pairs=pairs,
+        seq2seq_eval=eval_sources(raw["validation"], src_col, tgt_col, sources["validation"], s.eval_examples,
+                                  pairs),
     )
-    bundle.seq2seq_pairs = pairs  # (source, target) shapes of the batches, for precompiling
-    bundle.seq2seq_eval = eval_sources(raw["validation"], src_col, tgt_col, sources["validation"],
-                                       s.eval_examples, pairs)
     logging.info("data (seq2seq): %s; %d steps/epoch of %d; (source, target) buckets %s", stats["examples"],
                  bundle.steps_per_epoch, rows.batch, list(pairs))
     return bundle
@@ -223,7 +223,7 @@ class Seq2SeqBatcher:
 
 
 def shift_right(labels: np.ndarray, start_id: int, pad_id: int) -> np.ndarray:
-    """Teacher-forcing decoder inputs (numpy, as ftjax.models.seq2seq.shift_right): labels shifted one to the
+    """Teacher-forcing decoder inputs (numpy, as transformers' shift_tokens_right): labels shifted one to the
     right after start_id, ignored (-100) labels replaced by pad_id."""
     shifted = np.concatenate([np.full_like(labels[:, :1], start_id), labels[:, :-1]], axis=1)
     return np.where(shifted == IGNORE, pad_id, shifted).astype(np.int32)

@@ -12,6 +12,16 @@ from ftjax.data import example_packing
 
 Structure = dict  # key -> (global shape, numpy dtype); see ftjax.tasks.base.Structure
 
+# The arrays of a batch (any task's, or a monitor's reference batch) that are model-call arguments; the others
+# are targets and weights.
+INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "pixel_values", "segment_ids",
+              "segment_starts", "decoder_input_ids", "decoder_attention_mask")
+
+
+def model_inputs(batch: dict) -> dict:
+    """The model-call arguments of a batch (its other arrays are targets and weights)."""
+    return {k: batch[k] for k in INPUT_KEYS if k in batch}
+
 
 @dataclasses.dataclass(frozen=True)
 class BatchLayout:

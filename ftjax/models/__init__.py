@@ -29,13 +29,13 @@ from ftjax import params as params_lib
 from ftjax import sharding as sharding_lib
 from ftjax.config import MODEL_TASKS as TASKS
 from ftjax.hf import (
-    CheckpointError,
     ExportExistsError,
     ExportIntoBaseError,
     HubOfflineError,
     ModelFolderError,
     ModelLoadError,
     UnsupportedModelError,
+    WeightsError,
 )
 from ftjax.models import quantized, registry
 from ftjax.models.common import Ctx, HFModel, remat_name
@@ -43,13 +43,13 @@ from ftjax.models.registry import Family
 
 __all__ = [
     "TASKS",
-    "CheckpointError",
     "ExportExistsError",
     "ExportIntoBaseError",
     "HubOfflineError",
     "ModelFolderError",
     "ModelLoadError",
     "UnsupportedModelError",
+    "WeightsError",
     "from_config",
     "from_pretrained",
     "load_tokenizer",
@@ -210,7 +210,7 @@ def _check_shapes(family: Family, shapes: dict, ckpt: dict[str, str], weights: h
         if got != want:
             mismatched.append(f"tensor {key!r} has shape {got} in the checkpoint, but the model expects {want}")
     if mismatched:
-        raise CheckpointError(
+        raise WeightsError(
             f"{where} does not fit config.json with task={task!r}: {'; '.join(mismatched)}. Check num_labels "
             "(a head of another size cannot be loaded) and that config.json belongs to these weights"
         )

@@ -13,19 +13,11 @@ import numpy as np
 
 from ftjax import losses as losses_lib
 from ftjax.data import examples
+from ftjax.data.structure import INPUT_KEYS, model_inputs  # noqa: F401 (ftjax.tasks exports them)
 
 I32, F32 = np.dtype(np.int32), np.dtype(np.float32)
 Structure = dict[str, tuple[tuple[int, ...], np.dtype]]  # key -> (global shape, dtype)
 Lengths = tuple[tuple[int, int | None], ...]  # padded lengths: (source, target) pairs or (length, None)
-
-INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "pixel_values", "segment_ids",
-              "segment_starts", "decoder_input_ids", "decoder_attention_mask")
-
-
-def model_inputs(batch: dict) -> dict:
-    """The model-call arguments of a batch (its other arrays are targets and weights)."""
-    return {k: batch[k] for k in INPUT_KEYS if k in batch}
-
 
 @dataclasses.dataclass(frozen=True)
 class Task:

@@ -26,7 +26,7 @@ class CausalLM(Task):
         return lm.build(cfg, tokenizer, process_index=process_index, process_count=process_count)
 
     def structure(self, rows, length, segments, image_size):
-        row = (rows, length[0])  # packed documents (ftjax/data/packing.py)
+        row = (rows, length[0])  # packed documents (ftjax/data/document_packing.py)
         keys = ("input_ids", "attention_mask", "position_ids", "segment_ids", "labels")
         return {**{k: (row, I32) for k in keys}, "weights": ((rows,), F32)}
 

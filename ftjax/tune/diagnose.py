@@ -23,12 +23,12 @@ from ftjax import fileio
 from ftjax import forgetting as forgetting_lib
 from ftjax import workdir as workdir_lib
 from ftjax.callbacks.forgetting import SPLIT as FORGETTING_SPLIT
-from ftjax.callbacks.metric_log import METRICS_FILE, read_metrics
-from ftjax.callbacks.plots import _series
+from ftjax.callbacks.metric_log import read_metrics
 from ftjax.callbacks.stopping import NONFINITE_SPLIT
 from ftjax.config import ConfigError, default_config
 from ftjax.config.checks import parse_duration
-from ftjax.tune.compare import MEMBER_CONFIG
+from ftjax.errors import UserError
+from ftjax.reporting.plots import series
 
 # ---- Thresholds. Each rule reports only beyond its threshold, so a healthy run gets no finding.
 MIN_EVALS = 3  # a trend (a minimum, a rise, a still-falling curve) needs at least three evaluations
@@ -77,7 +77,7 @@ MAX_VALIDATION_FRACTION = 0.3  # of train, at most, held out for validation
 _NO_WARMUP = {"constant": "warmup_constant", "linear": "warmup_linear", "cosine": "warmup_cosine"}
 
 
-class DiagnoseError(FileNotFoundError):
+class DiagnoseError(UserError, FileNotFoundError):
     """The workdir holds nothing to diagnose (no metrics.jsonl, or no train / val line in it)."""
 
 
@@ -146,7 +146,7 @@ class RunFiles:
     has_config: bool
 
     def series(self, split: str, name: str) -> tuple[np.ndarray, np.ndarray]:
-        return _series(self.records, split, name)
+        return series(self.records, split, name)
 
     @property
     def nonfinite(self) -> dict | None:
@@ -189,14 +189,15 @@ class RunFiles:
 
 def read_run_files(workdir: fileio.PathLike) -> RunFiles:
     folder = fileio.path(workdir)
-    if not (folder / METRICS_FILE).exists():
-        raise DiagnoseError(f"{folder / METRICS_FILE} not found: {workdir} holds no run metrics to diagnose "
+    metrics_file = folder / workdir_lib.METRICS_FILE
+    if not metrics_file.exists():
+        raise DiagnoseError(f"{metrics_file} not found: {workdir} holds no run metrics to diagnose "
                             "(is it the run's --workdir? a run writes them from its first eval or log line)")
     records = read_metrics(folder)
     if not any(r["split"] in ("train", "val", NONFINITE_SPLIT) for r in records):
-        raise DiagnoseError(f"{folder / METRICS_FILE} has no train or val line yet: nothing to diagnose")
+        raise DiagnoseError(f"{metrics_file} has no train or val line yet: nothing to diagnose")
     run = workdir_lib.read_run(str(folder)) or {}
-    member_config = folder / MEMBER_CONFIG  # a population member has its flat config only (tune/population.py)
+    member_config = folder / workdir_lib.MEMBER_CONFIG_FILE  # a population member's flat config only
     flat = run.get("config") or (fileio.read_json(member_config) if member_config.exists() else None)
     cfg = default_config()
     if flat:

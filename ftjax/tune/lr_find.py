@@ -15,7 +15,7 @@ from ftjax import fileio
 from ftjax.config import ConfigError, with_overrides
 from ftjax.loop import Callback, Loop, fit
 from ftjax.tune.population import Population
-from ftjax.workdir import LR_FIND_FILE
+from ftjax.workdir import LR_FIND_FILE, LR_FIND_PLOT
 
 matplotlib.use("Agg")  # files only, no display; before pyplot is imported
 import matplotlib.pyplot as plt
@@ -140,7 +140,7 @@ def lr_find(cfg, workdir: str, *, lr_min: float = 1e-7, lr_max: float = 1.0, ste
         suggestion = {"lr": float(lrs[i]), "method": f"lowest loss after {steps} steps", "steepest": None,
                       "min_over_10": float(lrs[i] / 10)}
         title = f"LR sweep: {population} members, {steps} steps each at constant LR"
-    plot(lrs, np.where(np.isfinite(losses), losses, np.nan), suggestion, fileio.path(workdir) / "lr_find.png",
+    plot(lrs, np.where(np.isfinite(losses), losses, np.nan), suggestion, fileio.path(workdir) / LR_FIND_PLOT,
          title)
     result = {"suggestion": suggestion, "lrs": lrs[:len(losses)].tolist(),
               "losses": [float(x) if math.isfinite(x) else None for x in losses], "population": population}

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from ftjax.tune import compare
+from ftjax.reporting import compare
 from ftjax.tune.space import Choice, Dim, SweepSpec
 from ftjax.tune.study import counts, storage_url
 

@@ -11,9 +11,11 @@ import matplotlib.pyplot as plt
 
 from ftjax import fileio
 from ftjax.callbacks.metric_log import read_metrics
+from ftjax.workdir import PLOTS_DIR
 
 
-def _series(records: list[dict], split: str, name: str) -> tuple[np.ndarray, np.ndarray]:
+def series(records: list[dict], split: str, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """(steps, values) of metrics.jsonl records' `name` in `split`, in record order."""
     pts = [(r["step"], r[name]) for r in records if r["split"] == split and name in r]
     steps = np.array([p[0] for p in pts], np.float64)
     values = np.array([p[1] for p in pts], np.float64)
@@ -55,9 +57,9 @@ def plot_panels(records: list[dict], split: str, path: epath.Path, title: str) -
         for key in keys:
             leaf = key.rsplit("/", 1)[-1]
             if leaf in _SUMMARY_KEYS or len(keys) == 1:
-                ax.plot(*_series(records, split, key), "o-", lw=2.2, ms=3, label=leaf)
+                ax.plot(*series(records, split, key), "o-", lw=2.2, ms=3, label=leaf)
             else:
-                ax.plot(*_series(records, split, key), lw=1, color=colours[detail.index(key)], label=leaf)
+                ax.plot(*series(records, split, key), lw=1, color=colours[detail.index(key)], label=leaf)
         ax.set_title(panel)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
@@ -77,7 +79,7 @@ def plot_run(workdir: fileio.PathLike) -> list[epath.Path]:
     A plot whose data is absent (no val split, no lr lines) is skipped, not drawn empty.
     """
     records = read_metrics(workdir)
-    out_dir = fileio.path(workdir) / "plots"
+    out_dir = fileio.path(workdir) / PLOTS_DIR
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
 
@@ -94,9 +96,9 @@ def plot_run(workdir: fileio.PathLike) -> list[epath.Path]:
         plt.close(fig)
         written.append(out_dir / name)
 
-    train_steps, train_loss = _series(records, "train", "loss")
-    val_steps, val_loss = _series(records, "val", "loss")
-    test_steps, test_loss = _series(records, "test", "loss")
+    train_steps, train_loss = series(records, "train", "loss")
+    val_steps, val_loss = series(records, "val", "loss")
+    test_steps, test_loss = series(records, "test", "loss")
     if train_steps.size or val_steps.size or test_steps.size:
         fig, ax = plt.subplots(figsize=(7, 4))
         if train_steps.size:
@@ -112,9 +114,9 @@ def plot_run(workdir: fileio.PathLike) -> list[epath.Path]:
     if val_names:
         fig, ax = plt.subplots(figsize=(7, 4))
         for name in val_names:
-            steps, values = _series(records, "val", name)
+            steps, values = series(records, "val", name)
             line = ax.plot(steps, values, "o-", label=f"val {name}", ms=4)[0]
-            t_steps, t_values = _series(records, "test", name)
+            t_steps, t_values = series(records, "test", name)
             if t_steps.size:
                 ax.plot(t_steps, t_values, "*", color=line.get_color(), label=f"test {name}", ms=12)
         save(fig, "metrics.png", "eval metrics", "value")
@@ -123,10 +125,10 @@ def plot_run(workdir: fileio.PathLike) -> list[epath.Path]:
     if groups:
         fig, ax = plt.subplots(figsize=(7, 4))
         for group in groups:
-            ax.plot(*_series(records, "lr", group), label=group)
+            ax.plot(*series(records, "lr", group), label=group)
         save(fig, "lr.png", "learning rate per param group", "lr")
 
-    gap_steps, gap = _series(records, "gap", "val_minus_train_loss")  # logged by the trainer, if so.
+    gap_steps, gap = series(records, "gap", "val_minus_train_loss")  # logged by the trainer, if so.
     if not gap_steps.size and train_steps.size and val_steps.size:
         # Train loss (logged every log_every steps) interpolated at the eval steps.
         gap_steps, gap = val_steps, val_loss - np.interp(val_steps, train_steps, train_loss)

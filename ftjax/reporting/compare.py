@@ -27,12 +27,12 @@ matplotlib.use("Agg")  # files only, no display; before pyplot is imported
 import matplotlib.pyplot as plt
 
 from ftjax import fileio
-from ftjax.callbacks.metric_log import METRICS_FILE, read_metrics
-from ftjax.workdir import RUN_FILE
+from ftjax.callbacks.metric_log import read_metrics
+from ftjax.errors import UserError
+from ftjax.reporting.plots import series
+from ftjax.workdir import MEMBER_CONFIG_FILE, METRICS_FILE, RUN_FILE, SUMMARY_FILE
 
 REPORT_FILE = "compare.md"
-MEMBER_CONFIG = "config.json"  # a population member's flat config (it has no run.json)
-SUMMARY_FILE = "summary.json"
 _GLOB_CHARS = "*?["
 _LOWER_IS_BETTER = ("loss", "perplexity", "ppl", "error", "wer", "cer", "forgetting")
 _SKIP_KEYS = {"count"}  # examples per eval, not a metric
@@ -40,7 +40,7 @@ _FINAL_NOTE = "From each run's summary.json (its best checkpoint); the best valu
 _MAX_LR_LINES = 12  # more (runs x param groups) and only each run's first group is drawn
 
 
-class CompareError(ValueError):
+class CompareError(UserError, ValueError):
     """The runs cannot be compared (fewer than two, a folder that holds no run, a bad output folder)."""
 
 
@@ -94,11 +94,12 @@ def load_run(workdir: fileio.PathLike) -> RunData:
         run = fileio.read_json(p / RUN_FILE)
         config = run.get("config", {})
         identity = {k: run[k] for k in ("data", "model", "labels") if k in run}
-    elif (p / MEMBER_CONFIG).exists() and _is_flat_config(config := fileio.read_json(p / MEMBER_CONFIG)):
+    elif (p / MEMBER_CONFIG_FILE).exists() and _is_flat_config(
+            config := fileio.read_json(p / MEMBER_CONFIG_FILE)):
         pass
     else:
         raise CompareError(f"{workdir} is not an ftjax run: it has no {RUN_FILE} (nor a population member's "
-                           f"{MEMBER_CONFIG}). Pass the workdirs of trained runs")
+                           f"{MEMBER_CONFIG_FILE}). Pass the workdirs of trained runs")
     if not (p / METRICS_FILE).exists():
         raise CompareError(f"{workdir} is not an ftjax run with metrics: it has no {METRICS_FILE} (did the run "
                            "log a step?)")
@@ -259,11 +260,6 @@ def final_table(runs: list[RunData]) -> list[str]:
 # Overlaid curves: one PNG per series, every run on the same axes in the same colour throughout.
 
 
-def _series(r: RunData, split: str, key: str) -> tuple[np.ndarray, np.ndarray]:
-    pts = [(rec["step"], rec[key]) for rec in r.records if rec["split"] == split and key in rec]
-    return np.array([p[0] for p in pts], np.float64), np.array([p[1] for p in pts], np.float64)
-
-
 def _color(i: int):
     return plt.get_cmap("tab10" if i < 10 else "tab20")(i % 20)
 
@@ -286,12 +282,12 @@ def _overlay(runs: list[RunData], split: str, key: str, out: epath.Path, name: s
     fig, ax = plt.subplots(figsize=(7, 4))
     drawn = False
     for i, r in enumerate(runs):
-        steps, values = _series(r, split, key)
+        steps, values = series(r.records, split, key)
         if steps.size:
             style = {"lw": 1.2} if split == "train" else {"marker": "o", "ms": 3, "lw": 1.2}
             ax.plot(steps, values, color=_color(i), label=r.label, **style)
             drawn = True
-        t_steps, t_values = _series(r, "test", key) if split == "val" else (np.array([]), None)
+        t_steps, t_values = series(r.records, "test", key) if split == "val" else (np.array([]), None)
         if t_steps.size:
             ax.plot(t_steps, t_values, "*", color=_color(i), ms=11)
     if not drawn:
@@ -313,7 +309,7 @@ def _lr_plot(runs: list[RunData], out: epath.Path) -> str | None:
     fig, ax = plt.subplots(figsize=(7, 4))
     for i, r in enumerate(runs):
         for j, group in enumerate(groups[i]):
-            ax.plot(*_series(r, "lr", group), color=_color(i), lw=1.2, ls=("-", "--", ":", "-.")[j % 4],
+            ax.plot(*series(r.records, "lr", group), color=_color(i), lw=1.2, ls=("-", "--", ":", "-.")[j % 4],
                     label=f"{r.label} [{group}]" if several else r.label)
     return _save(fig, ax, out, "lr.png", "learning rate per param group", "lr")
 
@@ -328,7 +324,7 @@ def _other_series(runs: list[RunData]) -> list[tuple[str, str]]:
                  if s not in named and (s, k) != ("train", "loss") and (s, k) not in seen]
 
     def is_curve(split: str, key: str) -> bool:
-        return any(len(set(_series(r, split, key)[1].tolist())) > 1 for r in runs)
+        return any(len(set(series(r.records, split, key)[1].tolist())) > 1 for r in runs)
 
     return [sk for sk in seen if is_curve(*sk)]
 
