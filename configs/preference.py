@@ -6,8 +6,11 @@
 arg (comma-separated): model=HF folder of a decoder with its tokenizer; data=a .jsonl file (or a folder of
 train/validation/test files) of rows {"prompt", "chosen", "rejected"}, strings or chat message lists;
 loss=dpo|ipo|hinge|orpo|simpo; beta=B; lora=R (default 16; lora=0 only with orpo / simpo); steps=N; batch=B
-(pairs); max_len=L. Eval reports the loss, reward_accuracy, reward_margin and the chosen / rejected log-probs;
-training keeps the checkpoint with the best validation reward_accuracy.
+(pairs); max_len=L; forgetting=weight_drift+pretrain (the default: "+"-separated forgetting monitors, 0 = off).
+Eval reports the loss, reward_accuracy, reward_margin and the chosen / rejected log-probs; training keeps the
+checkpoint with the best validation reward_accuracy. The forgetting monitors log what the alignment costs at
+step 0 and each eval: the weight drift (LoRA: of the merged weights) and the perplexity of the reference text
+(`lm_perplexity`, through the run's own causal-LM forward; `forgetting.reference` picks the text).
 """
 
 from ftjax.config import default_config, parse_recipe_arg
@@ -39,5 +42,6 @@ def get_config(arg: str | None = None):
     c.train.steps = int(args.get("steps", 0))
     c.train.early_stop.metric = "reward_accuracy"
     c.train.early_stop.mode = "max"
-    c.forgetting.monitors = ()
+    monitors = args.get("forgetting", "weight_drift+pretrain")
+    c.forgetting.monitors = () if monitors in ("0", "off", "") else tuple(monitors.split("+"))
     return c

@@ -34,7 +34,7 @@ def pairs_jsonl(path, n: int, seed: int = 0) -> str:
 def _config(model_dir: str, data: str, **overrides):
     from configs.preference import get_config
 
-    c = get_config(f"model={model_dir},data={data},lora=8,batch=8,max_len=32")
+    c = get_config(f"model={model_dir},data={data},lora=8,batch=8,max_len=32,forgetting=0")
     c.optim.lr = 2e-3
     c.train.steps = 30
     c.train.eval_every = 10
@@ -125,3 +125,43 @@ def test_a_preference_run_resumes_bit_identically(folder, tmp_path):
     def losses(d):
         return [(x["step"], x["loss"]) for x in map(json.loads, open(d / "metrics.jsonl")) if x["split"] == "train"]
     assert losses(tmp_path / "straight") == losses(tmp_path / "resumed")
+
+
+@pytest.mark.parametrize("lora_rank", [8, 0], ids=["lora_dpo", "full_orpo"])
+def test_the_forgetting_monitors_report_what_alignment_costs(folder, tmp_path, monkeypatch, lora_rank):
+    """A preference run (DPO under LoRA; ORPO fully fine-tuned) logs the reference text's perplexity through its
+    own causal-LM forward (no second copy of the checkpoint): at step 0 it is the base model's (equal to
+    transformers'), after training it moved, and the weight drift (LoRA: merged weights) went from 0 up."""
+    import torch
+    import transformers
+
+    from ftjax import forgetting
+
+    loads = []
+    real = models.from_pretrained
+    monkeypatch.setattr(models, "from_pretrained", lambda *a, **k: loads.append(k.get("task")) or real(*a, **k))
+    data = pairs_jsonl(tmp_path / "pairs.jsonl", 48)
+    over = {"forgetting.monitors": ("weight_drift", "pretrain"), "forgetting.max_examples": 16,
+            "train.steps": 3, "train.eval_every": 3, "train.precompile": False, "data.buckets": 1}
+    if not lora_rank:
+        over.update({"optim.lora.rank": 0, "preference.loss": "orpo", "optim.lr": 1e-3})
+    c = _config(folder, data, **over)
+    summary = trainer.train(c, str(tmp_path / "run"))
+    assert loads == ["causal_lm"]  # the run's model only: the monitor reuses its forward (LoRA adapters on)
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    logged = [x for x in map(json.loads, lines) if x["split"] == "forgetting"]
+    assert [x["step"] for x in logged] == [0, 3]
+    step0, last = summary["forgetting"]["step0"], summary["forgetting"]["last"]
+    assert summary["forgetting"]["skipped"] == []
+    assert step0["drift/total"] == 0.0 and last["drift/total"] > 1e-4
+    assert last["lm_perplexity"] != step0["lm_perplexity"] and np.isfinite(last["lm_perplexity"])
+    # step 0 is the loaded model's perplexity on the reference text, as transformers computes it
+    tok = transformers.AutoTokenizer.from_pretrained(folder)
+    rows = forgetting.encode(tok, forgetting.reference_texts(c)[:16], min(c.forgetting.max_len, c.data.max_len), 1, 16)[0]
+    hf = transformers.LlamaForCausalLM.from_pretrained(folder).eval()
+    labels = np.where(rows["attention_mask"] > 0, rows["input_ids"], -100)
+    with torch.no_grad():
+        loss = hf(input_ids=torch.tensor(rows["input_ids"]).long(), attention_mask=torch.tensor(rows["attention_mask"]),
+                  labels=torch.tensor(labels).long()).loss
+    assert step0["lm_loss"] == pytest.approx(float(loss), abs=1e-4)
+    assert step0["lm_perplexity"] == pytest.approx(float(np.exp(float(loss))), rel=1e-4)

@@ -150,7 +150,8 @@ class PretrainObjective:
             return None, f"the {model.family} family has no masked or causal LM objective"
         if task == "masked_lm" and run.tokenizer.mask_token_id is None:
             return None, "the tokenizer has no mask token"
-        if cfg.model.task == task:  # the run trains this very head: its own forward pass
+        if run.task.model_task == task:  # the run's model has this very head (a causal_lm or preference run):
+            # its own forward pass, LoRA adapters on; no second copy of the checkpoint
             graphdef, rest = run.graphdef, run.rest
             fn = lambda p, head, x: params_lib.merge(graphdef, p, rest)(**x, deterministic=True)["logits"]
             return cls(run, task, batches, fn, {}), ""
