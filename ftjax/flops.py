@@ -174,6 +174,15 @@ def _encoder_layer(c: _Counter, x: bool, names: dict, n: float, pairs: float, po
     return c.norm(m or x, names["ln_out"]) if post_ln else (m or x)
 
 
+def _bert_layer_names(cfg: Any, base: str, self_attention: str) -> dict:
+    """`_encoder_layer`'s names shared by BERT (RoBERTa) and ViT, whose HF layer is BERT's: q/k/v under
+    attention/`self_attention`; the LayerNorms (BERT's post-LN, ViT's pre-LN) are the caller's."""
+    a = f"{base}/attention"
+    return {"hidden": cfg.hidden_size, "inner": cfg.intermediate_size, "heads": cfg.num_attention_heads,
+            "q": f"{a}/{self_attention}/query", "k": f"{a}/{self_attention}/key", "v": f"{a}/{self_attention}/value",
+            "o": f"{a}/output/dense", "up": f"{base}/intermediate/dense", "down": f"{base}/output/dense"}
+
+
 def _bert(c: _Counter, spec: Spec, shape: Shape) -> None:
     cfg, task = spec.hf_config, spec.task
     kind = "roberta" if cfg.model_type in ("roberta", "xlm-roberta") else "bert"
@@ -184,11 +193,8 @@ def _bert(c: _Counter, spec: Spec, shape: Shape) -> None:
     h, n, rows = cfg.hidden_size, shape.tokens, shape.rows
     for i in range(cfg.num_hidden_layers):
         base = f"{p}encoder/layer/{i}"
-        names = {"hidden": h, "inner": cfg.intermediate_size, "heads": cfg.num_attention_heads,
-                 "q": f"{base}/attention/self/query", "k": f"{base}/attention/self/key",
-                 "v": f"{base}/attention/self/value", "o": f"{base}/attention/output/dense",
-                 "ln_attn": f"{base}/attention/output/LayerNorm", "up": f"{base}/intermediate/dense",
-                 "down": f"{base}/output/dense", "ln_out": f"{base}/output/LayerNorm"}
+        names = {**_bert_layer_names(cfg, base, "self"), "ln_attn": f"{base}/attention/output/LayerNorm",
+                 "ln_out": f"{base}/output/LayerNorm"}
         x = _encoder_layer(c, x, names, n, shape.pairs(), post_ln=True)
     labels = getattr(cfg, "num_labels", 2)
     if task == "base" or (task == "classification" and kind == "bert"):
@@ -206,13 +212,28 @@ def _bert(c: _Counter, spec: Spec, shape: Shape) -> None:
         c.linear(t, f"{emb}/word_embeddings", n, h, cfg.vocab_size, weight="embedding")
 
 
+def _encoder_head(c: _Counter, x: bool, cfg: Any, task: str, shape: Shape, h: int, pooler: str,
+                  transform: tuple[str, str], embedding: str) -> None:
+    """DistilBERT's and DeBERTa's heads: classification `pooler` then classifier on the first tokens,
+    token_classification classifier on every token, masked_lm the `transform` (dense, norm) then the tied
+    `embedding`."""
+    n, rows, labels = shape.tokens, shape.rows, getattr(cfg, "num_labels", 2)
+    if task == "classification":
+        c.linear(c.linear(x, pooler, rows, h, h), "classifier", rows, h, labels)
+    elif task == "token_classification":
+        c.linear(x, "classifier", n, h, labels)
+    elif task == "masked_lm":
+        t = c.norm(c.linear(x, transform[0], n, h, h), transform[1])
+        c.linear(t, embedding, n, h, cfg.vocab_size, weight="embedding")
+
+
 def _distilbert(c: _Counter, spec: Spec, shape: Shape) -> None:
     cfg, task = spec.hf_config, spec.task
     p = _prefix(spec, "distilbert")
     emb = f"{p}embeddings"
     x = c.norm(c.trains(f"{emb}/word_embeddings/embedding", f"{emb}/position_embeddings/embedding"),
                f"{emb}/LayerNorm")
-    h, n, rows = cfg.dim, shape.tokens, shape.rows
+    h, n = cfg.dim, shape.tokens
     for i in range(cfg.n_layers):
         base = f"{p}transformer/layer/{i}"
         names = {"hidden": h, "inner": cfg.hidden_dim, "heads": cfg.n_heads,
@@ -220,14 +241,8 @@ def _distilbert(c: _Counter, spec: Spec, shape: Shape) -> None:
                  "o": f"{base}/attention/out_lin", "ln_attn": f"{base}/sa_layer_norm", "up": f"{base}/ffn/lin1",
                  "down": f"{base}/ffn/lin2", "ln_out": f"{base}/output_layer_norm"}
         x = _encoder_layer(c, x, names, n, shape.pairs(), post_ln=True)
-    labels = getattr(cfg, "num_labels", 2)
-    if task == "classification":
-        c.linear(c.linear(x, "pre_classifier", rows, h, h), "classifier", rows, h, labels)
-    elif task == "token_classification":
-        c.linear(x, "classifier", n, h, labels)
-    elif task == "masked_lm":
-        t = c.norm(c.linear(x, "vocab_transform", n, h, h), "vocab_layer_norm")
-        c.linear(t, f"{emb}/word_embeddings", n, h, cfg.vocab_size, weight="embedding")
+    _encoder_head(c, x, cfg, task, shape, h, "pre_classifier", ("vocab_transform", "vocab_layer_norm"),
+                  f"{emb}/word_embeddings")
 
 
 def vit_patches(cfg: Any) -> tuple[int, int]:
@@ -247,11 +262,8 @@ def _vit(c: _Counter, spec: Spec, shape: Shape) -> None:
     x = x or c.trains(f"{p}embeddings/cls_token", f"{p}embeddings/position_embeddings")
     for i in range(cfg.num_hidden_layers):
         base = f"{p}encoder/layer/{i}"
-        names = {"hidden": h, "inner": cfg.intermediate_size, "heads": cfg.num_attention_heads,
-                 "q": f"{base}/attention/attention/query", "k": f"{base}/attention/attention/key",
-                 "v": f"{base}/attention/attention/value", "o": f"{base}/attention/output/dense",
-                 "ln_before": f"{base}/layernorm_before", "ln_after": f"{base}/layernorm_after",
-                 "up": f"{base}/intermediate/dense", "down": f"{base}/output/dense"}
+        names = {**_bert_layer_names(cfg, base, "attention"), "ln_before": f"{base}/layernorm_before",
+                 "ln_after": f"{base}/layernorm_after"}
         x = _encoder_layer(c, x, names, n, rows * (patches + 1) ** 2, post_ln=False)
     x = c.norm(x, f"{p}layernorm")
     if task == "base":
@@ -397,7 +409,7 @@ def _deberta(c: _Counter, spec: Spec, shape: Shape) -> None:
     tokens x W x hidden each) before the gathers pick per (query, key); the ContextPooler on the first tokens."""
     cfg, task = spec.hf_config, spec.task
     p = _prefix(spec, "deberta")
-    emb, h, n, rows, inner = f"{p}embeddings", cfg.hidden_size, shape.tokens, shape.rows, cfg.intermediate_size
+    emb, h, n, inner = f"{p}embeddings", cfg.hidden_size, shape.tokens, cfg.intermediate_size
     x = c.trains(*(f"{emb}/{e}_embeddings/embedding" for e in ("word", "position", "token_type")))
     if deberta.embedding_size(cfg) != h:
         x = c.linear(x, f"{emb}/embed_proj", n, deberta.embedding_size(cfg), h)
@@ -421,15 +433,9 @@ def _deberta(c: _Counter, spec: Spec, shape: Shape) -> None:
         x = c.norm(c.linear(a, f"{base}/attention/output/dense", n, h, h) or x, f"{base}/attention/output/LayerNorm")
         m = c.linear(c.linear(x, f"{base}/intermediate/dense", n, h, inner), f"{base}/output/dense", n, inner, h)
         x = c.norm(m or x, f"{base}/output/LayerNorm")
-    labels = getattr(cfg, "num_labels", 2)
-    if task == "classification":
-        c.linear(c.linear(x, "pooler/dense", rows, h, h), "classifier", rows, h, labels)
-    elif task == "token_classification":
-        c.linear(x, "classifier", n, h, labels)
-    elif task == "masked_lm":
-        head = "cls/predictions/transform" if getattr(cfg, "legacy", True) else "lm_predictions/lm_head"
-        t = c.norm(c.linear(x, f"{head}/dense", n, h, h), f"{head}/LayerNorm")
-        c.linear(t, f"{emb}/word_embeddings", n, h, cfg.vocab_size, weight="embedding")
+    head = "cls/predictions/transform" if getattr(cfg, "legacy", True) else "lm_predictions/lm_head"
+    _encoder_head(c, x, cfg, task, shape, h, "pooler/dense", (f"{head}/dense", f"{head}/LayerNorm"),
+                  f"{emb}/word_embeddings")
 
 
 FAMILIES = {
