@@ -222,7 +222,6 @@ def build(cfg: Any, task: str, ctx: Ctx) -> seq2seq.Seq2SeqLM:
 FAMILY = Family(
     name="bart",
     model_types=("bart",),
-    tasks=("seq2seq",),
     prefix="model",
     build=build,
     head_patterns={"seq2seq": r"model/shared/.*|final_logits_bias"},

@@ -5,6 +5,7 @@ RoBERTa and XLM-RoBERTa reuse the backbone (roberta.py); only positions and the 
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -14,7 +15,8 @@ from flax import nnx
 from ftjax.hf import UnsupportedModelError
 from ftjax.models import common
 from ftjax.models.common import Ctx, Dropout, HFModel
-from ftjax.models.registry import Family
+from ftjax.models.encoder import EncoderTask
+from ftjax.models.registry import Family, base_or_task
 
 
 class BertEmbeddings(nnx.Module):
@@ -197,37 +199,26 @@ def classifier_rate(cfg: Any, ctx: Ctx) -> float:
     return cfg.hidden_dropout_prob if rate is None else rate
 
 
-class BertTask(HFModel):
+class BertTask(EncoderTask):
     """BertFor{SequenceClassification,TokenClassification,MaskedLM}: backbone under `bert` plus the head."""
 
     def __init__(self, cfg: Any, task: str, ctx: Ctx):
         self.bert = BertModel(cfg, ctx, add_pooling_layer=task == "classification")
         if task in ("classification", "token_classification"):
-            self.dropout = Dropout(classifier_rate(cfg, ctx))
-            self.classifier = common.linear(cfg.hidden_size, cfg.num_labels, ctx, ("embed", None))
+            self._init_classifier(cfg.hidden_size, classifier_rate(cfg, ctx), cfg, ctx)
         elif task == "masked_lm":
             self.cls = BertOnlyMLMHead(cfg, ctx)
 
-    def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
-                 pixel_values=None, segment_ids=None, segment_starts=None, *, deterministic: bool = True,
-                 rngs: nnx.Rngs | None = None, output_hidden_states: bool = False) -> dict:
-        """logits [B, C] (classification; [B, S, C] for packed rows), [B, L, C] or [B, L, V] per token;
-        output_hidden_states adds "hidden_states" (embeddings + each layer's output, [B, L, H] each)."""
-        kw = {"deterministic": deterministic, "rngs": rngs}
-        common.check_packed(self.task, segment_ids, segment_starts)
-        with common.collect_hidden_states(output_hidden_states) as hidden:
-            x, pooled = self.bert(input_ids, attention_mask, token_type_ids, position_ids, segment_ids,
-                                  segment_starts, **kw)
-        if self.task == "classification":
-            out = {"logits": self.classifier(self.dropout(pooled, **kw))}
-        elif self.task == "token_classification":
-            out = {"logits": self.classifier(self.dropout(x, **kw))}
-        else:
-            out = {"logits": self.cls.predictions(x, self.bert.embeddings.word_embeddings)}
-        return common.with_hidden_states(out, hidden)
+    def _encode(self, input_ids, attention_mask, token_type_ids, position_ids, segment_ids, segment_starts, **kw):
+        return self.bert(input_ids, attention_mask, token_type_ids, position_ids, segment_ids, segment_starts, **kw)
+
+    def _classify(self, x, pooled, segment_starts, **kw):
+        return self.classifier(self.dropout(pooled, **kw))
+
+    def _masked_lm(self, x):
+        return self.cls.predictions(x, self.bert.embeddings.word_embeddings)
 
 
-TASKS = ("base", "classification", "token_classification", "masked_lm")
 HEAD_PATTERNS = {
     "base": r"pooler/.*",
     "classification": r"classifier/.*|bert/pooler/.*",
@@ -253,18 +244,11 @@ def check_config(cfg: Any, task: str) -> None:
                                     "is not implemented)")
 
 
-def build(cfg: Any, task: str, ctx: Ctx) -> HFModel:
-    if task == "base":
-        return BertBase(cfg, ctx, add_pooling_layer=True)
-    return BertTask(cfg, task, ctx)
-
-
 FAMILY = Family(
     name="bert",
     model_types=("bert",),
-    tasks=TASKS,
     prefix="bert",
-    build=build,
+    build=base_or_task(functools.partial(BertBase, add_pooling_layer=True), BertTask),
     head_patterns=HEAD_PATTERNS,
     dropout_fields=DROPOUT_FIELDS,
     ignore_keys=(r"(bert\.)?embeddings\.position_ids", r"cls\.predictions\.decoder\.(weight|bias)"),

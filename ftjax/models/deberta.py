@@ -29,7 +29,8 @@ from ftjax.models.bert import (
     BertSelfOutput,
 )
 from ftjax.models.common import Ctx, Dropout, HFModel
-from ftjax.models.registry import Family
+from ftjax.models.encoder import EncoderTask
+from ftjax.models.registry import Family, base_or_task
 
 POS_ATT_TYPES = ("c2p", "p2c")  # DebertaV2's relative terms (v1's "p2p" does nothing in DebertaV2 either)
 
@@ -305,7 +306,7 @@ def classifier_rate(cfg: Any, ctx: Ctx, field: str) -> float:
     return cfg.hidden_dropout_prob if rate is None else float(rate)
 
 
-class DebertaV2Task(HFModel):
+class DebertaV2Task(EncoderTask):
     """DebertaV2For{SequenceClassification,TokenClassification,MaskedLM}: backbone under `deberta` plus the
     head: ContextPooler + classifier; classifier per token; the masked LM, cls/predictions (legacy, BERT's)
     or lm_predictions/lm_head, both tied to the word embeddings."""
@@ -314,11 +315,9 @@ class DebertaV2Task(HFModel):
         self.deberta = DebertaV2Model(cfg, ctx)
         if task == "classification":
             self.pooler = ContextPooler(cfg, ctx)
-            self.dropout = Dropout(classifier_rate(cfg, ctx, "cls_dropout"))
-            self.classifier = common.linear(cfg.hidden_size, cfg.num_labels, ctx, ("embed", None))
+            self._init_classifier(cfg.hidden_size, classifier_rate(cfg, ctx, "cls_dropout"), cfg, ctx)
         elif task == "token_classification":  # HF: hidden_dropout_prob (cls_dropout is the pooled head's)
-            self.dropout = Dropout(classifier_rate(cfg, ctx, "hidden_dropout_prob"))
-            self.classifier = common.linear(cfg.hidden_size, cfg.num_labels, ctx, ("embed", None))
+            self._init_classifier(cfg.hidden_size, classifier_rate(cfg, ctx, "hidden_dropout_prob"), cfg, ctx)
         elif task == "masked_lm":
             self.legacy = bool(getattr(cfg, "legacy", True))
             if self.legacy:
@@ -326,25 +325,17 @@ class DebertaV2Task(HFModel):
             else:
                 self.lm_predictions = DebertaV2OnlyMLMHead(cfg, ctx)
 
-    def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
-                 pixel_values=None, segment_ids=None, segment_starts=None, *, deterministic: bool = True,
-                 rngs: nnx.Rngs | None = None, output_hidden_states: bool = False) -> dict:
-        """As BertTask: packed rows (segment_ids, segment_starts) give classification logits [B, S, C]."""
-        kw = {"deterministic": deterministic, "rngs": rngs}
-        common.check_packed(self.task, segment_ids, segment_starts)
-        with common.collect_hidden_states(output_hidden_states) as hidden:
-            x = self.deberta(input_ids, attention_mask, token_type_ids, position_ids, segment_ids, **kw)
-        if self.task == "classification":
-            out = {"logits": self.classifier(self.dropout(self.pooler(x, segment_starts, **kw), **kw))}
-        elif self.task == "token_classification":
-            out = {"logits": self.classifier(self.dropout(x, **kw))}
-        else:
-            head = self.cls.predictions if self.legacy else self.lm_predictions.lm_head
-            out = {"logits": head(x, self.deberta.embeddings.word_embeddings)}
-        return common.with_hidden_states(out, hidden)
+    def _encode(self, input_ids, attention_mask, token_type_ids, position_ids, segment_ids, segment_starts, **kw):
+        return self.deberta(input_ids, attention_mask, token_type_ids, position_ids, segment_ids, **kw), None
+
+    def _classify(self, x, pooled, segment_starts, **kw):
+        return self.classifier(self.dropout(self.pooler(x, segment_starts, **kw), **kw))
+
+    def _masked_lm(self, x):
+        head = self.cls.predictions if self.legacy else self.lm_predictions.lm_head
+        return head(x, self.deberta.embeddings.word_embeddings)
 
 
-TASKS = ("base", "classification", "token_classification", "masked_lm")
 HEAD_PATTERNS = {
     "base": common.NO_HEAD,
     "classification": r"classifier/.*|pooler/.*",
@@ -369,16 +360,11 @@ def check_config(cfg: Any, task: str) -> None:
                                     "untied decoder is not implemented)")
 
 
-def build(cfg: Any, task: str, ctx: Ctx) -> HFModel:
-    return DebertaV2Base(cfg, ctx) if task == "base" else DebertaV2Task(cfg, task, ctx)
-
-
 FAMILY = Family(
     name="deberta",
     model_types=("deberta-v2",),
-    tasks=TASKS,
     prefix="deberta",
-    build=build,
+    build=base_or_task(DebertaV2Base, DebertaV2Task),
     head_patterns=HEAD_PATTERNS,
     dropout_fields=DROPOUT_FIELDS,
     # position_ids: a buffer; cls.predictions.decoder: tied copies; mask_predictions: the ELECTRA-style

@@ -14,7 +14,8 @@ from flax import nnx
 from ftjax.hf import UnsupportedModelError
 from ftjax.models import common
 from ftjax.models.common import Ctx, Dropout, HFModel
-from ftjax.models.registry import Family
+from ftjax.models.encoder import EncoderTask
+from ftjax.models.registry import Family, base_or_task
 
 EPS = 1e-12  # DistilBERT's LayerNorm eps is fixed in HF's code, not in the config.
 
@@ -119,7 +120,7 @@ class VocabProjector(nnx.Module):
         return embedding.attend(x) + self.bias.get_value().astype(x.dtype)
 
 
-class DistilBertTask(HFModel):
+class DistilBertTask(EncoderTask):
     """DistilBertFor{SequenceClassification,TokenClassification,MaskedLM}: backbone under `distilbert`."""
 
     def __init__(self, cfg: Any, task: str, ctx: Ctx):
@@ -130,31 +131,24 @@ class DistilBertTask(HFModel):
             self.dropout = Dropout(rate)
             self.classifier = common.linear(cfg.dim, cfg.num_labels, ctx, (None, None))
         elif task == "token_classification":
-            self.dropout = Dropout(cfg.dropout if ctx.classifier_dropout is None else ctx.classifier_dropout)
-            self.classifier = common.linear(cfg.dim, cfg.num_labels, ctx, ("embed", None))
+            self._init_classifier(cfg.dim, cfg.dropout if ctx.classifier_dropout is None else ctx.classifier_dropout,
+                                  cfg, ctx)
         elif task == "masked_lm":
             self.vocab_transform = common.linear(cfg.dim, cfg.dim, ctx, ("embed", None))
             self.act = common.activation(cfg.activation)
             self.vocab_layer_norm = common.layer_norm(cfg.dim, EPS, ctx)
             self.vocab_projector = VocabProjector(cfg, ctx)
 
-    def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
-                 pixel_values=None, segment_ids=None, segment_starts=None, *, deterministic: bool = True,
-                 rngs: nnx.Rngs | None = None, output_hidden_states: bool = False) -> dict:
-        """As BertTask: packed rows (segment_ids, segment_starts) give classification logits [B, S, C]."""
-        kw = {"deterministic": deterministic, "rngs": rngs}
-        common.check_packed(self.task, segment_ids, segment_starts)
-        with common.collect_hidden_states(output_hidden_states) as hidden:
-            x = self.distilbert(input_ids, attention_mask, position_ids, segment_ids, **kw)
-        if self.task == "classification":
-            pooled = jax.nn.relu(self.pre_classifier(common.first_tokens(x, segment_starts)))
-            out = {"logits": self.classifier(self.dropout(pooled, **kw))}
-        elif self.task == "token_classification":
-            out = {"logits": self.classifier(self.dropout(x, **kw))}
-        else:
-            x = self.vocab_layer_norm(self.act(self.vocab_transform(x)))
-            out = {"logits": self.vocab_projector(x, self.distilbert.embeddings.word_embeddings)}
-        return common.with_hidden_states(out, hidden)
+    def _encode(self, input_ids, attention_mask, token_type_ids, position_ids, segment_ids, segment_starts, **kw):
+        return self.distilbert(input_ids, attention_mask, position_ids, segment_ids, **kw), None
+
+    def _classify(self, x, pooled, segment_starts, **kw):
+        pooled = jax.nn.relu(self.pre_classifier(common.first_tokens(x, segment_starts)))
+        return self.classifier(self.dropout(pooled, **kw))
+
+    def _masked_lm(self, x):
+        x = self.vocab_layer_norm(self.act(self.vocab_transform(x)))
+        return self.vocab_projector(x, self.distilbert.embeddings.word_embeddings)
 
 
 def check_config(cfg: Any, task: str) -> None:
@@ -163,16 +157,11 @@ def check_config(cfg: Any, task: str) -> None:
                                     "vocab_projector is not implemented)")
 
 
-def build(cfg: Any, task: str, ctx: Ctx) -> HFModel:
-    return DistilBertBase(cfg, ctx) if task == "base" else DistilBertTask(cfg, task, ctx)
-
-
 FAMILY = Family(
     name="distilbert",
     model_types=("distilbert",),
-    tasks=("base", "classification", "token_classification", "masked_lm"),
     prefix="distilbert",
-    build=build,
+    build=base_or_task(DistilBertBase, DistilBertTask),
     head_patterns={
         "base": common.NO_HEAD,
         "classification": r"pre_classifier/.*|classifier/.*",

@@ -14,10 +14,9 @@ import numpy as np
 from flax import nnx
 
 from ftjax.hf import UnsupportedModelError
-from ftjax.models import common, decoder, llama
-from ftjax.models.common import Ctx, HFModel
+from ftjax.models import common, decoder, decoder_family, llama
+from ftjax.models.common import Ctx
 from ftjax.models.decoder import DecoderTask
-from ftjax.models.registry import Family
 
 LAYER_TYPES = ("sliding_attention", "full_attention")
 NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm")
@@ -141,16 +140,8 @@ class GemmaModel(nnx.Module):
         return self.norm(x), cache
 
 
-class GemmaBase(GemmaModel, DecoderTask):
+class GemmaBase(decoder_family.BackboneTask, GemmaModel):
     """task "base": HF Gemma2Model / Gemma3TextModel itself (params without prefix)."""
-
-    def __init__(self, cfg: Any, ctx: Ctx):
-        GemmaModel.__init__(self, cfg, ctx)
-
-    def _forward(self, inputs, cache, *, deterministic, rngs):
-        return GemmaModel.__call__(self, inputs, cache, deterministic=deterministic, rngs=rngs)
-
-    __call__ = DecoderTask.__call__
 
 
 class GemmaTask(DecoderTask):
@@ -192,17 +183,11 @@ def check_config(cfg: Any, task: str) -> None:
     common.activation(getattr(cfg, "hidden_activation", None) or cfg.hidden_act)
 
 
-def build(cfg: Any, task: str, ctx: Ctx) -> HFModel:
-    return GemmaBase(cfg, ctx) if task == "base" else GemmaTask(cfg, task, ctx)
-
-
-FAMILY = Family(
+FAMILY = decoder_family.family(
     name="gemma",
     model_types=("gemma2", "gemma3_text"),
-    tasks=("base", "causal_lm", "classification"),
-    prefix="model",
-    build=build,
-    head_patterns={"base": common.NO_HEAD, "causal_lm": r"lm_head/.*", "classification": r"score/.*"},
+    base=GemmaBase,
+    task_model=GemmaTask,
     dropout_fields={"attention": "attention_dropout"},
     ignore_keys=(r"(model\.)?rotary_emb\..*inv_freq", r"(model\.)?embed_tokens\.embed_scale"),
     check_config=check_config,

@@ -9,10 +9,9 @@ from typing import Any
 from flax import nnx
 
 from ftjax.hf import UnsupportedModelError
-from ftjax.models import common, decoder
-from ftjax.models.common import Ctx, Dropout, HFModel
+from ftjax.models import common, decoder, decoder_family
+from ftjax.models.common import Ctx, Dropout
 from ftjax.models.decoder import DecoderTask
-from ftjax.models.registry import Family
 
 
 def _inner(cfg: Any) -> int:
@@ -93,17 +92,9 @@ class GPT2Model(nnx.Module):
         return self.ln_f(x), cache
 
 
-class GPT2Base(GPT2Model, DecoderTask):
+class GPT2Base(decoder_family.BackboneTask, GPT2Model):
     """task "base": HF GPT2Model itself (params without prefix). token_type_ids are ignored (HF would add
     wte(token_type_ids); GPT-2 tokenizers never produce them and the trainer sends zeros)."""
-
-    def __init__(self, cfg: Any, ctx: Ctx):
-        GPT2Model.__init__(self, cfg, ctx)
-
-    def _forward(self, inputs, cache, *, deterministic, rngs):
-        return GPT2Model.__call__(self, inputs, cache, deterministic=deterministic, rngs=rngs)
-
-    __call__ = DecoderTask.__call__
 
 
 class GPT2Task(DecoderTask):
@@ -126,17 +117,11 @@ def check_config(cfg: Any, task: str) -> None:
                                     f"n_head={cfg.num_attention_heads}")
 
 
-def build(cfg: Any, task: str, ctx: Ctx) -> HFModel:
-    return GPT2Base(cfg, ctx) if task == "base" else GPT2Task(cfg, task, ctx)
-
-
-FAMILY = Family(
+FAMILY = decoder_family.family(
     name="gpt2",
     model_types=("gpt2",),
-    tasks=("base", "causal_lm", "classification"),
-    prefix="transformer",
-    build=build,
-    head_patterns={"base": common.NO_HEAD, "causal_lm": r"lm_head/.*", "classification": r"score/.*"},
+    base=GPT2Base,
+    task_model=GPT2Task,
     dropout_fields={"hidden": "resid_pdrop", "attention": "attn_pdrop"},
     # Old checkpoints store the causal-mask buffers (attn.bias / attn.masked_bias) with the weights.
     ignore_keys=(r"(transformer\.)?h\.\d+\.attn\.(bias|masked_bias)",),

@@ -14,10 +14,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ftjax.hf import UnsupportedModelError
-from ftjax.models import common, decoder, moe
-from ftjax.models.common import Ctx, Dropout, HFModel
+from ftjax.models import common, decoder, decoder_family, moe
+from ftjax.models.common import Ctx, Dropout
 from ftjax.models.decoder import DecoderTask
-from ftjax.models.registry import Family
 
 
 @dataclasses.dataclass(frozen=True)
@@ -228,16 +227,8 @@ class LlamaModel(nnx.Module):
         return self.norm(x), cache
 
 
-class LlamaBase(LlamaModel, DecoderTask):
+class LlamaBase(decoder_family.BackboneTask, LlamaModel):
     """task "base": HF LlamaModel itself (params without prefix)."""
-
-    def __init__(self, cfg: Any, ctx: Ctx):
-        LlamaModel.__init__(self, cfg, ctx)
-
-    def _forward(self, inputs, cache, *, deterministic, rngs):
-        return LlamaModel.__call__(self, inputs, cache, deterministic=deterministic, rngs=rngs)
-
-    __call__ = DecoderTask.__call__
 
 
 class LlamaTask(DecoderTask):
@@ -259,17 +250,11 @@ def check_config(cfg: Any, task: str) -> None:
         raise UnsupportedModelError("config.json: pretraining_tp > 1 is not supported; set it to 1")
 
 
-def build(cfg: Any, task: str, ctx: Ctx) -> HFModel:
-    return LlamaBase(cfg, ctx) if task == "base" else LlamaTask(cfg, task, ctx)
-
-
-FAMILY = Family(
+FAMILY = decoder_family.family(
     name="llama",
     model_types=("llama", "mistral"),
-    tasks=("base", "causal_lm", "classification"),
-    prefix="model",
-    build=build,
-    head_patterns={"base": common.NO_HEAD, "causal_lm": r"lm_head/.*", "classification": r"score/.*"},
+    base=LlamaBase,
+    task_model=LlamaTask,
     dropout_fields={"attention": "attention_dropout"},
     ignore_keys=(r"(model\.)?layers\.\d+\.self_attn\.rotary_emb\.inv_freq", r"(model\.)?rotary_emb\.inv_freq"),
     check_config=check_config,

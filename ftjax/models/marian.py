@@ -26,7 +26,6 @@ def build(cfg: Any, task: str, ctx: Ctx) -> seq2seq.Seq2SeqLM:
 FAMILY = Family(
     name="marian",
     model_types=("marian",),
-    tasks=("seq2seq",),
     prefix="model",
     build=build,
     head_patterns={"seq2seq": r"model/shared/.*|final_logits_bias"},  # see BartForConditionalGeneration.

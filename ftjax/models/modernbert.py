@@ -19,7 +19,7 @@ from flax import nnx
 from ftjax.hf import UnsupportedModelError
 from ftjax.models import common, decoder
 from ftjax.models.common import Ctx, Dropout, HFModel
-from ftjax.models.registry import Family
+from ftjax.models.registry import Family, base_or_task
 
 LAYER_TYPES = ("full_attention", "sliding_attention")
 POOLINGS = ("cls", "mean")
@@ -229,7 +229,6 @@ class ModernBertTask(HFModel):
         return common.with_hidden_states(out, hidden)
 
 
-TASKS = ("base", "classification", "token_classification", "masked_lm")
 HEAD_PATTERNS = {
     "base": common.NO_HEAD,
     "classification": r"head/.*|classifier/.*",
@@ -264,16 +263,11 @@ def check_config(cfg: Any, task: str) -> None:
                                     "is not implemented)")
 
 
-def build(cfg: Any, task: str, ctx: Ctx) -> HFModel:
-    return ModernBertBase(cfg, ctx) if task == "base" else ModernBertTask(cfg, task, ctx)
-
-
 FAMILY = Family(
     name="modernbert",
     model_types=("modernbert",),
-    tasks=TASKS,
     prefix="model",
-    build=build,
+    build=base_or_task(ModernBertBase, ModernBertTask),
     head_patterns=HEAD_PATTERNS,
     dropout_fields=DROPOUT_FIELDS,
     ignore_keys=(r"decoder\.weight",),  # tied to model.embeddings.tok_embeddings (HF does not save it)

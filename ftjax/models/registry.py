@@ -17,7 +17,8 @@ from absl import logging
 
 from ftjax.hf import UnsupportedModelError
 
-_NOT_FAMILIES = {"common", "decoder", "fused_attention", "moe", "quantized", "registry", "seq2seq"}
+_NOT_FAMILIES = {"common", "decoder", "decoder_family", "encoder", "fused_attention", "moe", "quantized", "registry",
+                 "seq2seq"}
 _FAMILIES: dict[str, Family] = {}
 _DISCOVERED = False
 _BROKEN: dict[str, str] = {}  # family module -> why it failed to import (named in "not supported" errors).
@@ -29,10 +30,9 @@ class Family:
 
     name: str  # short family name, e.g. "bert".
     model_types: tuple[str, ...]  # config.json model_type values this family reads.
-    tasks: tuple[str, ...]  # ftjax tasks it implements ("base", "classification", ...).
     prefix: str  # HF base_model_prefix: task models keep the backbone under it ("bert").
     build: Callable[..., Any]  # build(hf_config, task, ctx) -> HFModel (params random, from ctx.rngs).
-    head_patterns: dict[str, str]  # task -> regex fullmatching the task head's param paths.
+    head_patterns: dict[str, str]  # task -> regex fullmatching the task head's param paths; its keys: `tasks`.
     dropout_fields: dict[str, str]  # override key (hidden/attention/classifier) -> config attribute.
     # Checkpoint key -> the key name ftjax uses (e.g. transformers-5 ViT names -> classic names).
     rename_key: Callable[[str], str] = lambda key: key
@@ -48,6 +48,21 @@ class Family:
     from_weights: Callable[[Any, frozenset], Any] = lambda cfg, names: cfg
     # Whether its layer stack can run scanned (model.scan_layers): layers of one structure, params stacked.
     scannable: bool = False
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        """The ftjax tasks it implements ("base", "classification", ...): those it has a head pattern for."""
+        return tuple(self.head_patterns)
+
+
+def base_or_task(base: Callable[[Any, Any], Any], task_model: Callable[[Any, str, Any], Any]) -> Callable[..., Any]:
+    """`build` for a family whose task "base" is the backbone itself, `base(cfg, ctx)`, and whose other tasks
+    are one class, `task_model(cfg, task, ctx)`."""
+
+    def build(cfg: Any, task: str, ctx: Any) -> Any:
+        return base(cfg, ctx) if task == "base" else task_model(cfg, task, ctx)
+
+    return build
 
 
 def register(family: Family) -> Family:

@@ -5,6 +5,7 @@ Param paths mirror HF RobertaModel / RobertaFor* (XLMRoberta* use the same keys 
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax.numpy as jnp
@@ -14,14 +15,14 @@ from ftjax.models import common
 from ftjax.models.bert import (
     DROPOUT_FIELDS,
     HEAD_PATTERNS,
-    TASKS,
     BertBase,
     BertModel,
     check_config,
     classifier_rate,
 )
-from ftjax.models.common import Ctx, Dropout, HFModel
-from ftjax.models.registry import Family
+from ftjax.models.common import Ctx, Dropout
+from ftjax.models.encoder import EncoderTask
+from ftjax.models.registry import Family, base_or_task
 
 
 class RobertaClassificationHead(nnx.Module):
@@ -51,7 +52,7 @@ class RobertaLMHead(nnx.Module):
         return embedding.attend(x) + self.bias.get_value().astype(x.dtype)
 
 
-class RobertaTask(HFModel):
+class RobertaTask(EncoderTask):
     """RobertaFor{SequenceClassification,TokenClassification,MaskedLM}: backbone under `roberta`."""
 
     def __init__(self, cfg: Any, task: str, ctx: Ctx):
@@ -59,40 +60,25 @@ class RobertaTask(HFModel):
         if task == "classification":
             self.classifier = RobertaClassificationHead(cfg, ctx)
         elif task == "token_classification":
-            self.dropout = Dropout(classifier_rate(cfg, ctx))
-            self.classifier = common.linear(cfg.hidden_size, cfg.num_labels, ctx, ("embed", None))
+            self._init_classifier(cfg.hidden_size, classifier_rate(cfg, ctx), cfg, ctx)
         elif task == "masked_lm":
             self.lm_head = RobertaLMHead(cfg, ctx)
 
-    def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
-                 pixel_values=None, segment_ids=None, segment_starts=None, *, deterministic: bool = True,
-                 rngs: nnx.Rngs | None = None, output_hidden_states: bool = False) -> dict:
-        """As BertTask: packed rows (segment_ids, segment_starts) give classification logits [B, S, C]."""
-        kw = {"deterministic": deterministic, "rngs": rngs}
-        common.check_packed(self.task, segment_ids, segment_starts)
-        with common.collect_hidden_states(output_hidden_states) as hidden:
-            x, _ = self.roberta(input_ids, attention_mask, token_type_ids, position_ids, segment_ids, **kw)
-        if self.task == "classification":
-            out = {"logits": self.classifier(x, segment_starts, **kw)}
-        elif self.task == "token_classification":
-            out = {"logits": self.classifier(self.dropout(x, **kw))}
-        else:
-            out = {"logits": self.lm_head(x, self.roberta.embeddings.word_embeddings)}
-        return common.with_hidden_states(out, hidden)
+    def _encode(self, input_ids, attention_mask, token_type_ids, position_ids, segment_ids, segment_starts, **kw):
+        return self.roberta(input_ids, attention_mask, token_type_ids, position_ids, segment_ids, **kw)
 
+    def _classify(self, x, pooled, segment_starts, **kw):
+        return self.classifier(x, segment_starts, **kw)
 
-def build(cfg: Any, task: str, ctx: Ctx) -> HFModel:
-    if task == "base":
-        return BertBase(cfg, ctx, add_pooling_layer=True, pad_positions=True)
-    return RobertaTask(cfg, task, ctx)
+    def _masked_lm(self, x):
+        return self.lm_head(x, self.roberta.embeddings.word_embeddings)
 
 
 FAMILY = Family(
     name="roberta",
     model_types=("roberta", "xlm-roberta"),
-    tasks=TASKS,
     prefix="roberta",
-    build=build,
+    build=base_or_task(functools.partial(BertBase, add_pooling_layer=True, pad_positions=True), RobertaTask),
     # The base model is BERT's (pooler included); the task heads sit elsewhere than BERT's.
     head_patterns={**HEAD_PATTERNS, "classification": r"classifier/.*", "masked_lm": r"lm_head/.*"},
     dropout_fields=DROPOUT_FIELDS,

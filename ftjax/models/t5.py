@@ -257,7 +257,6 @@ def build(cfg: Any, task: str, ctx: Ctx) -> seq2seq.Seq2SeqLM:
 FAMILY = Family(
     name="t5",
     model_types=("t5",),
-    tasks=("seq2seq",),
     prefix="transformer",
     build=build,
     head_patterns={"seq2seq": r"lm_head/.*"},

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ftjax.models import common
+from ftjax.models.bert import BertIntermediate
 from ftjax.models.common import Ctx, Dropout, HFModel
 from ftjax.models.registry import Family
 
@@ -109,21 +110,12 @@ class ViTAttention(nnx.Module):
                            deterministic=deterministic, rngs=rngs)
 
 
-class ViTIntermediate(nnx.Module):
-    def __init__(self, cfg: Any, ctx: Ctx):
-        self.dense = common.linear(cfg.hidden_size, cfg.intermediate_size, ctx, ("embed", "mlp"))
-        self.act = common.activation(cfg.hidden_act)
-
-    def __call__(self, x):
-        return self.act(self.dense(x))
-
-
 class ViTLayer(nnx.Module):
     """Pre-LN block: x + attention(LN(x)), then x + mlp(LN(x))."""
 
     def __init__(self, cfg: Any, ctx: Ctx):
         self.attention = ViTAttention(cfg, ctx)
-        self.intermediate = ViTIntermediate(cfg, ctx)
+        self.intermediate = BertIntermediate(cfg, ctx)  # HF's ViTIntermediate is BERT's
         self.output = _DenseDropout(cfg, ctx, cfg.intermediate_size, cfg.hidden_size, ("mlp", "embed"))
         self.layernorm_before = common.layer_norm(cfg.hidden_size, cfg.layer_norm_eps, ctx)
         self.layernorm_after = common.layer_norm(cfg.hidden_size, cfg.layer_norm_eps, ctx)
@@ -221,7 +213,6 @@ def _rename(key: str) -> str:
 FAMILY = Family(
     name="vit",
     model_types=("vit",),
-    tasks=("base", "image_classification"),
     prefix="vit",
     build=build,
     head_patterns={"base": r"pooler/.*", "image_classification": r"classifier/.*"},
