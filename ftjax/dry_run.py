@@ -24,6 +24,7 @@ from ftjax import workdir as workdir_lib
 from ftjax.config import remat_policy
 from ftjax.errors import UserError
 from ftjax.models import quantized
+from ftjax.reporting import optimizer as optimizer_report
 
 
 class TopologyError(UserError, ValueError):
@@ -331,7 +332,7 @@ def plan(run: Any, topo: Topology) -> dict[str, Any]:
     train_batch = run.batch_structs("train", longest=True)[0]
     eval_batch = run.batch_structs("eval", longest=True)[0]
     train = _compile(run.train_step_for(0), (run.state, train_batch, run.key, *run.teacher_args), mesh)
-    evaluation = _compile(run.eval_step, (run.state["params"], eval_batch), mesh)
+    evaluation = _compile(run.eval_step, (run.state["params"], eval_batch, *run.eval_args), mesh)
     parts = {
         "params": per_device_bytes(run.state["params"]),
         "optimizer_state": per_device_bytes(run.state["opt_state"]),
@@ -460,7 +461,7 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
 def report(run: Any, result: dict[str, Any] | None = None) -> str:
     """The optimizer's param table, each param's sharding, per-device memory of params and optimizer state,
     and (given a plan's `result`) the compiled steps' per-chip peak, fit and FLOPs."""
-    lines = [run.optimizer.describe(), ""]
+    lines = [optimizer_report.describe(run.optimizer), ""]
     rows = sharding_lib.describe(run.state["params"], run.param_shardings)
     width = max(len(r[0]) for r in rows)
     lines.append(f"{'param':<{width}}  {'shape':<18} {'spec':<28} per-device")
@@ -482,7 +483,7 @@ def report(run: Any, result: dict[str, Any] | None = None) -> str:
         lines.append(f"plan: {fileio.path(run.workdir) / workdir_lib.DRY_RUN_FILE}")
     if run.primary:
         path = os.path.join(run.workdir, workdir_lib.PLOTS_DIR, workdir_lib.LR_SCHEDULE_PLOT)
-        run.optimizer.plot_lr(path)
+        optimizer_report.plot_lr(run.optimizer, path)
         lines.append(f"LR schedule plot: {path}")
     return "\n".join(lines)
 

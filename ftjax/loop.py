@@ -16,6 +16,7 @@ Events, in the order callbacks are listed:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol
@@ -23,11 +24,13 @@ from typing import Any, Protocol
 import jax
 import numpy as np
 
+from ftjax.errors import UserError
+
 # Member status values (solo runs have one member).
 RUNNING, COMPLETE, STOPPED_EARLY, PRUNED, FAILED = "running", "complete", "stopped_early", "pruned", "failed"
 
 
-class TrainingError(RuntimeError):
+class TrainingError(UserError, RuntimeError):
     """The run cannot go on (NaN loss, mismatched workdir); the message names what was kept."""
 
 
@@ -36,7 +39,9 @@ class Stepper(Protocol):
     (`ftjax.tune.population.Population`)."""
 
     members: int  # 1 for a solo run
-    total_steps: int
+    total_steps: int  # the longest member's
+    # Optional `member_steps` [members]: each member's own last step (a population whose members train for
+    # different epochs / steps); a member stops as complete there. Default: every member runs total_steps.
     state: Any  # the pytree a checkpoint saves
 
     def step(self, step: int, batch: dict, active: np.ndarray) -> dict: ...  # device metrics
@@ -45,6 +50,25 @@ class Stepper(Protocol):
     def lr_at(self, step: int) -> list[dict[str, float]]: ...  # per member: {group: lr}
     def abstract_state(self) -> Any: ...
     def precompile(self, step: int) -> None: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class Cadence:
+    """Due at the multiples of `every` steps (0: never) and, with `at_end`, at the run's last step (a population
+    member's own last step: `Loop.due`). Given where a callback is registered (`ftjax.callbacks.Every`)."""
+
+    every: int
+    at_end: bool = True
+
+    def __post_init__(self):
+        if isinstance(self.every, bool) or not isinstance(self.every, (int, np.integer)) or self.every < 0:
+            raise ValueError(f"a cadence of every={self.every!r} steps: need an int >= 0 (0 = never)")
+
+    def due(self, step: int, total_steps: Any) -> Any:
+        """Whether the cadence fires once `step` steps are done (an array when `total_steps` is one)."""
+        multiple = bool(self.every) and step % self.every == 0
+        return multiple | (self.at_end & (np.asarray(total_steps) <= step)) if np.ndim(total_steps) else bool(
+            multiple or (self.at_end and step >= total_steps))
 
 
 class Callback:
@@ -82,6 +106,8 @@ class Loop:
         self.step = self.start_step = 0
         self.total_steps = stepper.total_steps
         self.members = stepper.members
+        ends = getattr(stepper, "member_steps", None)
+        self.member_steps = np.asarray([self.total_steps] * self.members if ends is None else ends)
         self.active = np.ones(self.members, bool)
         self.status = [RUNNING] * self.members
         self.data_position: dict = {}
@@ -140,6 +166,23 @@ class Loop:
     def at_end(self) -> bool:
         return self.step >= self.total_steps
 
+    def due(self, cadence: Cadence) -> np.ndarray:
+        """The active members `cadence` fires for at this step: all of them on its multiples, a member alone at its
+        own last step (members of different lengths)."""
+        return self.active & cadence.due(self.step, self.member_steps)
+
+    @contextlib.contextmanager
+    def only(self, members: np.ndarray):
+        """Inside the block callbacks see only `members` active (e.g. an evaluation due for some members
+        only); a member stopped inside the block stays stopped after it."""
+        outside = self.active
+        inside = outside & members
+        self.active = inside.copy()
+        try:
+            yield
+        finally:
+            self.active = outside & ~(inside & ~self.active)
+
     # -- what a checkpoint holds besides the stepper's state
     def snapshot(self) -> dict:
         self.drain()
@@ -186,6 +229,8 @@ class Loop:
             self.step += 1
             self.drain(keep_last=1)
             self._dispatch("after_step")
+            for k in np.flatnonzero(self.active & (self.step >= self.member_steps)):
+                self.stop_member(int(k), COMPLETE)  # its own last step (members of different lengths)
         self.drain()
         self.timing["train_seconds"] = self._train_seconds()
         if not self.interrupted:

@@ -29,7 +29,6 @@ from ftjax.config import ConfigError
 from ftjax.models import common, quantized
 from ftjax.models.common import AXES
 
-LORA_LEAVES = ("lora_a", "lora_b", "lora_magnitude")
 LORA_PARAM_PATTERN = r"(?:.*/)?lora_(?:a|b|magnitude)"  # fullmatches the adapter params' paths
 ALL_LINEAR = "all-linear"  # optim.lora.targets shorthand: every nnx.Linear but the task head
 # PEFT task_type for each ftjax task (adapter_config.json).

@@ -156,9 +156,12 @@ class Run:
         self.task = self.task.with_labels(self.label_names)  # e.g. token classification's entity tags
         self.model, head_pattern = self._load_model()
         self.graphdef, params, self.rest = params_lib.split(self.model)
-        self.teacher = self._load_teacher() if cfg.distill.teacher else None
-        # The train step's arguments after (state, batch, key): a distillation teacher's params (not donated).
+        # The task's frozen model (a distillation teacher, a preference reference under full fine-tuning).
+        self.teacher = self._load_frozen(self.task.frozen_model) if self.task.frozen_model else None
+        # The train step's arguments after (state, batch, key): the frozen model's params (not donated); the eval
+        # step's after (params, batch): the same when the task's eval needs it.
         self.teacher_args = () if self.teacher is None else (self.teacher["params"],)
+        self.eval_args = self.teacher_args if self.task.frozen_in_eval else ()
         self.total_steps = total_steps_of(cfg.train, self.steps_per_epoch)
         self.eval_every = eval_every_of(cfg.train, self.steps_per_epoch)
         self.optimizer = optim.build(cfg.optim, params, total_steps=self.total_steps,
@@ -173,9 +176,11 @@ class Run:
         self.step_cfg = StepConfig(self.task, cfg.train.grad_accum, cfg.train.label_smoothing,
                                    cfg.model.loss_chunk_tokens)
         self._train_steps: dict[tuple, Callable] = {}
+        frozen = (self.teacher["graphdef"], self.teacher["rest"]) if self.eval_args else None
         self.eval_step = jax.jit(
-            make_eval_step(self.graphdef, self.rest, self.task, cfg.model.loss_chunk_tokens),
-            in_shardings=(self.param_shardings, sharding_lib.batch_sharding(self.mesh)),
+            make_eval_step(self.graphdef, self.rest, self.task, cfg.model.loss_chunk_tokens, frozen=frozen),
+            in_shardings=(self.param_shardings, sharding_lib.batch_sharding(self.mesh),
+                          *((self.teacher["shardings"],) if frozen else ())),
             out_shardings=sharding_lib.replicated(self.mesh),
         )
 
@@ -189,13 +194,12 @@ class Run:
             workdir_lib.check_resume(self.workdir, description, has_checkpoint)
         distributed.barrier("ftjax_workdir_checked")
 
-    def _load_model(self) -> tuple[Any, str | None]:
-        """The model (with LoRA adapters when configured) and the regex of its task head."""
-        cfg, names = self.cfg, self.label_names
+    def model_options(self, cfg: Any) -> dict[str, Any]:
+        """The arguments of `models.from_pretrained` for `cfg`'s model on this run's data and devices."""
+        names = self.label_names
         d = cfg.model.dropout
-        dropout = {k: d[k] for k in ("hidden", "attention", "classifier") if d[k] is not None}
-        model = models.from_pretrained(
-            cfg.model.name_or_path,
+        dropout = {k: d[k] for k in models.DROPOUT_KEYS if d[k] is not None}
+        return dict(
             task=self.task.model_task,  # the head it trains (preference: a causal_lm model)
             num_labels=self.task.num_labels or cfg.model.num_labels or (len(names) if names else None),
             id2label=dict(enumerate(names)) if names else None,
@@ -207,9 +211,16 @@ class Run:
             attention=cfg.model.attention,
             allow_pickle=cfg.model.allow_pickle,
             seed=cfg.train.seed,
+            quantize=quantized.spec_of(cfg.optim.lora),  # QLoRA: the frozen base stored in 8 / 4 bits
+        )
+
+    def _load_model(self) -> tuple[Any, str | None]:
+        """The model (with LoRA adapters when configured) and the regex of its task head."""
+        cfg = self.cfg
+        model = models.from_pretrained(
+            cfg.model.name_or_path, **self.model_options(cfg),
             mesh=self.mesh,  # each tensor read alone and placed straight into its sharding
             abstract=self.abstract,  # a plan: config.json only, every param a ShapeDtypeStruct
-            quantize=quantized.spec_of(cfg.optim.lora),  # QLoRA: the frozen base stored in 8 / 4 bits
         )
         # The top layers re-drawn with the model's init (Zhang et al. 2021); shapes unchanged, so a plan skips it.
         if cfg.model.reinit_layers and not self.abstract:
@@ -223,27 +234,27 @@ class Run:
             model = lora.apply_lora(model, cfg.optim.lora, seed=cfg.train.seed)
         return model, lora.optim_head_pattern(model)
 
-    def _load_teacher(self) -> dict[str, Any]:
-        """distill.teacher loaded as a model of the student's task (its own head and labels), checked against
-        the student, its params frozen and sharded by the same rules: {"model", "graphdef", "rest", "params",
-        "shardings"}."""
+    def _load_frozen(self, folder: str) -> dict[str, Any]:
+        """The task's frozen model (distill.teacher, or the checkpoint again as a preference reference) loaded as
+        a model of the trained task (its own head and labels), checked against the trained model, its params
+        frozen and sharded by the same rules: {"model", "graphdef", "rest", "params", "shardings"}."""
         cfg = self.cfg
         teacher = models.from_pretrained(
-            cfg.distill.teacher, task=self.task.model_task, dtype=compute_dtype(cfg.model.dtype, self.platform),
+            folder, task=self.task.model_task, dtype=compute_dtype(cfg.model.dtype, self.platform),
             param_dtype=cfg.model.param_dtype, remat=cfg.model.remat, scan_layers=cfg.model.scan_layers,
             attention=cfg.model.attention, allow_pickle=cfg.model.allow_pickle, mesh=self.mesh,
             abstract=self.abstract)
         text = self.task.has_tokens and not self.abstract
-        tokenizer = models.load_tokenizer(cfg.distill.teacher) if text else None
-        distill_lib.check_teacher(self.model, teacher, self.tokenizer, tokenizer, cfg.distill.teacher)
+        tokenizer = models.load_tokenizer(folder) if text else None
+        distill_lib.check_teacher(self.model, teacher, self.tokenizer, tokenizer, folder)
         graphdef, params, rest = params_lib.split(teacher)
         shardings = sharding_lib.param_shardings(params, teacher.logical_axes(), self.mesh,
                                                  head_dim=sharding_lib.head_dim_of(teacher))
         params = jax.tree_util.tree_map(_struct, params, shardings) if self.abstract \
             else jax.device_put(params, shardings)
-        logging.info("distill: teacher %s (%s, %.1fM params), %s at T=%g, alpha=%g", cfg.distill.teacher,
-                     teacher.hf_config.model_type, params_lib.count(params) / 1e6, cfg.distill.loss,
-                     cfg.distill.temperature, cfg.distill.alpha)
+        logging.info("frozen %s %s (%s, %.1fM params) beside the trained model",
+                     "teacher" if cfg.distill.teacher else "reference", folder, teacher.hf_config.model_type,
+                     params_lib.count(params) / 1e6)
         return {"model": teacher, "graphdef": graphdef, "rest": rest, "params": params, "shardings": shardings}
 
     def _init_state(self, params: Any) -> None:
@@ -311,7 +322,8 @@ class Run:
         with jax.set_mesh(self.mesh):
             lowered = [train_fn.lower(self.state, b, self.key, *self.teacher_args)
                        for b in self.batch_structs("train")]
-            lowered += [self.eval_step.lower(self.state["params"], b) for b in self.batch_structs("eval")]
+            lowered += [self.eval_step.lower(self.state["params"], b, *self.eval_args)
+                        for b in self.batch_structs("eval")]
         with concurrent.futures.ThreadPoolExecutor(max_workers=min(len(lowered), os.cpu_count() or 1)) as pool:
             list(pool.map(lambda program: program.compile(), lowered))
         logging.info("compiled %d programs (train + eval, %d lengths) in %.1fs", len(lowered),
@@ -322,13 +334,14 @@ class Run:
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self.state
         )
 
-    def evaluate_members(self, eval_fn: Callable, params: Any, split: str, members: int | None) -> list[dict]:
+    def evaluate_members(self, eval_fn: Callable, params: Any, split: str, members: int | None,
+                         args: tuple = ()) -> list[dict]:
         """Eval metrics over a whole split, one dict per member: `eval_fn(params, batch)` returns sums with a
         leading member axis when `members` is a count (a vmapped population), without when None (solo)."""
         sums: dict[str, np.ndarray] = {}
         with jax.set_mesh(self.mesh):
             for batch in self.data.eval_batches(split):
-                out = jax.device_get(eval_fn(params, sharding_lib.shard_batch(batch, self.mesh)))
+                out = jax.device_get(eval_fn(params, sharding_lib.shard_batch(batch, self.mesh), *args))
                 for key, value in out.items():
                     value = np.asarray(value, np.float64)
                     value = value if members is not None else value[None]
@@ -342,4 +355,4 @@ class Run:
     def evaluate(self, split: str, params: Any = None) -> dict[str, float]:
         """Loss (and accuracy, macro-F1 for classification; perplexity for LMs) over a whole split."""
         params = self.state["params"] if params is None else params
-        return self.evaluate_members(self.eval_step, params, split, None)[0]
+        return self.evaluate_members(self.eval_step, params, split, None, self.eval_args)[0]

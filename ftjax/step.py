@@ -151,16 +151,19 @@ def _mask_layers(g: jax.Array, flags: tuple[bool, ...] | None) -> jax.Array:
 
 
 def make_eval_step(graphdef: nnx.GraphDef, rest: nnx.State, task: tasks_lib.Task | str,
-                   loss_chunk_tokens: int = 0) -> Callable[[Any, dict], dict]:
-    """`eval_step(params, batch) -> {"loss_sum", "weight", ...the task's eval sums}` with dropout off and the
-    loss unsmoothed (token tasks: the weight counts labelled tokens; preference: pairs). With
-    `loss_chunk_tokens` the LM losses are computed in chunks, as in the train step."""
+                   loss_chunk_tokens: int = 0, frozen: tuple[nnx.GraphDef, nnx.State] | None = None
+                   ) -> Callable[..., dict]:
+    """`eval_step(params, batch[, frozen_params]) -> {"loss_sum", "weight", ...the task's eval sums}` with dropout
+    off and the loss unsmoothed (token tasks: the weight counts labelled tokens; preference: pairs). With
+    `loss_chunk_tokens` the LM losses are computed in chunks, as in the train step. `frozen` (graphdef, rest) of
+    the task's frozen model when its eval needs it (`Task.frozen_in_eval`: a preference reference)."""
     task = tasks_lib.resolve(task)
 
-    def eval_step(params, batch):
+    def eval_step(params, batch, frozen_params=None):
         model = params_lib.merge(graphdef, params, rest)
+        extra = {} if frozen is None else {"teacher": params_lib.merge(frozen[0], frozen_params, frozen[1])}
         loss_sum, weight, sums = task.batch_loss(model, batch, deterministic=True,
-                                                 loss_chunk_tokens=loss_chunk_tokens)
+                                                 loss_chunk_tokens=loss_chunk_tokens, **extra)
         return {"loss_sum": loss_sum, "weight": weight, **sums}
 
     return eval_step

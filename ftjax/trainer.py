@@ -36,6 +36,7 @@ from ftjax.callbacks.seq2seq_eval import Seq2SeqEval
 from ftjax.callbacks.throughput import Throughput
 from ftjax.checkpoint import Checkpointer
 from ftjax.loop import PRUNED, STOPPED_EARLY, Callback, Loop, fit
+from ftjax.reporting import optimizer as optimizer_report
 from ftjax.reporting.plots import plot_run
 from ftjax.run import Run
 from ftjax.workdir import WorkdirLock, check_workdir_path
@@ -90,11 +91,6 @@ class Precompile(Callback):
             loop.stepper.precompile(loop.step)
 
 
-def open_checkpointer(run: Run, metric: str | None, mode: str = "min") -> Checkpointer:
-    """`workdir.checkpointer` for a Run (tune/population.py's call; new code calls workdir.checkpointer)."""
-    return workdir_lib.checkpointer(run.workdir, run.cfg, metric=metric, mode=mode, primary=run.primary)
-
-
 def _forgetting_on(cfg: Any) -> bool:
     return bool(cfg.forgetting.monitors or cfg.forgetting.retain)
 
@@ -125,7 +121,7 @@ def standard_callbacks(
                           trackers=trackers.build(run.cfg, member_dirs, solo) if run.primary else None)
     checkpoint = Checkpoint(ckpt)
     evaluate = [
-        Evaluate(run.eval_every),
+        Every(Evaluate(), run.eval_every),
         *Seq2SeqEval.for_run(run, member_dirs),  # seq2seq: adds bleu/chrf/rouge to the validation results
         *([Every(AveragedEvaluate(run), run.eval_every)] if solo and run.averaging.on else []),
     ]
@@ -177,7 +173,8 @@ def train(
     cbs = standard_callbacks(run, ckpt, [workdir], metric=es.metric, mode=es.mode, solo=True, extra=extra,
                              t_start=t_start)
     if run.primary:
-        run.optimizer.plot_lr(fileio.path(workdir) / workdir_lib.PLOTS_DIR / workdir_lib.LR_SCHEDULE_PLOT)
+        optimizer_report.plot_lr(run.optimizer,
+                                 fileio.path(workdir) / workdir_lib.PLOTS_DIR / workdir_lib.LR_SCHEDULE_PLOT)
     logging.info("%d steps (%d per epoch), eval every %d, global batch %d", run.total_steps,
                  run.steps_per_epoch, run.eval_every, cfg.train.batch_size)
     try:
@@ -200,6 +197,15 @@ def hold_workdir(workdir: str) -> WorkdirLock:
     return lock
 
 
+def member_summary(loop: Loop, cbs: StandardCallbacks, member: int, steps: int, best_step: int | None
+                   ) -> dict[str, Any]:
+    """What every run's summary.json starts with, a solo run's or a population member's: how it ended, its
+    steps, its best step and best validation value by the early-stopping metric."""
+    stopper, status = cbs.early.stoppers[member], loop.status[member]
+    return {"status": status, "steps": steps, "best_step": best_step, "stopped_early": status == STOPPED_EARLY,
+            "stopped_by_hook": status == PRUNED, "best_val": {stopper.metric: stopper.best_value}}
+
+
 def finish(run: Run, ckpt: Checkpointer, loop: Loop, cbs: StandardCallbacks, t_start: float) -> dict[str, Any]:
     """Restores the best checkpoint, evaluates it on validation (and test), writes summary.json + plots and
     ends the trackers' runs with them.
@@ -213,15 +219,8 @@ def finish(run: Run, ckpt: Checkpointer, loop: Loop, cbs: StandardCallbacks, t_s
         if run.data.has_split("test"):
             last = {"step": loop.step, "test": run.evaluate("test")}
         run.state, _ = ckpt.restore(best, run.abstract_state())
-    stopper = cbs.early.stoppers[0]
-    status = loop.status[0]
     summary: dict[str, Any] = {
-        "status": status,
-        "steps": loop.step,
-        "best_step": best,
-        "stopped_early": status == STOPPED_EARLY,
-        "stopped_by_hook": status == PRUNED,
-        "best_val": {stopper.metric: stopper.best_value},
+        **member_summary(loop, cbs, 0, loop.step, best),
         "num_examples": dict(run.data.num_examples),
         "data_stats": run.data.stats,
         "val": run.evaluate("validation"),

@@ -20,6 +20,7 @@ from ftjax import averaging, dry_run, lora, main, models, optim, reinit, trainer
 from ftjax import checkpoint as checkpoint_lib
 from ftjax import params as params_lib
 from ftjax.config import ConfigError, default_config, validate, with_overrides
+from ftjax.reporting import optimizer as optimizer_report
 from ftjax.run import Run
 from tests import tiny
 from tests.test_lm_data import tiny_llama
@@ -46,7 +47,7 @@ def test_lora_plus_scales_the_lr_of_lora_b_only():
     flat = params_lib.flatten(updates)
     np.testing.assert_allclose(flat["layer/q/lora_a"], -0.1 * 0.5, rtol=1e-6)  # lr_A = lr
     np.testing.assert_allclose(flat["layer/q/lora_b"], -16 * 0.1 * 0.5, rtol=1e-6)  # lr_B = ratio x lr_A
-    assert "LoRA+ lr_ratio 16" in opt.describe()
+    assert "LoRA+ lr_ratio 16" in optimizer_report.describe(opt)
 
 
 # ------------------------------------------------------------------------------ LoRA layer formulas
@@ -179,7 +180,7 @@ def test_adamw_bias_correction_matches_a_hand_written_update(bias_correction):
         m_hat, v_hat = (m / (1 - b1**t), v / (1 - b2**t)) if bias_correction else (m, v)
         want = want - lr * m_hat / (np.sqrt(v_hat) + eps)
         np.testing.assert_allclose(p["w"], want, rtol=1e-5)
-    assert ("BERTAdam" in opt.describe()) != bias_correction
+    assert ("BERTAdam" in optimizer_report.describe(opt)) != bias_correction
 
 
 # ------------------------------------------------------------------------------------- EMA and SWA
@@ -294,5 +295,5 @@ def test_run_reinits_and_dry_run_prints_the_new_hyperparameters(model_dir, data_
     k = "bert/encoder/layer/1/attention/self/query/kernel"
     want = params_lib.flatten(nnx.to_pure_dict(nnx.state(fresh, nnx.Param)))[k]
     np.testing.assert_array_equal(params_lib.flatten(jax.device_get(run.state["params"]))[k], want)
-    text = "\n".join(dry_run.extras(run)) + run.optimizer.describe()
+    text = "\n".join(dry_run.extras(run)) + optimizer_report.describe(run.optimizer)
     assert "model.reinit_layers=1" in text and "EMA" in text and "BERTAdam" in text

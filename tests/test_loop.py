@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ftjax.callbacks import EarlyStopping, Evaluate, NanGuard, Pruning, StopAfter
+from ftjax.callbacks import EarlyStopping, Evaluate, Every, NanGuard, Pruning, StopAfter
 from ftjax.loop import COMPLETE, FAILED, PRUNED, STOPPED_EARLY, Callback, Loop, TrainingError, fit
 
 
@@ -66,7 +66,7 @@ class Recorder(Callback):
 
 def test_steps_reach_callbacks_in_order_and_evals_follow_the_cadence():
     rec = Recorder()
-    loop = fit(ToyStepper([[1.0] * 7]), batches, [Evaluate(every=3), rec])
+    loop = fit(ToyStepper([[1.0] * 7]), batches, [Every(Evaluate(), 3), rec])
     steps = [s for kind, s in rec.events if kind == "step"]
     evals = [s for kind, s in rec.events if kind == "eval"]
     assert steps == list(range(7)) and evals == [3, 6, 7]  # and at the last step
@@ -82,7 +82,7 @@ def test_members_stop_on_their_own_and_the_loop_ends_when_none_trains():
               [1.0, 1.0, float("nan"), 1.0, 1.0, 1.0],  # NaN at step 3: failed
               [1.0, 0.9, 0.8, 0.7, 0.6, 0.5]]  # pruned at its second eval
     stepper = ToyStepper(losses)
-    cbs = [Evaluate(every=1), NanGuard(raise_error=False),
+    cbs = [Every(Evaluate(), 1), NanGuard(raise_error=False),
            EarlyStopping("loss", "min", patience=2, min_delta=0.0, members=4),
            Pruning(lambda k, step, val: k == 3 and step == 2)]
     loop = fit(stepper, batches, cbs)
@@ -98,11 +98,11 @@ def test_a_nan_loss_in_a_solo_run_is_an_error_naming_the_step():
 def test_an_interruption_skips_completion_and_a_snapshot_resumes_where_it_stopped():
     stepper = ToyStepper([[1.0] * 10])
     early = EarlyStopping("loss", "min", patience=0, min_delta=0.0)
-    loop = fit(stepper, batches, [Evaluate(every=2), early, StopAfter(5)])
+    loop = fit(stepper, batches, [Every(Evaluate(), 2), early, StopAfter(5)])
     assert loop.interrupted and loop.step == 5 and loop.status == ["running"]
     meta = loop.snapshot()
     assert meta["data"] == {"epoch": 0, "position": 5}
-    resumed = Loop(ToyStepper([[1.0] * 10]), batches, [Evaluate(every=2),
+    resumed = Loop(ToyStepper([[1.0] * 10]), batches, [Every(Evaluate(), 2),
                                                          EarlyStopping("loss", "min", 0, 0.0)])
     resumed.load_snapshot(5, meta)
     stopper = resumed.callbacks[1].stoppers[0]
@@ -113,7 +113,7 @@ def test_an_interruption_skips_completion_and_a_snapshot_resumes_where_it_stoppe
 
 def test_callback_names_must_be_unique():
     with pytest.raises(ValueError, match="unique"):
-        Loop(ToyStepper([[1.0]]), batches, [Evaluate(1), Evaluate(2)])
+        Loop(ToyStepper([[1.0]]), batches, [Every(Evaluate(), 1), Every(Evaluate(), 2)])
 
 
 def test_preemption_checks_alone_every_step_and_across_processes_every_n_steps(monkeypatch):

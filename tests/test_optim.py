@@ -11,6 +11,7 @@ import pytest
 from ftjax import optim, schedules
 from ftjax import params as params_lib
 from ftjax.config import ConfigError, default_config
+from ftjax.reporting import optimizer as optimizer_report
 
 H = 4  # hidden size of the toy BERT
 HEAD = r"classifier/.*|bert/pooler/.*"
@@ -465,14 +466,14 @@ def test_each_optimizer_trains_and_respects_freezing(name):
 def test_describe_and_plot_lr(tmp_path):
     groups = (("classifier/.*", {"name": "head", "lr_mult": 10.0}),)
     opt = build(ocfg(groups=groups, train_only="head", unfreeze=((5, r".*/layer/3/.*"),), layer_lr_decay=0.8))
-    text = opt.describe()
+    text = optimizer_report.describe(opt)
     total = params_lib.count(bert_params())
     head = sum(r.size for r in opt.table.values() if r.trainable_at(0))
     assert "group head: 2 tensors" in text and "group default:" in text
     assert f"trainable at step 0: {head:,} ({100 * head / total:.1f}%)" in text
     assert "unfreezing at step 5" in text and "frozen" in text and "from step 5" in text
     png = tmp_path / "plots" / "lr.png"
-    opt.plot_lr(str(png))
+    optimizer_report.plot_lr(opt, str(png))
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -78,11 +78,64 @@ def test_an_interrupted_population_resumes_bit_identically(model_dir, data_dir, 
         assert _curve(a, "val", "loss") == _curve(b, "val", "loss")
 
 
+def _assert_member_equals_solo(member_dir: str, solo_dir: str, rtol: float = 2e-4) -> None:
+    pop_val, solo_val = _curve(member_dir, "val", "loss"), _curve(solo_dir, "val", "loss")
+    assert [s for s, _ in pop_val] == [s for s, _ in solo_val] and pop_val
+    np.testing.assert_allclose([v for _, v in pop_val], [v for _, v in solo_val], rtol=rtol, atol=1e-5)
+    pop_train, solo_train = _curve(member_dir, "train", "loss"), _curve(solo_dir, "train", "loss")
+    assert [s for s, _ in pop_train] == [s for s, _ in solo_train]
+    np.testing.assert_allclose([v for _, v in pop_train], [v for _, v in solo_train], rtol=rtol, atol=1e-5)
+
+
+def _population_vs_solo(base, members: list[dict], tmp_path, rtol: float = 2e-4) -> list[dict]:
+    cfgs = [config_lib.with_overrides(base, m) for m in members]
+    dirs = [str(tmp_path / f"member_{k}") for k in range(len(cfgs))]
+    summaries = population.train_population(cfgs, str(tmp_path / "pop"), dirs)
+    assert [s["status"] for s in summaries] == ["complete"] * len(cfgs)
+    for k, cfg in enumerate(cfgs):
+        solo_dir = str(tmp_path / f"solo_{k}")
+        solo = trainer.train(cfg, solo_dir)
+        _assert_member_equals_solo(dirs[k], solo_dir, rtol)
+        assert summaries[k]["steps"] == solo["steps"], f"member {k}"
+    finals = [_curve(d, "val", "loss")[-1][1] for d in dirs]
+    assert len({round(v, 5) for v in finals}) == len(cfgs), "the members should differ"
+    return summaries
+
+
+def test_members_of_different_lengths_end_at_their_own_step(model_dir, data_dir, tmp_path):
+    # 11 steps an epoch: members of 0.5 and 1 epochs and of 7 steps; each schedule is stretched over its own
+    # run, each member evaluated at the cadence and at its own end.
+    base = tiny.tiny_config(model_dir, data_dir, **{"train.eval_every": 4, "train.log_every": 1,
+                                                    "optim.schedule.type": "warmup_cosine"})
+    members = [{"train.epochs": 0.5}, {"train.epochs": 1.0}, {"train.steps": 7}]
+    summaries = _population_vs_solo(base, members, tmp_path)
+    assert [s["steps"] for s in summaries] == [6, 11, 7]
+
+
+def test_members_differing_in_dropout_equal_their_solo_runs(model_dir, data_dir, tmp_path):
+    base = tiny.tiny_config(model_dir, data_dir, **{"train.eval_every": 3, "train.log_every": 1})
+    members = [{"model.dropout.hidden": 0.0, "model.dropout.attention": 0.0},
+               {"model.dropout.hidden": 0.3},
+               {"model.dropout.attention": 0.25, "model.dropout.classifier": 0.5}]
+    _population_vs_solo(base, members, tmp_path)
+
+
+def test_preference_members_differing_in_beta_equal_their_solo_runs(tmp_path):
+    from tests.test_preference import _config, pairs_jsonl, tiny_llama
+
+    folder = tiny_llama(str(tmp_path / "llama"))
+    data = pairs_jsonl(tmp_path / "pairs.jsonl", 48)
+    base = _config(folder, data, **{"train.steps": 6, "train.eval_every": 3, "train.log_every": 1})
+    members = [{"preference.beta": 0.1}, {"preference.beta": 0.5},
+               {"preference.beta": 0.5, "preference.label_smoothing": 0.2}]
+    _population_vs_solo(base, members, tmp_path, rtol=5e-4)
+
+
 @pytest.mark.parametrize("field,value,match", [
     ("train.batch_size", 16, "changes shapes or the compiled program"),
     ("data.max_len", 16, "changes shapes"),
     ("optim.freeze_layers", "embeddings,0", "changes shapes"),
-    ("model.dropout.hidden", 0.2, "static Python float"),
+    ("train.seed", 3, "share the data order"),
 ])
 def test_a_population_over_a_shape_changing_field_is_an_error(model_dir, data_dir, tmp_path, field, value, match):
     base = tiny.tiny_config(model_dir, data_dir)

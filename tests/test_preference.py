@@ -103,14 +103,29 @@ def test_dpo_learns_the_preference_on_held_out_pairs(folder, tmp_path):
     assert summary["best"]["metrics"]["reward_accuracy"] > 0.9 if "metrics" in summary.get("best", {}) else True
 
 
-def test_a_reference_loss_needs_lora_and_orpo_trains_without(folder, tmp_path):
+def test_full_fine_tuning_takes_a_frozen_copy_as_reference_and_orpo_needs_none(folder, tmp_path):
     data = pairs_jsonl(tmp_path / "pairs.jsonl", 64)
-    c = _config(folder, data, **{"optim.lora.rank": 0})
-    with pytest.raises(ConfigError, match="preference.loss.*optim.lora.rank > 0"):
-        validate(c)
+    # DPO without LoRA: the reference is the checkpoint loaded again beside the policy, frozen (the step's last
+    # argument, no gradient, no optimizer state) and used by the eval step too.
+    c = _config(folder, data, **{"optim.lora.rank": 0, "train.steps": 12, "train.eval_every": 6, "optim.lr": 1e-4})
+    validate(c)
+    assert preference_task.of_config(c).frozen_model == folder
+    from ftjax.run import Run
+
+    run = Run(c, str(tmp_path / "plan"), purpose="eval")
+    assert run.teacher is not None and run.eval_args == run.teacher_args
+    assert all(not r.frozen for r in run.optimizer.table.values())  # every policy param trains; the reference apart
+    # Step 0: the policy is its own reference, so every reward is 0 and the DPO loss is log 2.
+    first = run.evaluate("validation")
+    assert first["reward_margin"] == pytest.approx(0.0, abs=1e-6)
+    assert first["loss"] == pytest.approx(np.log(2.0), abs=1e-6)
+    trainer.train(c, str(tmp_path / "dpo_full"))
+    evals = [json.loads(x) for x in open(tmp_path / "dpo_full" / "metrics.jsonl") if '"val"' in x]
+    assert evals[-1]["reward_margin"] > 0 and evals[-1]["loss"] < np.log(2.0)
     c = _config(folder, data, **{"optim.lora.rank": 0, "preference.loss": "orpo", "train.steps": 4,
                                  "train.eval_every": 4, "optim.lr": 1e-4})
     validate(c)
+    assert preference_task.of_config(c).frozen_model == ""  # reference-free
     trainer.train(c, str(tmp_path / "orpo"))
     evals = [json.loads(x) for x in open(tmp_path / "orpo" / "metrics.jsonl") if '"val"' in x]
     assert np.isfinite(evals[-1]["loss"]) and 0 <= evals[-1]["reward_accuracy"] <= 1

@@ -2,6 +2,7 @@
 progress, early stopping, the overfitting warning, non-finite-loss handling, sweep pruning, LM samples,
 checkpoints and the SIGTERM save. `ftjax.trainer.standard_callbacks` lists them in the order they run."""
 
+from ftjax.callbacks.cadence import Every
 from ftjax.callbacks.checkpointing import Checkpoint, Preemption
 from ftjax.callbacks.evaluation import Evaluate
 from ftjax.callbacks.metric_log import MetricLogger, MetricWriter, read_metrics
@@ -17,7 +18,7 @@ from ftjax.callbacks.stopping import (
 )
 
 __all__ = [
-    "Checkpoint", "EarlyStopper", "EarlyStopping", "Evaluate", "MetricLogger", "MetricWriter", "NanGuard",
+    "Checkpoint", "EarlyStopper", "EarlyStopping", "Evaluate", "Every", "MetricLogger", "MetricWriter", "NanGuard",
     "OverfitMonitor", "OverfitWarning", "Preemption", "Progress", "ProgressBar", "Pruning", "StopAfter",
     "read_metrics",
 ]

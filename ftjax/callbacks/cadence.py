@@ -1,34 +1,20 @@
 """Cadences given where a callback is registered (levanter's `add_hook(fn, every=N)`): a callback says what it
-does, `Every(callback, n)` says when. `Cadence.due` is the one rule of "every n steps (and at the last)"."""
+does, `Every(callback, n)` says when. `Cadence.due` is the one rule of "every n steps (and at the last)" (in ftjax.loop, which asks it per member)."""
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 
-from ftjax.loop import Callback, Loop
+from ftjax.loop import Cadence, Callback, Loop
 
-
-@dataclasses.dataclass(frozen=True)
-class Cadence:
-    """Due at the multiples of `every` steps (0: never) and, with `at_end`, at the run's last step."""
-
-    every: int
-    at_end: bool = True
-
-    def __post_init__(self):
-        if isinstance(self.every, bool) or not isinstance(self.every, (int, np.integer)) or self.every < 0:
-            raise ValueError(f"a cadence of every={self.every!r} steps: need an int >= 0 (0 = never)")
-
-    def due(self, step: int, total_steps: int) -> bool:
-        """Whether the cadence fires once `step` steps are done."""
-        return bool(self.every and step % self.every == 0) or (self.at_end and step >= total_steps)
+__all__ = ["Cadence", "Every"]
 
 
 class Every(Callback):
     """`callback` registered with a cadence: its `after_step` runs only at the steps `Cadence(every, at_end)` is
-    due; every other hook, its name and its checkpointed state are the callback's own. `.callback` is the handle."""
+    due, seeing only the members it is due for active (a population member that ends before the others is
+    evaluated alone at its last step); every other hook, its name and its checkpointed state are the callback's
+    own. `.callback` is the handle."""
 
     def __init__(self, callback: Callback, every: int, *, at_end: bool = True):
         self.callback, self.cadence = callback, Cadence(every, at_end)
@@ -38,7 +24,14 @@ class Every(Callback):
         return self.callback.name
 
     def after_step(self, loop: Loop) -> None:
-        if self.cadence.due(loop.step, loop.total_steps):
+        due = loop.due(self.cadence)
+        if not due.any():
+            return
+        if (due == loop.active).all():
+            self.callback.after_step(loop)
+            return
+        loop.drain()  # the steps' metrics reach every member before the callback sees only some of them
+        with loop.only(due):
             self.callback.after_step(loop)
 
     def restore(self, loop: Loop) -> None:

@@ -1,5 +1,5 @@
-"""Evaluation at a cadence: every `every` steps and at the last step, each split is evaluated for every
-member and published to the other callbacks (logging, early stopping, checkpoints, pruning...)."""
+"""Evaluation: each split is evaluated and published to the other callbacks (logging, early stopping,
+checkpoints, pruning...) for the active members; its cadence is given where it is registered (`Every`)."""
 
 from __future__ import annotations
 
@@ -7,14 +7,13 @@ from ftjax.loop import Callback, Loop
 
 
 class Evaluate(Callback):
-    def __init__(self, every: int, splits: tuple[str, ...] = ("validation",)):
-        if every < 1:
-            raise ValueError(f"Evaluate every={every}: need >= 1 step")
-        self.every, self.splits = every, splits
+    """Evaluates each split and publishes the results; register it with its cadence:
+    `Every(Evaluate(), eval_every)` (due at the multiples and at each member's last step)."""
+
+    def __init__(self, splits: tuple[str, ...] = ("validation",)):
+        self.splits = splits
 
     def after_step(self, loop: Loop) -> None:
-        if loop.step % self.every and not loop.at_end:
-            return
         loop.drain()  # the metrics of every step up to here are read (and logged) before the eval
         for split in self.splits:
             with loop.timed("eval_seconds"):

@@ -122,7 +122,8 @@ class Throughput(Callback):
         rows = packed.rows if packed is not None else run.data.batch_size
         shape = flops_lib.Shape(rows // processes, packed.length if packed is not None else max(lengths, default=0))
         reference = run.task.reference_forwards > 0  # preference: DPO's reference forward counts too
-        teacher = None if run.teacher is None else flops_lib.spec_of(run.teacher["model"])  # distillation
+        # A distillation teacher's forward (a preference reference is the forward counted above).
+        teacher = None if run.teacher is None or reference else flops_lib.spec_of(run.teacher["model"])
         return cls(functools.partial(flops_lib.step_flops, flops_lib.spec_of(run.model), reference_forward=reference,
                                      teacher=teacher),
                    run.optimizer.trainable_at, shape, log_every=run.cfg.train.log_every,

@@ -545,13 +545,6 @@ def _check_reinit_unquantized(c: Any) -> None:
             "quantised base would never train)")
 
 
-def _check_preference_reference(c: Any) -> None:
-    if get(c, "model.task") == "preference" and get(c, "preference.loss") not in ("orpo", "simpo"):
-        require(get(c, "optim.lora.rank") > 0, "preference.loss", get(c, "preference.loss"),
-                "needs a reference model, which ftjax takes as the base with the LoRA adapters off: set "
-                "optim.lora.rank > 0, or use a reference-free loss (orpo, simpo)")
-
-
 def _check_distill(c: Any) -> None:
     if not get(c, "distill.teacher"):
         return
@@ -587,8 +580,6 @@ RULES: tuple[Rule, ...] = (
     Rule("one_inferred_mesh_axis", "mesh", "at most one axis may be -1", _check_mesh),
     Rule("quantized_base_under_lora", "optim.lora.quantize_base", "set only with optim.lora.rank > 0",
          _check_quantized_base),
-    Rule("preference_reference_is_the_lora_base", "preference.loss", "dpo / ipo / hinge with optim.lora.rank > 0",
-         _check_preference_reference),
     Rule("distill_compares_logits", "distill.teacher", "a classification, causal_lm or seq2seq run without "
          "model.loss_chunk_tokens", _check_distill),
     Rule("reinit_needs_a_full_precision_base", "model.reinit_layers", "0 with optim.lora.quantize_base",

@@ -24,8 +24,8 @@ AXES = "logical_axes"  # metadata key on every nnx.Param: a tuple of logical axi
 def gelu_erf(x: jax.Array) -> jax.Array:
     """Exact GELU as torch computes it, x/2 * (1 + erf(x/sqrt(2))). jax.nn.gelu(approximate=False) uses
     erfc, which XLA expands into two rational approximations, an exp and two divisions, all evaluated
-    and selected: 2.7x the time on CPU (36.6 vs 13.6 ms for a 4096 x 1536 array), and XLA:CPU cannot fuse
-    it into the YNNPACK fusion of the FFN matmuls as it does erf. Both agree with torch to 1.5e-6."""
+    and selected (several times slower on CPU: benchmarks/README.md, "CPU kernel choices"), and XLA:CPU
+    cannot fuse it into the YNNPACK fusion of the FFN matmuls as it does erf. Both agree with torch to 1.5e-6."""
     return 0.5 * x * (1.0 + jax.lax.erf(x * jnp.asarray(1.0 / math.sqrt(2.0), x.dtype)))
 
 
@@ -74,14 +74,18 @@ def _fmix32(h: jax.Array) -> jax.Array:
     return h ^ (h >> 16)
 
 
-def keep_mask(key: jax.Array, shape: tuple[int, ...], rate: float) -> jax.Array:
-    """A Bernoulli(1 - rate) mask from a counter-based hash of each element's global index and a 64-bit
-    seed drawn from `key`.
+def drop_threshold(rate: float) -> int:
+    """The uint32 threshold `keep_mask` drops below: P(bits < threshold) = rate."""
+    return min(round(float(rate) * 2**32), 2**32 - 1)
 
-    Why not `jax.random.bernoulli`: on XLA:CPU generating the bits costs ~8 ns an element (25 ms for a
-    32x64x1536 activation, more than a matmul of it), which made dropout a quarter of a MiniLM step;
-    this hash fuses into the surrounding elementwise loop (0.75 ms for the same tensor). The mask depends
-    only on the key and the element's position, so it is the same under any sharding of the array.
+
+def keep_mask(key: jax.Array, shape: tuple[int, ...], threshold: Any) -> jax.Array:
+    """A Bernoulli(1 - rate) mask (`threshold` = drop_threshold(rate), a Python int or a traced uint32) from a
+    counter-based hash of each element's global index and a 64-bit seed drawn from `key`.
+
+    Why not `jax.random.bernoulli`: on XLA:CPU generating the bits made dropout a large share of a MiniLM step;
+    this hash fuses into the surrounding elementwise loop (benchmarks/README.md, "CPU kernel choices").
+    The mask depends only on the key and the element's position, so it is the same under any sharding.
     """
     seed = jax.random.bits(key, (2,), jnp.uint32)
     index = jnp.zeros(shape, jnp.uint32)
@@ -90,36 +94,91 @@ def keep_mask(key: jax.Array, shape: tuple[int, ...], rate: float) -> jax.Array:
         index = index + jax.lax.broadcasted_iota(jnp.uint32, shape, dim) * jnp.uint32(stride % 2**32)
         stride *= shape[dim]
     bits = _fmix32(_fmix32(index ^ seed[0]) + seed[1])
-    return bits >= jnp.uint32(min(round(rate * 2**32), 2**32 - 1))
+    return bits >= jnp.asarray(threshold, jnp.uint32)
+
+
+# A population whose members differ in dropout (ftjax.tune.population): while one member's step is traced, each
+# Dropout module with a `slot` reads that member's rate from here as traced values, (thresholds uint32 [S],
+# keep probabilities float32 [S]), instead of its static rate; one compiled program serves every member.
+_TRACED_RATES: contextvars.ContextVar[tuple[jax.Array, jax.Array] | None] = contextvars.ContextVar(
+    "ftjax_traced_dropout", default=None)
+
+
+@contextlib.contextmanager
+def traced_dropout(thresholds: jax.Array, keeps: jax.Array) -> Iterator[None]:
+    """Inside the block, the Dropout module in slot i drops with threshold thresholds[i] and scales by
+    1 / keeps[i] (see `Dropout.slot`)."""
+    token = _TRACED_RATES.set((thresholds, keeps))
+    try:
+        yield
+    finally:
+        _TRACED_RATES.reset(token)
 
 
 class Dropout(nnx.Dropout):
-    """nnx.Dropout with the hash mask of `keep_mask` (same rate, scaling, deterministic and rngs rules)."""
+    """nnx.Dropout with the hash mask of `keep_mask` (same rate, scaling, deterministic and rngs rules).
+
+    When training, each call draws its key even at rate 0, so a model's dropout streams do not depend on which
+    rates are 0 (a population member whose rate is traced draws exactly the keys its solo run draws). `slot`
+    (set by a population on its shared model; None otherwise): the index of this module's traced rate."""
+
+    slot: int | None = None
+
+    def traced_rate(self) -> tuple[jax.Array, jax.Array] | None:
+        """(threshold, keep probability) of this module for the member being traced, else None."""
+        rates = _TRACED_RATES.get()
+        if rates is None or self.slot is None:
+            return None
+        return rates[0][self.slot], rates[1][self.slot]
+
+    def active(self, deterministic: bool) -> bool:
+        """Whether a call drops anything (static: a traced rate counts as active)."""
+        return not deterministic and (self.rate > 0 or self.traced_rate() is not None)
+
+    def draw_key(self, rngs: Any) -> jax.Array | None:
+        """The key of one call (advancing the stream), or None without rngs."""
+        rngs = self.rngs if rngs is None else rngs
+        if rngs is None:
+            return None
+        if isinstance(rngs, nnx.Rngs):
+            return rngs[self.rng_collection]()
+        if isinstance(rngs, nnx.RngStream):
+            return rngs()
+        if isinstance(rngs, jax.Array):
+            return rngs
+        raise TypeError(f"Dropout needs rngs (nnx.Rngs, RngStream or a key) when training, got {type(rngs)}")
 
     def __call__(self, inputs: jax.Array, *, deterministic: bool | None = None, rngs: Any = None) -> jax.Array:
         deterministic = self.deterministic if deterministic is None else deterministic
-        if self.rate == 0.0 or deterministic:
+        if deterministic:
             return inputs
-        if self.rate == 1.0:
-            return jnp.zeros_like(inputs)
-        rngs = self.rngs if rngs is None else rngs
-        if isinstance(rngs, nnx.Rngs):
-            key = rngs[self.rng_collection]()
-        elif isinstance(rngs, nnx.RngStream):
-            key = rngs()
-        elif isinstance(rngs, jax.Array):
-            key = rngs
+        key = self.draw_key(rngs)
+        traced = self.traced_rate()
+        if traced is None:
+            if self.rate == 0.0:
+                return inputs
+            if self.rate == 1.0:
+                return jnp.zeros_like(inputs)
+            threshold, keep = drop_threshold(self.rate), jnp.asarray(1.0 - self.rate, inputs.dtype)
         else:
-            raise TypeError(f"Dropout needs rngs (nnx.Rngs, RngStream or a key) when training, got {type(rngs)}")
-        keep = 1.0 - self.rate
-        mask = keep_mask(key, inputs.shape, self.rate)
-        return jax.lax.select(mask, inputs / jnp.asarray(keep, inputs.dtype), jnp.zeros_like(inputs))
+            threshold, keep = traced[0], traced[1].astype(inputs.dtype)
+        if key is None:
+            raise TypeError("Dropout needs rngs (nnx.Rngs, RngStream or a key) when training, got None")
+        mask = keep_mask(key, inputs.shape, threshold)
+        return jax.lax.select(mask, inputs / keep, jnp.zeros_like(inputs))
+
+
+def dropout_active(dropout: nnx.Dropout, deterministic: bool) -> bool:
+    """Whether `dropout` (ftjax's Dropout or a plain nnx.Dropout) drops anything in this call."""
+    if isinstance(dropout, Dropout):
+        return dropout.active(deterministic)
+    return not deterministic and dropout.rate > 0
 
 
 class Dense(nnx.Linear):
     """nnx.Linear applied to [N, in] rows: [B, L, in] inputs are flattened first, so the kernel gradient is
     one GEMM contracting a single dim. XLA:CPU runs the (batch, length)-contracting dot_general of a 3-D
-    input about 2x slower in the backward pass (measured: 42 vs 23 ms for a 32x64x384 @ 384x1536 layer)."""
+    input slower in the backward pass (benchmarks/README.md, "CPU kernel choices")."""
 
     def __call__(self, inputs: jax.Array, out_sharding: Any = None) -> jax.Array:
         if inputs.ndim <= 2:
@@ -240,7 +299,9 @@ def attention(
     has them; on CPU float32 `chunked_attention`); with dropout, `softmax_attention` with the probabilities
     dropped.
     """
-    if deterministic or dropout.rate == 0:
+    if not dropout_active(dropout, deterministic):
+        if not deterministic and isinstance(dropout, Dropout):
+            dropout.draw_key(rngs)  # the stream advances as when the rate is not 0
         if bias is not None:  # the float32 minimum would overflow to -inf in bf16/fp16 (NaN on all-pad rows)
             bias = jnp.maximum(bias, jnp.finfo(q.dtype).min).astype(q.dtype)
         if jax.default_backend() == "cpu" and q.dtype == jnp.float32:
@@ -257,10 +318,8 @@ def softmax_attention(
     `drop` on the probabilities, then PV; returns [..., L, H, D].
 
     Heads-major ([..., H, L, D] operands, transposed once) rather than einsums on [B, L, H, D]: XLA:CPU runs
-    the latter as strided, transposing batched matmuls. Measured on a quiet 2-core AVX-512 Xeon: the MiniLM
-    train step at 20 x 128 with a padding mask (dropout on) 882 -> 807 ms, with packed rows' [B, 1, L, L]
-    bias unchanged (~860 ms); its attention without dropout at 32 x 128, 14.7 ms vs 25.0 ms for
-    jax.nn.dot_product_attention (torch SDPA, a fused kernel: 5.1 ms)."""
+    the latter as strided, transposing batched matmuls (the timings: benchmarks/README.md, "CPU kernel
+    choices")."""
     scale = jnp.asarray(1.0 / math.sqrt(q.shape[-1]) if scale is None else scale, q.dtype)
     scores = jnp.matmul(jnp.swapaxes(q, -3, -2) * scale, jnp.moveaxis(k, -3, -1), preferred_element_type=jnp.float32)
     if bias is not None:

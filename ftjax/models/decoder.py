@@ -17,7 +17,7 @@ from flax import nnx
 
 from ftjax.hf import UnsupportedModelError
 from ftjax.models import common, fused_attention, moe
-from ftjax.models.common import Ctx, HFModel
+from ftjax.models.common import Ctx, Dropout, HFModel
 
 ROPE_TYPES = ("default", "linear", "llama3", "longrope")
 
@@ -151,6 +151,8 @@ def attend(
     if isinstance(allowed, KernelMask):
         if softcap is not None:
             raise ValueError("attention logit soft-capping cannot run in a fused kernel (layer_masks picks xla)")
+        if not deterministic and isinstance(dropout, Dropout):
+            dropout.draw_key(rngs)  # (no dropout in a kernel: the stream advances as the xla path's would)
         return fused_attention.fused_attention(q, k, v, scale=scale, implementation=allowed.implementation,
                                                segment_ids=allowed.segments, key_valid=allowed.key_valid,
                                                window=allowed.window)
@@ -162,8 +164,7 @@ def attend(
         scores = jnp.tanh(scores / softcap) * softcap
     scores = jnp.where(allowed[:, :, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores.astype(softmax_dtype), axis=-1).astype(v.dtype)
-    if dropout.rate > 0 and not deterministic:
-        probs = dropout(probs, deterministic=False, rngs=rngs)
+    probs = dropout(probs, deterministic=deterministic, rngs=rngs)  # (rate 0: only advances the key stream)
     out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v)
     return out.reshape(batch, lq, heads, dim)
 

@@ -40,8 +40,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array | None, 
     if allowed is not None:
         scores = jnp.where(allowed, scores, MIN)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    if dropout.rate > 0 and not deterministic:
-        probs = dropout(probs, deterministic=False, rngs=rngs)
+    probs = dropout(probs, deterministic=deterministic, rngs=rngs)  # (rate 0: only advances the key stream)
     return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
 
 

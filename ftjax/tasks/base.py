@@ -35,6 +35,11 @@ class Task:
     has_tokens: bool = True  # its batches have a sequence length (image tasks: pixels)
     labelled: bool = False  # a head of model.num_labels, its label names read from the data
     num_labels: int | None = None  # a head of a fixed width (reward: 1 scalar), whatever model.num_labels says
+    # A frozen model the step runs beside the trained one (its params the step's last argument, sharded like the
+    # student's, never differentiated, donated or checkpointed; `batch_loss(..., teacher=model)`): a distillation
+    # teacher, or the reference of a preference loss under full fine-tuning. Its folder, "" for none.
+    frozen_model: str = ""
+    frozen_in_eval: bool = False  # the eval step takes it too (a preference reference: the reward metrics need it)
 
     # ---- data
     def build_data(self, cfg: Any, tokenizer: Any, *, process_index: int, process_count: int,
@@ -76,6 +81,16 @@ class Task:
     def with_labels(self, names: list[str]) -> Task:
         """The task as it runs on data whose label ids name `names` (the run's id2label, from its data or
         run.json): token classification reads its entity tags from them; other tasks need nothing."""
+        return self
+
+    # Config fields holding constants of the loss that may be traced values (a population member's own), and
+    # `with_constants` returning the task with them set: {config field: value}.
+    constant_fields: tuple[str, ...] = ()
+
+    def with_constants(self, values: dict[str, Any]) -> Task:
+        """The task with its loss constants (`constant_fields`) set to `values` (traced, per member)."""
+        if values:
+            raise ValueError(f"task {self.name!r} has no loss constants {sorted(values)}")
         return self
 
     # ---- loss

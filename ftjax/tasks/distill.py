@@ -54,4 +54,4 @@ def of_config(base: Task, cfg: Any) -> Distilled:
     """`base` distilled as cfg.distill says; one more forward pass per step (the teacher's)."""
     return Distilled(base.name, base.model_task, chunkable=False, reference_forwards=base.reference_forwards,
                      has_tokens=base.has_tokens, labelled=base.labelled, num_labels=base.num_labels, base=base,
-                     spec=distill_lib.spec_of(cfg))
+                     spec=distill_lib.spec_of(cfg), frozen_model=cfg.distill.teacher)

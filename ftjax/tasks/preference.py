@@ -39,14 +39,33 @@ class PairTask(Task):
                 "weights": ((rows,), F32)}
 
 
+# preference.* fields that are plain constants of the pair losses: a population's members may differ in them.
+OBJECTIVE_CONSTANTS = {"preference.beta": "beta", "preference.label_smoothing": "label_smoothing",
+                       "preference.simpo_gamma": "simpo_gamma", "preference.orpo_lambda": "orpo_lambda"}
+
+
 @dataclasses.dataclass(frozen=True)
 class Preference(PairTask):
     objective: preference_lib.Objective | None = None
+    constant_fields: tuple[str, ...] = tuple(OBJECTIVE_CONSTANTS)
 
-    def batch_loss(self, model, batch, *, deterministic, rngs=None, label_smoothing=0.0, loss_chunk_tokens=0):
-        """The pair loss per pair (weight: pairs); eval sums: each reward metric as "sum_<name>"."""
+    def with_constants(self, values):
+        """The task with the objective's constants set (a population member's traced beta, ...)."""
+        unknown = set(values) - set(OBJECTIVE_CONSTANTS)
+        if unknown:
+            raise ValueError(f"preference has no loss constants {sorted(unknown)}")
+        return dataclasses.replace(self, objective=dataclasses.replace(
+            self.objective, **{OBJECTIVE_CONSTANTS[field]: value for field, value in values.items()}))
+
+    def batch_loss(self, model, batch, *, deterministic, rngs=None, label_smoothing=0.0, loss_chunk_tokens=0,
+                   teacher=None):
+        """The pair loss per pair (weight: pairs); eval sums: each reward metric as "sum_<name>". The reference:
+        `teacher` (the frozen copy of the checkpoint under full fine-tuning), else the LoRA base (adapters off)."""
         obj = self.objective
-        reference = adapters_off_reference(model) if obj.needs_reference else None
+        reference = None
+        if obj.needs_reference:
+            reference = adapters_off_reference(model) if teacher is None else (
+                lambda inputs: teacher(**inputs, deterministic=True)["logits"])
         loss_sum, pairs, sums = preference_lib.batch_loss(model, batch, obj, deterministic=deterministic, rngs=rngs,
                                                           reference=reference)
         return loss_sum, pairs, {f"sum_{k}": v for k, v in sums.items()}
@@ -55,5 +74,9 @@ class Preference(PairTask):
 def of_config(cfg: Any) -> Preference:
     """The preference task of a config (its preference.* section)."""
     objective = preference_lib.objective_of(cfg)
+    # The reference under LoRA is the base with the adapters off (free); under full fine-tuning a frozen copy of
+    # the checkpoint, loaded beside the policy and sharded like it.
+    frozen = cfg.model.name_or_path if objective.needs_reference and not cfg.optim.lora.rank else ""
     return Preference("preference", "causal_lm", objective=objective,
-                      reference_forwards=1 if objective.needs_reference else 0)
+                      reference_forwards=1 if objective.needs_reference else 0, frozen_model=frozen,
+                      frozen_in_eval=bool(frozen))

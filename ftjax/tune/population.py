@@ -7,6 +7,7 @@ label smoothing enter the step as arrays, so member k follows exactly the run it
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 from collections.abc import Callable
@@ -17,22 +18,30 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from absl import logging
+from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from ftjax import config as config_lib
-from ftjax import fileio, optim, schedules
+from ftjax import fileio, models, optim, schedules
+from ftjax import tasks as tasks_lib
+from ftjax import params as params_lib
 from ftjax import sharding as sharding_lib
-from ftjax.callbacks import EarlyStopping
-from ftjax.callbacks.hparams import write_hparams
+from ftjax import workdir as workdir_lib
 from ftjax.config import ConfigError
-from ftjax.loop import STOPPED_EARLY, Callback, fit
-from ftjax.run import Run
+from ftjax.loop import Callback, fit
+from ftjax.models import common
+from ftjax.reporting.hparams import write_hparams
+from ftjax.run import Run, total_steps_of
 from ftjax.step import StepConfig, make_eval_step, make_train_step
-from ftjax.trainer import hold_workdir, open_checkpointer, standard_callbacks
+from ftjax.tasks.preference import OBJECTIVE_CONSTANTS
+from ftjax.trainer import hold_workdir, member_summary, standard_callbacks
 from ftjax.workdir import flatten
 
-# Fields a population may vary: none changes a shape or the compiled program's structure.
+# Fields a population may vary: each enters the one compiled step as a per-member array (LR tables, decay,
+# smoothing, dropout thresholds, the loss constants of a task) or as the member's own last step.
+DROPOUT_FIELDS = tuple(f"model.dropout.{kind}" for kind in models.DROPOUT_KEYS)
 POPULATION_FIELDS = (
     "optim.lr",
     "optim.weight_decay",
@@ -45,11 +54,13 @@ POPULATION_FIELDS = (
     "optim.schedule.gamma",
     "optim.schedule.pct_start",
     "train.label_smoothing",
+    "train.epochs",  # members end at their own step, each schedule stretched over its own run
+    "train.steps",
+    *DROPOUT_FIELDS,  # traced per-member rates (ftjax.models.common.traced_dropout)
+    *OBJECTIVE_CONSTANTS,  # preference: beta, cDPO smoothing, SimPO gamma, ORPO lambda
 )
 # Why some natural candidates are not population fields (the error says so).
 NOT_IN_POPULATION = {
-    "model.dropout": "the models' nnx.Dropout rate is a static Python float (and attention branches on "
-    "rate == 0), so it cannot be a traced per-member value; sweep dropout sequentially (population=0)",
     "train.seed": "members share the data order and init; sweep seeds sequentially",
 }
 
@@ -73,17 +84,24 @@ def check_population_fields(fields: list[str]) -> None:
         )
 
 
-def template_config(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """The shared run's config: LR 1 (constant), no weight decay, no LLRD, no smoothing; members scale it."""
-    t = copy.deepcopy(cfg)
+def template_config(cfgs: list[ml_collections.ConfigDict]) -> ml_collections.ConfigDict:
+    """The shared run's config: LR 1 (constant), no weight decay, no LLRD, no smoothing; members scale it.
+
+    A dropout rate the members differ in is set to their largest (so the shared model has that dropout and
+    picks the attention kernel that has it); each member's own rates reach the step as traced values."""
+    t = copy.deepcopy(cfgs[0])
     t.optim.lr = 1.0
     t.optim.weight_decay = 0.0
     t.optim.layer_lr_decay = 1.0
     t.optim.schedule.type = "constant"
     t.optim.groups = tuple(
-        (rx, {k: v for k, v in dict(spec).items() if k in ("name", "frozen")}) for rx, spec in cfg.optim.groups
+        (rx, {k: v for k, v in dict(spec).items() if k in ("name", "frozen")}) for rx, spec in cfgs[0].optim.groups
     )
     t.train.label_smoothing = 0.0
+    for kind in models.DROPOUT_KEYS:
+        rates = {c.model.dropout[kind] for c in cfgs}
+        if len(rates) > 1:
+            t.model.dropout[kind] = max([r for r in rates if r is not None] + [0.0]) or 0.1
     return t
 
 
@@ -128,6 +146,12 @@ def member_tx(
     return optax.GradientTransformation(init, update)
 
 
+def _dropout_modules(model: Any) -> dict[str, common.Dropout]:
+    """{module path: module} of a model's Dropout modules."""
+    return {"/".join(map(str, path)): node for path, node in nnx.iter_graph(model)
+            if isinstance(node, common.Dropout)}
+
+
 def _stack(trees: list[Any]) -> Any:
     return jax.tree_util.tree_map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *trees)
 
@@ -161,15 +185,23 @@ class Population:
         if member_cfgs[0].distill.teacher:
             raise PopulationError("distill.teacher", member_cfgs[0].distill.teacher,
                                   "a population trains without a teacher; distil in solo runs (or sweep them)")
+        if tasks_lib.of(member_cfgs[0]).frozen_model:
+            raise PopulationError("optim.lora.rank", 0, "a preference loss with a reference model under full "
+                                  "fine-tuning needs a frozen copy a population does not carry: set "
+                                  "optim.lora.rank > 0 (the reference is then the base), or sweep with population=0")
         self.cfgs, self.members = member_cfgs, len(member_cfgs)
-        self.run = run = Run(template_config(member_cfgs[0]), workdir, devices=devices)
-        self.total_steps, self.eval_every = run.total_steps, run.eval_every
+        self.run = run = Run(template_config(member_cfgs), workdir, devices=devices)
+        # Each member's own length; the loop runs to the longest and stops each member at its own end.
+        self.member_steps = [total_steps_of(c.train, run.steps_per_epoch) for c in member_cfgs]
+        self.total_steps = run.total_steps = max(self.member_steps)
+        self.eval_every = run.eval_every
         self.hparams, self.group_names = self._member_hparams(lr_tables)
+        self.hparams.update(self._dropout_hparams())
+        self.hparams.update(self._task_constants())
         self.toward_pretrained = member_cfgs[0].optim.decay_toward == "pretrained"
         self._stack_state()
         self._steps: dict[frozenset, Callable] = {}
-        self._eval = jax.jit(jax.vmap(make_eval_step(run.graphdef, run.rest, run.task,
-                                                     run.cfg.model.loss_chunk_tokens), in_axes=(0, None)))
+        self._eval = self._eval_fn()
 
     def _member_hparams(self, lr_tables: np.ndarray | None) -> tuple[dict, list[str]]:
         """Each member's own optimizer, built (and validated) from its config: its LR table per param
@@ -177,7 +209,7 @@ class Population:
         run = self.run
         tables, mults, decays = [], [], []
         for k, cfg in enumerate(self.cfgs):
-            opt = optim.build(cfg.optim, run.optimizer.abstract_params, total_steps=run.total_steps,
+            opt = optim.build(cfg.optim, run.optimizer.abstract_params, total_steps=self.member_steps[k],
                               steps_per_epoch=run.steps_per_epoch,
                               head_pattern=getattr(run.model, "head_pattern", None), stacks=run.model.stacks())
             groups = list(opt.schedule_args)
@@ -185,10 +217,11 @@ class Population:
                 table = np.tile(np.asarray(lr_tables[k], np.float32)[None], (len(groups), 1))
             else:
                 table = np.stack([
-                    schedules.lr_curve(schedules.SCHEDULE_FNS[kind](args), np.arange(run.total_steps))
+                    schedules.lr_curve(schedules.SCHEDULE_FNS[kind](args), np.arange(self.member_steps[k]))
                     for kind, args in opt.schedule_args.values()
                 ]).astype(np.float32)
-            tables.append(table)
+            # A shorter member's table is held at its last value (it has stopped by then).
+            tables.append(np.pad(table, ((0, 0), (0, self.total_steps - table.shape[1])), mode="edge"))
             mults.append(opt.per_param(lambda r: np.float32(r.lr_mult)))
             decays.append(opt.per_param(lambda r: np.float32(r.weight_decay if r.decay else 0.0)))
             if k == 0:
@@ -204,6 +237,47 @@ class Population:
             "label_smoothing": np.asarray([c.train.label_smoothing for c in self.cfgs], np.float32),
         }
         return hparams, groups
+
+    def _eval_fn(self) -> Callable:
+        """`eval(params, batch)` of every member at once, each with its own loss constants (e.g. DPO's beta)."""
+        run = self.run
+
+        def member(params, constants, batch):
+            task = run.task.with_constants(constants) if constants else run.task
+            return make_eval_step(run.graphdef, run.rest, task, run.cfg.model.loss_chunk_tokens)(params, batch)
+
+        constants = self.hp_device.get("task", {})
+        vmapped = jax.jit(jax.vmap(member, in_axes=(0, 0, None)))
+        return lambda params, batch: vmapped(params, constants, batch)
+
+    def _dropout_hparams(self) -> dict:
+        """Per-member dropout as traced values: every Dropout module of the shared model whose rate is not the
+        same in all members gets a slot, and each member its (threshold, keep probability) per slot, read from
+        the model its own config builds (config.json only). {} when the members agree."""
+        run = self.run
+        if not any(len({c.model.dropout[k] for c in self.cfgs}) > 1 for k in models.DROPOUT_KEYS):
+            return {}
+        shared = _dropout_modules(run.model)
+        rates = [{path: m.rate for path, m in _dropout_modules(models.from_pretrained(
+            c.model.name_or_path, **run.model_options(c), abstract=True)).items()} for c in self.cfgs]
+        slots = sorted(path for path, module in shared.items()
+                       if len({r.get(path, module.rate) for r in rates} | {module.rate}) > 1)
+        for i, path in enumerate(slots):
+            shared[path].slot = i
+        run.graphdef = params_lib.split(run.model)[0]  # the slots are static attributes of the graph
+        logging.info("population: %d dropout modules take per-member rates", len(slots))
+        return {"dropout_threshold": np.asarray([[common.drop_threshold(r[p]) for p in slots] for r in rates],
+                                                np.uint32),
+                "dropout_keep": np.asarray([[1.0 - r[p] for p in slots] for r in rates], np.float32)}
+
+    def _task_constants(self) -> dict:
+        """The task's loss constants the members differ in (e.g. preference.beta), one value per member."""
+        fields = [f for f in self.run.task.constant_fields
+                  if len({config_lib.get_field(c, f) for c in self.cfgs}) > 1]
+        if not fields:
+            return {}
+        return {"task": {f: np.asarray([config_lib.get_field(c, f) for c in self.cfgs], np.float32)
+                         for f in fields}}
 
     def _stack_state(self) -> None:
         """The template's state stacked K times on a leading member axis (sharded like the template's)."""
@@ -232,10 +306,14 @@ class Population:
         masks = run.optimizer.grad_masks_at(step)
         if trainable not in self._steps:
             def member(state, hp, active, batch, key):
-                step_cfg = StepConfig(run.task, run.cfg.train.grad_accum, hp["label_smoothing"],
+                task = run.task.with_constants(hp["task"]) if "task" in hp else run.task
+                step_cfg = StepConfig(task, run.cfg.train.grad_accum, hp["label_smoothing"],
                                       run.cfg.model.loss_chunk_tokens)
                 fn = make_train_step(run.graphdef, run.rest, self._tx(hp), trainable, step_cfg, grad_masks=masks)
-                new, metrics = fn(state, batch, key)
+                dropout = (common.traced_dropout(hp["dropout_threshold"], hp["dropout_keep"])
+                           if "dropout_threshold" in hp else contextlib.nullcontext())
+                with dropout:
+                    new, metrics = fn(state, batch, key)
                 new = jax.tree_util.tree_map(lambda n, o: jnp.where(active, n, o), new, state)
                 return new, metrics
 
@@ -310,23 +388,21 @@ def _train_population(member_cfgs, workdir, member_dirs, callbacks, metric, mode
     pop = Population(member_cfgs, workdir, devices=devices)
     run = pop.run
     for cfg, d in zip(member_cfgs, member_dirs):
-        fileio.write_json(fileio.path(d) / "config.json", flatten(cfg))
-    ckpt = open_checkpointer(run, None)
+        fileio.write_json(fileio.path(d) / workdir_lib.MEMBER_CONFIG_FILE, flatten(cfg))
+    ckpt = workdir_lib.checkpointer(run.workdir, run.cfg, primary=run.primary)
     cbs = standard_callbacks(run, ckpt, member_dirs, metric=metric, mode=mode, solo=False, extra=list(callbacks))
     loop = fit(pop, run.data.train_iterator, cbs)
     ckpt.close()
     if loop.interrupted:
         return [{"interrupted_at": loop.step} for _ in member_dirs]
-    early = next(cb for cb in cbs if isinstance(cb, EarlyStopping))
+    early = cbs.early
     summaries = []
     for k in range(pop.members):
-        summary = {"status": loop.status[k], "steps": loop.step,
-                   "best_step": early.stoppers[k].best_step,
-                   "stopped_early": loop.status[k] == STOPPED_EARLY,
-                   "val": early.best_results[k] or {}, "best_val": {metric: early.stoppers[k].best_value},
+        summary = {**member_summary(loop, cbs, k, min(loop.step, pop.member_steps[k]), early.stoppers[k].best_step),
+                   "val": early.best_results[k] or {},
                    "timing": {"wall_seconds": time.time() - t_start, "population_size": pop.members}}
         if run.primary:
-            fileio.write_json(fileio.path(member_dirs[k]) / "summary.json", summary)
+            fileio.write_json(fileio.path(member_dirs[k]) / workdir_lib.SUMMARY_FILE, summary)
             write_hparams(member_dirs[k], member_cfgs[k], summary)
         summaries.append(summary)
     return summaries
