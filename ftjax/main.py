@@ -4,6 +4,8 @@
     modes: train (default) | eval | export | dry_run | sweep (--sweep=configs/sweeps/X.py) | lr_find
            | compare (--workdir=A --workdir=B ... or --workdir='runs/lr_*'; no --config)
            | diagnose (what went wrong in WORKDIR's run and the flags to change; no --config)
+           | refine (rounds of diagnose -> K candidates trained as one population -> keep the best;
+             --rounds=R --population=K; WORKDIR/refine_report.md)
 """
 
 from __future__ import annotations
@@ -37,10 +39,10 @@ from ftjax.errors import UserError
 from ftjax.loop import TrainingError
 from ftjax.reporting import compare
 from ftjax.run import Run
-from ftjax.tune import diagnose, lr_find, space, sweep
+from ftjax.tune import diagnose, lr_find, refine, space, sweep
 from ftjax.tune.report import REPORT
 
-MODES = ("train", "eval", "export", "dry_run", "sweep", "lr_find", "compare", "diagnose")
+MODES = ("train", "eval", "export", "dry_run", "sweep", "lr_find", "compare", "diagnose", "refine")
 # --help prints this module's docstring: with the recipes a first run can start from.
 __doc__ = (__doc__ or "") + "\nrecipes (--config=PATH[:arg]; each file's docstring says its arg):\n" + "".join(
     f"    {name}\n" for name in recipes())
@@ -61,7 +63,9 @@ _LR_MIN = flags.DEFINE_float("lr_min", 1e-7, "--mode=lr_find: first (lowest) lea
 _LR_MAX = flags.DEFINE_float("lr_max", 1.0, "--mode=lr_find: last (highest) learning rate.")
 _LR_STEPS = flags.DEFINE_integer("lr_steps", 100, "--mode=lr_find: steps of the ramp (per member).")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "--mode=export: replace a non-empty --export_dir.")
-_POPULATION = flags.DEFINE_integer("population", 0, "--mode=lr_find: K > 0 trains K constant LRs at once.")
+_POPULATION = flags.DEFINE_integer("population", 0, "--mode=lr_find: K > 0 trains K constant LRs at once; "
+                                   "--mode=refine: candidates per round (default 8).")
+_ROUNDS = flags.DEFINE_integer("rounds", 3, "--mode=refine: rounds after the first run.")
 _TOPOLOGY = flags.DEFINE_string(
     "topology", None, "--mode=dry_run: plan for this TPU slice instead of the live devices, compiled ahead of time "
     "here (needs libtpu): v5litepod-16 / v5e-16, v6e-8, v4-32, v5p-16 (gcloud's names: v4/v5p count TensorCores), "
@@ -78,9 +82,9 @@ _COMPARE_OUT = flags.DEFINE_string("compare_out", None, "--mode=compare: report 
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions a user can cause; they end the run with their message, not a traceback."""
-    # Every ftjax user error is a UserError but loop.TrainingError (for now); the OS's own errors about a path
-    # the user gave (a missing recipe, workdir or file) are user errors too.
-    return (UserError, TrainingError, FileNotFoundError, FileExistsError, NotADirectoryError)
+    # Every ftjax user error is a UserError; the OS's own errors about a path the user gave (a missing recipe,
+    # workdir or file) are user errors too.
+    return (UserError, FileNotFoundError, FileExistsError, NotADirectoryError)
 
 
 def _restore_for_inference(run: Run, workdir: str) -> tuple[int, str, Any]:
@@ -210,8 +214,18 @@ def _diagnose(cfg, workdir: str) -> dict:
     return result
 
 
+def _refine(cfg, workdir: str) -> dict:
+    state = refine.refine(cfg, workdir, rounds=_ROUNDS.value, population_size=_POPULATION.value or 8)
+    if "flags" in state:
+        print(f"refine: best validation {state['metric']} {state['best']['value']:.4g}; flags: "
+              f"{state['flags'] or '(the config as given)'}")
+    print(f"report: {fileio.path(workdir) / refine.REPORT_FILE}")
+    return state
+
+
 MODE_FNS = {"train": _train, "eval": _eval, "export": _export, "dry_run": _dry_run, "sweep": _sweep,
-            "lr_find": _lr_find, "compare": _compare, "diagnose": _diagnose}
+            "lr_find": _lr_find, "compare": _compare, "diagnose": _diagnose,
+            "refine": _refine}
 
 
 def run_mode(mode: str, cfg, workdir: str) -> dict:

@@ -41,6 +41,11 @@ LR_FIND_FILE = "lr_find.json"  # --mode=lr_find: the range test's losses and sug
 LR_FIND_PLOT = "lr_find.png"  # --mode=lr_find: the loss over the LR ramp
 DIAGNOSIS_FILE = "diagnosis.md"  # --mode=diagnose: the findings, their evidence, plots and flags to change
 DIAGNOSIS_JSON = "diagnosis.json"  # the same as data
+REFINE_FILE = "refine.json"  # --mode=refine: each round's candidates (recorded before they train) and results
+REFINE_REPORT = "refine_report.md"  # --mode=refine: per round findings, candidates, curves, what was kept
+REFINE_ROUND_DIR = "round_{}"  # --mode=refine: round R's workdir (a population's; round 0 a solo run)
+REFINE_MEMBER_DIR = "member_{}"  # in a round's workdir: candidate K's folder
+REFINE_FINAL_DIR = "final"  # --mode=refine: the best config's solo run (test metrics, export)
 TRACKERS_KEY = "trackers"  # run.json: {"mlflow": {"run_id": ...}, "wandb": {"id": ...}} (callbacks/trackers.py)
 LM_EVAL_KEY = "lm_eval"  # --mode=eval --lm_eval=TASKS: lm-evaluation-harness results (ftjax/lm_eval_model.py)
 

@@ -1,0 +1,304 @@
+"""`--mode=refine`: adjust, observe, refine as one command.
+
+Round 0 is the config's own run (or the run the workdir already holds). Each later round diagnoses the best run
+so far (`ftjax.tune.diagnose`), proposes K candidates around it (first the diagnosis' remedies, then a local
+search over the hyperparameters a population can vary: learning rate, weight decay, warmup, epochs, dropout,
+label smoothing), trains them as ONE population (`ftjax.tune.population`), and keeps the best by the validation
+metric (never the test split). Every round is a workdir, and refine.json records what was proposed before it
+trains, so a rerun after an interruption resumes the round it was in with the same candidates.
+WORKDIR/refine_report.md shows per round the findings, the candidates, their curves overlaid (the compare
+report) and what was kept and why; at the end the best config is trained solo in WORKDIR/final (a normal run
+dir: eval, export, diagnose work on it) for its test metrics, and printed as a ready flag line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from typing import Any
+
+import ml_collections
+from absl import logging
+
+from ftjax import config as config_lib
+from ftjax import fileio, trainer
+from ftjax import workdir as workdir_lib
+from ftjax.errors import UserError
+from ftjax.reporting import compare
+from ftjax.tune import diagnose, population
+
+STATE_FILE, REPORT_FILE, FINAL_DIR = workdir_lib.REFINE_FILE, workdir_lib.REFINE_REPORT, workdir_lib.REFINE_FINAL_DIR
+# Local moves: multiplicative steps of the learning rate, and the values tried for the other fields.
+LR_FACTORS = (0.5, 2.0, 0.25, 4.0)
+WEIGHT_DECAYS = (0.0, 0.01, 0.1)
+DROPOUT_STEP = 0.1
+EPOCH_FACTORS = (1.5, 0.5)
+
+
+class RefineError(UserError, ValueError):
+    """A refine run cannot go on as asked (bad --rounds / --population, a metric the task has not)."""
+
+
+@dataclasses.dataclass
+class Candidate:
+    """One member of a round: the overrides of the base config it runs with, and why it was proposed."""
+
+    overrides: dict[str, Any]
+    why: str
+    workdir: str = ""
+    value: float | None = None  # its best validation metric (None: failed or not trained yet)
+    status: str = ""
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _key(cfg: ml_collections.ConfigDict, overrides: dict[str, Any]) -> tuple:
+    """What a candidate runs, as a hashable key: its overrides that change `cfg` (so {} and {lr: cfg's lr}
+    are the same candidate)."""
+    return tuple(sorted((k, repr(v)) for k, v in overrides.items() if config_lib.get_field(cfg, k) != v))
+
+
+def _value(cfg: ml_collections.ConfigDict, field: str) -> Any:
+    return config_lib.get_field(cfg, field)
+
+
+def local_moves(cfg: ml_collections.ConfigDict) -> list[tuple[str, dict[str, Any]]]:
+    """Single-field steps around `cfg` over the population's fields, most promising first: (why, changes)."""
+    lr = float(cfg.optim.lr)
+    moves = [(f"learning rate x{f:g}", {"optim.lr": lr * f}) for f in LR_FACTORS]
+    wd = float(cfg.optim.weight_decay)
+    moves += [(f"weight decay {w:g}", {"optim.weight_decay": w}) for w in WEIGHT_DECAYS if w != wd]
+    if not cfg.train.steps:
+        epochs = float(cfg.train.epochs)
+        moves += [(f"epochs x{f:g}", {"train.epochs": _round(epochs * f)}) for f in EPOCH_FACTORS]
+    else:
+        moves += [(f"steps x{f:g}", {"train.steps": max(1, int(cfg.train.steps * f))}) for f in EPOCH_FACTORS]
+    hidden = cfg.model.dropout.hidden
+    rate = 0.1 if hidden is None else float(hidden)  # None: the checkpoint's (0.1 for BERT-style models)
+    for r in (rate + DROPOUT_STEP, rate - DROPOUT_STEP):
+        if 0.0 <= r <= 0.5 and (hidden is None or abs(r - rate) > 1e-9):
+            moves.append((f"hidden dropout {r:.2g}", {"model.dropout.hidden": _round(r)}))
+    warmup = cfg.optim.schedule.warmup
+    if isinstance(warmup, float) and warmup < 1.0:
+        moves.append((f"warmup {min(2 * warmup, 0.3) or 0.06:g} of the run",
+                      {"optim.schedule.warmup": _round(min(2 * warmup, 0.3) or 0.06)}))
+    if cfg.model.task == "classification" and not cfg.train.label_smoothing:
+        moves.append(("label smoothing 0.1", {"train.label_smoothing": 0.1}))
+    return moves
+
+
+def _round(x: float) -> float:
+    return float(f"{x:.3g}")
+
+
+def propose(cfg: ml_collections.ConfigDict, best: dict[str, Any], findings: list[dict], k: int,
+            tried: set[tuple]) -> list[Candidate]:
+    """K candidates around the best so far (`best`: its overrides of `cfg`): the diagnosis' remedies first
+    (the population's fields of each; a remedy wholly outside them is left to a solo run and noted), then the
+    local moves, then pairs of local moves; none tried before."""
+    base = config_lib.with_overrides(cfg, best)
+    out: list[Candidate] = []
+
+    def add(changes: dict[str, Any], why: str) -> None:
+        overrides = {**best, **changes}
+        key = _key(cfg, overrides)
+        if len(out) < k and key not in tried and changes:
+            tried.add(key)
+            out.append(Candidate(overrides, why))
+
+    for f in findings:
+        for remedy in f["remedies"]:
+            changes = {field: c["to"] for field, c in remedy["changes"].items()}
+            allowed = {fl: v for fl, v in changes.items() if fl in population.POPULATION_FIELDS}
+            left = sorted(set(changes) - set(allowed))
+            note = f" (without {', '.join(left)}: not a population field)" if left else ""
+            add(allowed, f"diagnosis {f['kind']}: {remedy['why']}{note}")
+    moves = local_moves(base)
+    for why, changes in moves:
+        add(changes, f"local: {why}")
+    for i, (why_a, a) in enumerate(moves):
+        for why_b, b in moves[i + 1:]:
+            if not set(a) & set(b):
+                add({**a, **b}, f"local: {why_a} and {why_b}")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- rounds
+
+
+def _metric(cfg: ml_collections.ConfigDict) -> tuple[str, str]:
+    return str(cfg.train.early_stop.metric), str(cfg.train.early_stop.mode)
+
+
+def _better(a: float | None, b: float | None, mode: str) -> bool:
+    if a is None or not math.isfinite(a):
+        return False
+    if b is None or not math.isfinite(b):
+        return True
+    return a < b if mode == "min" else a > b
+
+
+def _summary_value(summary: dict, metric: str) -> float | None:
+    value = (summary.get("best_val") or {}).get(metric)
+    if value is None:
+        value = (summary.get("val") or {}).get(metric)
+    return None if value is None else float(value)
+
+
+def _holds_run(workdir: str) -> bool:
+    folder = fileio.path(workdir)
+    return (folder / workdir_lib.RUN_FILE).exists() and (folder / workdir_lib.SUMMARY_FILE).exists()
+
+
+def refine(cfg: ml_collections.ConfigDict, workdir: str, *, rounds: int = 3, population_size: int = 8,
+           final: bool = True) -> dict[str, Any]:
+    """Runs (or resumes) the refine loop in `workdir`; returns refine.json's content."""
+    if rounds < 1:
+        raise RefineError(f"--rounds={rounds}: need >= 1 round after the first run")
+    if population_size < 1:
+        raise RefineError(f"--population={population_size}: need >= 1 candidate per round")
+    config_lib.validate(cfg)
+    metric, mode = _metric(cfg)
+    folder = fileio.path(workdir)
+    folder.mkdir(parents=True, exist_ok=True)
+    state_path = folder / STATE_FILE
+    state = fileio.read_json(state_path) if state_path.exists() else {
+        "metric": metric, "mode": mode, "rounds": []}
+    save = lambda: fileio.write_json(state_path, state)  # noqa: E731
+
+    if not state["rounds"]:
+        if _holds_run(workdir):  # the run this workdir already holds is round 0
+            start = Candidate({}, "the run already in the workdir", workdir)
+        else:
+            start = Candidate({}, "the config as given", str(folder / workdir_lib.REFINE_ROUND_DIR.format(0)))
+            logging.info("refine: round 0 trains the config in %s", start.workdir)
+            trainer.train(cfg, start.workdir)
+        summary = fileio.read_json(fileio.path(start.workdir) / workdir_lib.SUMMARY_FILE)
+        start.value, start.status = _summary_value(summary, metric), "complete"
+        if start.value is None:
+            raise RefineError(f"train.early_stop.metric={metric!r} is not among the run's validation metrics "
+                              f"{sorted(summary.get('val', {}))}: set it to one of them")
+        state["rounds"].append({"round": 0, "findings": [], "candidates": [start.to_json()], "kept": 0,
+                                "best": {"overrides": {}, "value": start.value, "workdir": start.workdir},
+                                "why": "the starting point"})
+        save()
+        write_report(state, workdir)
+
+    tried = {_key(cfg, c["overrides"]) for r in state["rounds"] for c in r["candidates"]}
+    for r in range(1, rounds + 1):
+        if r < len(state["rounds"]) and state["rounds"][r].get("done"):
+            continue
+        best = state["rounds"][r - 1]["best"]
+        if r == len(state["rounds"]):  # a new round: diagnose, propose, record before training
+            found = diagnose.diagnose(best["workdir"])
+            cands = propose(cfg, best["overrides"], found["findings"], population_size, tried)
+            if not cands:
+                logging.info("refine: nothing left to try around the best; stopping after round %d", r - 1)
+                break
+            round_dir = folder / workdir_lib.REFINE_ROUND_DIR.format(r)
+            for k, c in enumerate(cands):
+                c.workdir = str(round_dir / workdir_lib.REFINE_MEMBER_DIR.format(k))
+            state["rounds"].append({"round": r, "findings": [
+                {"kind": f["kind"], "title": f["title"]} for f in found["findings"]],
+                "candidates": [c.to_json() for c in cands], "done": False})
+            save()
+        entry = state["rounds"][r]
+        cands = [Candidate(**c) for c in entry["candidates"]]
+        cfgs = [config_lib.with_overrides(cfg, c.overrides) for c in cands]
+        logging.info("refine: round %d trains %d candidates as one population", r, len(cands))
+        summaries = population.train_population(cfgs, str(folder / workdir_lib.REFINE_ROUND_DIR.format(r)), [c.workdir for c in cands],
+                                                metric=metric, mode=mode)
+        if "interrupted_at" in summaries[0]:
+            return state
+        for c, s in zip(cands, summaries):
+            c.status = s["status"]
+            c.value = _summary_value(s, metric) if s["status"] != "failed" else None
+        top = min(range(len(cands)), key=lambda i: _rank(cands[i].value, mode))
+        entry["candidates"] = [c.to_json() for c in cands]
+        entry["kept"] = top if _better(cands[top].value, best["value"], mode) else None
+        if entry["kept"] is not None:
+            c = cands[top]
+            entry["best"] = {"overrides": c.overrides, "value": c.value, "workdir": c.workdir}
+            entry["why"] = (f"candidate {top} ({c.why}) has the best validation {metric} of the round, "
+                            f"{c.value:.4g}, better than the best so far {best['value']:.4g}")
+        else:
+            entry["best"] = best
+            entry["why"] = (f"no candidate beat the best so far ({metric} {best['value']:.4g}; the round's best "
+                            f"{_fmt(cands[top].value)}): it stays")
+        entry["done"] = True
+        save()
+        write_report(state, workdir)
+
+    best = [r for r in state["rounds"] if "best" in r][-1]["best"]
+    state["best"] = best
+    state["flags"] = " ".join(f"--config.{f}={diagnose.flag_value(v)}" for f, v in best["overrides"].items())
+    if final:
+        final_dir = str(folder / FINAL_DIR)
+        summary = trainer.train(config_lib.with_overrides(cfg, best["overrides"]), final_dir)
+        state["final"] = {"workdir": final_dir, "val": summary.get("val"), "test": summary.get("test")}
+    save()
+    write_report(state, workdir)
+    return state
+
+
+def _rank(value: float | None, mode: str) -> float:
+    if value is None or not math.isfinite(value):
+        return math.inf
+    return value if mode == "min" else -value
+
+
+def _fmt(value: Any) -> str:
+    return "failed" if value is None else f"{value:.4g}"
+
+
+# ---------------------------------------------------------------------------------------------------- report
+
+
+def write_report(state: dict, workdir: str) -> str:
+    """WORKDIR/refine_report.md (and each round's compare report of its candidates' curves)."""
+    folder = fileio.path(workdir)
+    metric, mode = state["metric"], state["mode"]
+    lines = [f"# Refine: {workdir}", "",
+             f"Validation {metric} ({'lower' if mode == 'min' else 'higher'} is better) decides; the test split "
+             "is read only by the final run.", ""]
+    for entry in state["rounds"]:
+        r = entry["round"]
+        lines += [f"## Round {r}", ""]
+        if entry["findings"]:
+            lines += ["Diagnosis of the best run so far:", ""]
+            lines += [f"- {f['kind'].replace('_', ' ')}: {f['title']}" for f in entry["findings"]]
+            lines.append("")
+        elif r:
+            lines += ["Diagnosis of the best run so far: no findings (the candidates are a local search).", ""]
+        lines += ["| # | candidate | overrides | status | val " + metric + " |", "|---|---|---|---|---|"]
+        for k, c in enumerate(entry["candidates"]):
+            mark = " **kept**" if entry.get("kept") == k else ""
+            flags = ", ".join(f"{f}={diagnose.flag_value(v)}" for f, v in c["overrides"].items()) or "(base)"
+            lines.append(f"| {k}{mark} | {c['why']} | {flags} | {c['status'] or 'pending'} | {_fmt(c['value'])} |")
+        lines.append("")
+        done = [c["workdir"] for c in entry["candidates"] if c["status"] and c["value"] is not None]
+        if r and len(done) > 1:
+            try:
+                report = compare.write_compare(done, folder / workdir_lib.REFINE_ROUND_DIR.format(r) / "compare")
+                lines += [f"Curves overlaid: [{os.path.relpath(report, folder)}]"
+                          f"({os.path.relpath(report, folder)})", ""]
+            except (UserError, OSError) as e:  # a report is no reason to stop the loop
+                lines += [f"(no compare report: {e})", ""]
+        if entry.get("why"):
+            lines += [f"Kept: {entry['why']}.", ""]
+    if "flags" in state:
+        lines += ["## Result", "", f"Best validation {metric}: {state['best']['value']:.4g} "
+                  f"({state['best']['workdir']}).", "", "Flags on top of the config:", "", "```",
+                  state["flags"] or "(none: the config as given was best)", "```", ""]
+    if "final" in state:
+        test = state["final"].get("test")
+        lines += [f"Final run {state['final']['workdir']}: val "
+                  + ", ".join(f"{k} {v:.4g}" for k, v in (state["final"].get("val") or {}).items()
+                              if isinstance(v, float))
+                  + ("; test " + ", ".join(f"{k} {v:.4g}" for k, v in test.items() if isinstance(v, float))
+                     if test else "; no test split"), ""]
+    path = folder / REPORT_FILE
+    fileio.write_text(path, "\n".join(lines) + "\n")
+    return str(path)
