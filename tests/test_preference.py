@@ -131,6 +131,7 @@ def test_full_fine_tuning_takes_a_frozen_copy_as_reference_and_orpo_needs_none(f
     assert np.isfinite(evals[-1]["loss"]) and 0 <= evals[-1]["reward_accuracy"] <= 1
 
 
+@pytest.mark.slow  # the quick suite pins bit-identical resume on solo runs and populations (test_train, test_population)
 def test_a_preference_run_resumes_bit_identically(folder, tmp_path):
     data = pairs_jsonl(tmp_path / "pairs.jsonl", 96)
     c = _config(folder, data, **{"train.steps": 8, "train.eval_every": 4, "train.checkpoint.every": 3})
