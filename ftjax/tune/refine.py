@@ -152,6 +152,67 @@ def _holds_run(workdir: str) -> bool:
     return (folder / workdir_lib.RUN_FILE).exists() and (folder / workdir_lib.SUMMARY_FILE).exists()
 
 
+def _round_zero(cfg: ml_collections.ConfigDict, workdir: str, metric: str) -> dict[str, Any]:
+    """Round 0: the run `workdir` already holds, or the config trained in WORKDIR/round_0."""
+    if _holds_run(workdir):
+        start = Candidate({}, "the run already in the workdir", workdir)
+    else:
+        start = Candidate({}, "the config as given", str(fileio.path(workdir) / workdir_lib.REFINE_ROUND_DIR.format(0)))
+        logging.info("refine: round 0 trains the config in %s", start.workdir)
+        trainer.train(cfg, start.workdir)
+    summary = fileio.read_json(fileio.path(start.workdir) / workdir_lib.SUMMARY_FILE)
+    start.value, start.status = _summary_value(summary, metric), "complete"
+    if start.value is None:
+        raise RefineError(f"train.early_stop.metric={metric!r} is not among the run's validation metrics "
+                          f"{sorted(summary.get('val', {}))}: set it to one of them")
+    return {"round": 0, "findings": [], "candidates": [start.to_json()], "kept": 0,
+            "best": {"overrides": {}, "value": start.value, "workdir": start.workdir}, "why": "the starting point"}
+
+
+def _new_round(cfg: ml_collections.ConfigDict, workdir: str, r: int, best: dict, k: int,
+               tried: set[tuple]) -> dict[str, Any] | None:
+    """Round r's entry, proposed from the diagnosis of the best run so far (None: nothing left to try)."""
+    found = diagnose.diagnose(best["workdir"])
+    cands = propose(cfg, best["overrides"], found["findings"], k, tried)
+    if not cands:
+        return None
+    round_dir = fileio.path(workdir) / workdir_lib.REFINE_ROUND_DIR.format(r)
+    for i, c in enumerate(cands):
+        c.workdir = str(round_dir / workdir_lib.REFINE_MEMBER_DIR.format(i))
+    return {"round": r, "findings": [{"kind": f["kind"], "title": f["title"]} for f in found["findings"]],
+            "candidates": [c.to_json() for c in cands], "done": False}
+
+
+def _train_round(cfg: ml_collections.ConfigDict, workdir: str, entry: dict, best: dict, metric: str,
+                 mode: str) -> bool:
+    """Trains round `entry`'s candidates as one population and records what it keeps; False if interrupted."""
+    cands = [Candidate(**c) for c in entry["candidates"]]
+    cfgs = [config_lib.with_overrides(cfg, c.overrides) for c in cands]
+    logging.info("refine: round %d trains %d candidates as one population", entry["round"], len(cands))
+    summaries = population.train_population(
+        cfgs, str(fileio.path(workdir) / workdir_lib.REFINE_ROUND_DIR.format(entry["round"])),
+        [c.workdir for c in cands], metric=metric, mode=mode)
+    if "interrupted_at" in summaries[0]:
+        return False
+    for c, s in zip(cands, summaries):
+        c.status = s["status"]
+        c.value = _summary_value(s, metric) if s["status"] != "failed" else None
+    top = min(range(len(cands)), key=lambda i: _rank(cands[i].value, mode))
+    entry["candidates"] = [c.to_json() for c in cands]
+    entry["kept"] = top if _better(cands[top].value, best["value"], mode) else None
+    if entry["kept"] is not None:
+        c = cands[top]
+        entry["best"] = {"overrides": c.overrides, "value": c.value, "workdir": c.workdir}
+        entry["why"] = (f"candidate {top} ({c.why}) has the best validation {metric} of the round, "
+                        f"{c.value:.4g}, better than the best so far {best['value']:.4g}")
+    else:
+        entry["best"] = best
+        entry["why"] = (f"no candidate beat the best so far ({metric} {best['value']:.4g}; the round's best "
+                        f"{_fmt(cands[top].value)}): it stays")
+    entry["done"] = True
+    return True
+
+
 def refine(cfg: ml_collections.ConfigDict, workdir: str, *, rounds: int = 3, population_size: int = 8,
            final: bool = True) -> dict[str, Any]:
     """Runs (or resumes) the refine loop in `workdir`; returns refine.json's content."""
@@ -164,72 +225,30 @@ def refine(cfg: ml_collections.ConfigDict, workdir: str, *, rounds: int = 3, pop
     folder = fileio.path(workdir)
     folder.mkdir(parents=True, exist_ok=True)
     state_path = folder / STATE_FILE
-    state = fileio.read_json(state_path) if state_path.exists() else {
-        "metric": metric, "mode": mode, "rounds": []}
-    save = lambda: fileio.write_json(state_path, state)  # noqa: E731
+    state = fileio.read_json(state_path) if state_path.exists() else {"metric": metric, "mode": mode, "rounds": []}
 
-    if not state["rounds"]:
-        if _holds_run(workdir):  # the run this workdir already holds is round 0
-            start = Candidate({}, "the run already in the workdir", workdir)
-        else:
-            start = Candidate({}, "the config as given", str(folder / workdir_lib.REFINE_ROUND_DIR.format(0)))
-            logging.info("refine: round 0 trains the config in %s", start.workdir)
-            trainer.train(cfg, start.workdir)
-        summary = fileio.read_json(fileio.path(start.workdir) / workdir_lib.SUMMARY_FILE)
-        start.value, start.status = _summary_value(summary, metric), "complete"
-        if start.value is None:
-            raise RefineError(f"train.early_stop.metric={metric!r} is not among the run's validation metrics "
-                              f"{sorted(summary.get('val', {}))}: set it to one of them")
-        state["rounds"].append({"round": 0, "findings": [], "candidates": [start.to_json()], "kept": 0,
-                                "best": {"overrides": {}, "value": start.value, "workdir": start.workdir},
-                                "why": "the starting point"})
-        save()
+    def save() -> None:
+        fileio.write_json(state_path, state)
         write_report(state, workdir)
 
+    if not state["rounds"]:
+        state["rounds"].append(_round_zero(cfg, workdir, metric))
+        save()
     tried = {_key(cfg, c["overrides"]) for r in state["rounds"] for c in r["candidates"]}
     for r in range(1, rounds + 1):
         if r < len(state["rounds"]) and state["rounds"][r].get("done"):
             continue
         best = state["rounds"][r - 1]["best"]
-        if r == len(state["rounds"]):  # a new round: diagnose, propose, record before training
-            found = diagnose.diagnose(best["workdir"])
-            cands = propose(cfg, best["overrides"], found["findings"], population_size, tried)
-            if not cands:
+        if r == len(state["rounds"]):  # a new round: recorded before it trains, so a rerun resumes it
+            entry = _new_round(cfg, workdir, r, best, population_size, tried)
+            if entry is None:
                 logging.info("refine: nothing left to try around the best; stopping after round %d", r - 1)
                 break
-            round_dir = folder / workdir_lib.REFINE_ROUND_DIR.format(r)
-            for k, c in enumerate(cands):
-                c.workdir = str(round_dir / workdir_lib.REFINE_MEMBER_DIR.format(k))
-            state["rounds"].append({"round": r, "findings": [
-                {"kind": f["kind"], "title": f["title"]} for f in found["findings"]],
-                "candidates": [c.to_json() for c in cands], "done": False})
+            state["rounds"].append(entry)
             save()
-        entry = state["rounds"][r]
-        cands = [Candidate(**c) for c in entry["candidates"]]
-        cfgs = [config_lib.with_overrides(cfg, c.overrides) for c in cands]
-        logging.info("refine: round %d trains %d candidates as one population", r, len(cands))
-        summaries = population.train_population(cfgs, str(folder / workdir_lib.REFINE_ROUND_DIR.format(r)), [c.workdir for c in cands],
-                                                metric=metric, mode=mode)
-        if "interrupted_at" in summaries[0]:
+        if not _train_round(cfg, workdir, state["rounds"][r], best, metric, mode):
             return state
-        for c, s in zip(cands, summaries):
-            c.status = s["status"]
-            c.value = _summary_value(s, metric) if s["status"] != "failed" else None
-        top = min(range(len(cands)), key=lambda i: _rank(cands[i].value, mode))
-        entry["candidates"] = [c.to_json() for c in cands]
-        entry["kept"] = top if _better(cands[top].value, best["value"], mode) else None
-        if entry["kept"] is not None:
-            c = cands[top]
-            entry["best"] = {"overrides": c.overrides, "value": c.value, "workdir": c.workdir}
-            entry["why"] = (f"candidate {top} ({c.why}) has the best validation {metric} of the round, "
-                            f"{c.value:.4g}, better than the best so far {best['value']:.4g}")
-        else:
-            entry["best"] = best
-            entry["why"] = (f"no candidate beat the best so far ({metric} {best['value']:.4g}; the round's best "
-                            f"{_fmt(cands[top].value)}): it stays")
-        entry["done"] = True
         save()
-        write_report(state, workdir)
 
     best = [r for r in state["rounds"] if "best" in r][-1]["best"]
     state["best"] = best
@@ -239,7 +258,6 @@ def refine(cfg: ml_collections.ConfigDict, workdir: str, *, rounds: int = 3, pop
         summary = trainer.train(config_lib.with_overrides(cfg, best["overrides"]), final_dir)
         state["final"] = {"workdir": final_dir, "val": summary.get("val"), "test": summary.get("test")}
     save()
-    write_report(state, workdir)
     return state
 
 
