@@ -54,28 +54,33 @@ class AnchorState(NamedTuple):
 
 
 def decoupled_weight_decay(
-    weight_decay: float, toward_pretrained: bool = False
+    weight_decay: Any, toward_pretrained: bool = False
 ) -> optax.GradientTransformation:
     """Adds weight_decay * p (or weight_decay * (p - p0), L2-SP) to the updates; scaled by -lr afterwards.
 
-    The anchor p0 lives in the optimizer state (not a jit constant), so it is sharded, checkpointed and
-    donated like any other state.
+    `weight_decay`: one coefficient, or a tree like the params of coefficients (a population member's, traced:
+    ftjax/tune/population.py builds its members' optimizers from this same transform). The anchor p0 lives in
+    the optimizer state (not a jit constant), so it is sharded, checkpointed and donated like any other state.
     """
-    if not toward_pretrained:
+    per_param = not isinstance(weight_decay, (int, float))
+    if not toward_pretrained and not per_param:
         return optax.add_decayed_weights(weight_decay)
 
     def init(params):
+        if not toward_pretrained:
+            return optax.EmptyState()
         return AnchorState(jax.tree_util.tree_map(lambda p: jnp.array(p, copy=True), params))
 
     def update(updates, state, params=None):
         if params is None:
-            raise ValueError(
-                "decay toward the pre-trained weights needs params: call tx.update(grads, state, params)"
-            )
-        updates = jax.tree_util.tree_map(
-            lambda g, p, a: g + (weight_decay * (p - a)).astype(g.dtype), updates, params, state.anchor
-        )
-        return updates, state
+            raise ValueError("decoupled weight decay needs params: call tx.update(grads, state, params)")
+        coefficients = weight_decay if per_param else jax.tree_util.tree_map(lambda _: weight_decay, params)
+        anchor = state.anchor if toward_pretrained else coefficients  # (unused toward zero)
+
+        def one(g, p, a, w):
+            return g + (w * (p - a) if toward_pretrained else w * p).astype(g.dtype)
+
+        return jax.tree_util.tree_map(one, updates, params, anchor, coefficients), state
 
     return optax.GradientTransformation(init, update)
 

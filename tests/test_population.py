@@ -112,6 +112,13 @@ def test_members_of_different_lengths_end_at_their_own_step(model_dir, data_dir,
     assert [s["steps"] for s in summaries] == [6, 11, 7]
 
 
+@pytest.mark.slow  # the decay path is shared with the solo optimizer (optim.decoupled_weight_decay); this pins L2-SP
+def test_members_decaying_toward_the_pretrained_weights_equal_their_solo_runs(model_dir, data_dir, tmp_path):
+    base = tiny.tiny_config(model_dir, data_dir, **{"train.eval_every": 4, "train.log_every": 1,
+                                                    "optim.decay_toward": "pretrained"})
+    _population_vs_solo(base, [{"optim.weight_decay": 0.0}, {"optim.weight_decay": 0.5, "optim.lr": 2e-3}], tmp_path)
+
+
 def test_members_differing_in_dropout_equal_their_solo_runs(model_dir, data_dir, tmp_path):
     base = tiny.tiny_config(model_dir, data_dir, **{"train.eval_every": 3, "train.log_every": 1})
     members = [{"model.dropout.hidden": 0.0, "model.dropout.attention": 0.0},

@@ -105,10 +105,25 @@ def template_config(cfgs: list[ml_collections.ConfigDict]) -> ml_collections.Con
     return t
 
 
-class MemberTxState(NamedTuple):
-    inner: Any  # the template optimizer's state
+class LRTableState(NamedTuple):
     count: jax.Array  # updates applied so far (the step the LR table is read at)
-    anchor: Any  # pre-trained weights for L2-SP decay (empty tuple when decaying toward zero)
+
+
+def scale_by_lr_table(lr_table: jax.Array, lr_mult: Any, group_index: Any) -> optax.GradientTransformation:
+    """Scales each param's update by lr_mult * lr_table[its group, step]: a member's LR schedules as a table
+    [G, T] (per group) and its per-param multipliers (LLRD, LoRA+), all traced values."""
+    last = lr_table.shape[-1] - 1
+
+    def init(params):
+        return LRTableState(jnp.zeros([], jnp.int32))
+
+    def update(updates, state, params=None):
+        lrs = lr_table[:, jnp.minimum(state.count, last)]
+        out = jax.tree_util.tree_map(lambda u, m, gi: (u * (m * lrs[gi]).astype(u.dtype)).astype(u.dtype),
+                                     updates, lr_mult, group_index)
+        return out, LRTableState(state.count + 1)
+
+    return optax.GradientTransformation(init, update)
 
 
 def member_tx(
@@ -119,31 +134,15 @@ def member_tx(
     group_index: Any,
     toward_pretrained: bool,
 ) -> optax.GradientTransformation:
-    """One member's optimizer: template (unit LR, no decay) -> (u - wd * p) * lr_mult * lr_table[group, t].
+    """One member's optimizer: the template's (unit LR: -precond(g)), then optim's own decoupled weight decay
+    with the member's per-param coefficients (negated, as the template's update is), then its LR table.
 
-    The template's update for LR 1 is -precond(g); the solo run's is -(precond(g) + wd * p) * lr_mult * lr(t),
-    which is what this returns (bit for bit, up to the schedule's table lookup). `lr_table` [G, T] holds the
-    member's per-group base schedule; `lr_mult`, `weight_decay` are trees of scalars, `group_index` of ints.
+    The solo run's label chain is precond -> + wd * p (or wd * (p - p0)) -> * -(lr_mult * lr(t)); this is
+    (-precond - wd * p) * lr_mult * lr(t): the same values (negation is exact), up to the schedule's table.
     """
-    last = lr_table.shape[-1] - 1
-
-    def init(params):
-        anchor = jax.tree_util.tree_map(lambda p: jnp.array(p, copy=True), params) if toward_pretrained else ()
-        return MemberTxState(template_tx.init(params), jnp.zeros([], jnp.int32), anchor)
-
-    def update(updates, state, params=None):
-        u, inner = template_tx.update(updates, state.inner, params)
-        lrs = lr_table[:, jnp.minimum(state.count, last)]
-        anchor = state.anchor if toward_pretrained else params  # (unused without L2-SP)
-
-        def one(u, p, a, mult, wd, gi):
-            decay = wd * (p - a) if toward_pretrained else wd * p
-            return ((u - decay.astype(u.dtype)) * (mult * lrs[gi]).astype(u.dtype)).astype(u.dtype)
-
-        out = jax.tree_util.tree_map(one, u, params, anchor, lr_mult, weight_decay, group_index)
-        return out, MemberTxState(inner, state.count + 1, state.anchor)
-
-    return optax.GradientTransformation(init, update)
+    negated = jax.tree_util.tree_map(lambda w: -w, weight_decay)
+    return optax.chain(template_tx, optim.decoupled_weight_decay(negated, toward_pretrained),
+                       scale_by_lr_table(lr_table, lr_mult, group_index))
 
 
 def _dropout_modules(model: Any) -> dict[str, common.Dropout]:
