@@ -66,9 +66,7 @@ class Cadence:
 
     def due(self, step: int, total_steps: Any) -> Any:
         """Whether the cadence fires once `step` steps are done (an array when `total_steps` is one)."""
-        multiple = bool(self.every) and step % self.every == 0
-        return multiple | (self.at_end & (np.asarray(total_steps) <= step)) if np.ndim(total_steps) else bool(
-            multiple or (self.at_end and step >= total_steps))
+        return (bool(self.every) and step % self.every == 0) | (self.at_end & (np.asarray(total_steps) <= step))
 
 
 class Callback:

@@ -181,10 +181,10 @@ class Population:
         check_population_fields(_differing_fields(member_cfgs))
         for cfg in member_cfgs:
             config_lib.validate(cfg)
-        if member_cfgs[0].distill.teacher:
-            raise PopulationError("distill.teacher", member_cfgs[0].distill.teacher,
-                                  "a population trains without a teacher; distil in solo runs (or sweep them)")
-        if tasks_lib.of(member_cfgs[0]).frozen_model:
+        if tasks_lib.of(member_cfgs[0]).frozen_model:  # a distillation teacher or a full-FT preference reference
+            if member_cfgs[0].distill.teacher:
+                raise PopulationError("distill.teacher", member_cfgs[0].distill.teacher,
+                                      "a population trains without a teacher; distil in solo runs (or sweep them)")
             raise PopulationError("optim.lora.rank", 0, "a preference loss with a reference model under full "
                                   "fine-tuning needs a frozen copy a population does not carry: set "
                                   "optim.lora.rank > 0 (the reference is then the base), or sweep with population=0")

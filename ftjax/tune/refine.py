@@ -60,10 +60,6 @@ def _key(cfg: ml_collections.ConfigDict, overrides: dict[str, Any]) -> tuple:
     return tuple(sorted((k, repr(v)) for k, v in overrides.items() if config_lib.get_field(cfg, k) != v))
 
 
-def _value(cfg: ml_collections.ConfigDict, field: str) -> Any:
-    return config_lib.get_field(cfg, field)
-
-
 def local_moves(cfg: ml_collections.ConfigDict) -> list[tuple[str, dict[str, Any]]]:
     """Single-field steps around `cfg` over the population's fields, most promising first: (why, changes)."""
     lr = float(cfg.optim.lr)
