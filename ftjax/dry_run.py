@@ -13,10 +13,11 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from ftjax import fileio
+from ftjax import distributed, fileio
 from ftjax import flops as flops_lib
 from ftjax import params as params_lib
 from ftjax import sharding as sharding_lib
@@ -232,6 +233,11 @@ def _out_of_memory(error: Exception, arguments: int) -> dict[str, Any] | None:
 def _compile(fn: Any, args: tuple, mesh: Any) -> dict[str, Any]:
     """Lowers and compiles `fn` for `args` (ShapeDtypeStructs) on `mesh`: seconds, memory and FLOPs per device.
     A TPU program that does not fit is refused by the compiler: its message gives the memory instead."""
+    return _compiled(fn, args, mesh)[0]
+
+
+def _compiled(fn: Any, args: tuple, mesh: Any) -> tuple[dict[str, Any], Any]:
+    """`_compile`'s numbers and the compiled program (None when the compiler refused it)."""
     t0 = time.perf_counter()
     with jax.set_mesh(mesh):
         lowered = fn.lower(*args)
@@ -243,7 +249,7 @@ def _compile(fn: Any, args: tuple, mesh: Any) -> dict[str, Any]:
                 raise
     out: dict[str, Any] = {"compile_seconds": round(time.perf_counter() - t0, 3), "hlo_flops": _flops_of(lowered)}
     if compiled is None:
-        return {**out, **refused}
+        return {**out, **refused}, None
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) and cost else cost
     if (cost or {}).get("flops", -1) >= 0:  # XLA's own count: one device's, a loop body (the scan) counted once
@@ -256,7 +262,7 @@ def _compile(fn: Any, args: tuple, mesh: Any) -> dict[str, Any]:
         out.update({k: int(v) for k, v in parts.items()})
         # The outputs that alias donated arguments take no new memory (MaxText's train_compile sums the same).
         out["peak_bytes"] = out["arguments"] + out["output"] - out["alias"] + out["temp"]
-    return out
+    return out, compiled
 
 
 def _model_flops(run: Any, rows: int, seq_len: int | None) -> float | None:
@@ -488,14 +494,92 @@ def report(run: Any, result: dict[str, Any] | None = None) -> str:
     return "\n".join(lines)
 
 
-def dry_run(cfg: Any, workdir: str, topology_name: str | None = None) -> dict[str, Any]:
-    """`--mode=dry_run [--topology=NAME]`: the plan of `cfg` on a TPU slice (or the live devices), printed
-    and written to WORKDIR/dry_run.json; returns the plan with the printed report under "report"."""
+def population_sizes(size: int) -> list[int]:
+    """The population sizes a plan compiles: 1, then doublings, then `size` itself (at most 5 programs)."""
+    sizes = sorted({1, size} | {2**i for i in range(1, max(size.bit_length() - 1, 1))})
+    return sizes if len(sizes) <= 5 else sizes[:2] + sizes[-3:]
+
+
+def _timed_steps(compiled: Any, args: tuple, mesh: Any, repeats: int = 3) -> float:
+    """Median seconds of `compiled` (a train step donating its first argument, the state) on arguments of ones
+    materialised with `args`' shardings (what the values are does not change the time)."""
+    def ones(x):
+        return jax.jit(lambda: jnp.ones(x.shape, x.dtype), out_shardings=x.sharding)()
+
+    with jax.set_mesh(mesh):
+        state, *rest = jax.tree_util.tree_map(ones, args)
+        times = []
+        for i in range(repeats + 1):  # the first call warms up
+            t0 = time.perf_counter()
+            state, metrics = compiled(state, *rest)
+            jax.block_until_ready((state, metrics))
+            times.append(time.perf_counter() - t0)
+    return float(np.median(times[1:]))
+
+
+def plan_population(cfg: Any, workdir: str, topo: Topology, size: int) -> dict[str, Any]:
+    """`--mode=dry_run --population=K`: the population's train step (ftjax/tune/population.py) compiled for 1,
+    2, 4, ... K members of `cfg` on the plan's devices: per-chip peak memory and its parts, the fit, and on live
+    devices the measured step time (members that differ in shape-free fields compile this same program; a
+    batch-size population's steps are those of its largest batch). Written to WORKDIR/dry_run.json under
+    "population"."""
+    from ftjax.tune.population import Population  # noqa: PLC0415 - population imports run, which imports us
+
+    live = topo.libtpu_topology is None
+    rows = []
+    for k in population_sizes(size):
+        pop = Population([cfg] * k, workdir, devices=topo.devices, purpose="plan")
+        run = pop.run
+        repl = sharding_lib.replicated(run.mesh)
+        args = (pop.state, pop.hp_device, jax.ShapeDtypeStruct((k,), jnp.bool_, sharding=repl),
+                run.batch_structs("train", longest=True)[0], run.key)
+        out, compiled = _compiled(pop._step_fn(0), args, run.mesh)
+        row = {"members": k, "params": per_device_bytes(pop.state["params"]),
+               "optimizer_state": per_device_bytes(pop.state["opt_state"]),
+               **{key: out.get(key) for key in ("peak_bytes", "temp", "compile_seconds", "out_of_memory")}}
+        hbm = topo.hbm_bytes_per_chip
+        row["fits"] = None if hbm is None or row["peak_bytes"] is None else bool(row["peak_bytes"] <= hbm)
+        if "out_of_memory" in out:
+            row["fits"] = False
+        if live and compiled is not None and row["fits"] is not False:
+            row["step_seconds"] = _timed_steps(compiled, args, run.mesh)
+            row["seconds_per_member"] = row["step_seconds"] / k
+        rows.append(row)
+    result = {"topology": topo.name, "hbm_bytes_per_chip": topo.hbm_bytes_per_chip, "live": live, "sizes": rows}
+    if distributed.is_primary():
+        path = fileio.path(workdir) / workdir_lib.DRY_RUN_FILE
+        saved = fileio.read_json(path) if path.exists() else {}
+        fileio.write_json(path, {**saved, "population": result})
+    return result
+
+
+def population_lines(result: dict[str, Any]) -> list[str]:
+    """The population plan as a table: per K, memory per chip, fit and (live) step time."""
+    lines = [f"population plan on {result['topology']} (per chip; members x the solo step's state; step time "
+             + ("measured here" if result["live"] else "not measured: an abstract slice") + "):",
+             f"{'K':>4}  {'peak':>10}  {'params':>10}  {'opt state':>10}  {'fits':>5}  {'step s':>8}  {'s/member':>8}"]
+    for r in result["sizes"]:
+        peak = _gib(r["peak_bytes"]) if r["peak_bytes"] else "refused"
+        fits = {True: "yes", False: "NO", None: "?"}[r["fits"]]
+        step = f"{r['step_seconds']:.3f}" if "step_seconds" in r else "-"
+        each = f"{r['seconds_per_member']:.3f}" if "seconds_per_member" in r else "-"
+        lines.append(f"{r['members']:>4}  {peak:>10}  {_gib(r['params']):>10}  {_gib(r['optimizer_state']):>10}  "
+                     f"{fits:>5}  {step:>8}  {each:>8}")
+    return lines
+
+
+def dry_run(cfg: Any, workdir: str, topology_name: str | None = None, population: int = 0) -> dict[str, Any]:
+    """`--mode=dry_run [--topology=NAME] [--population=K]`: the plan of `cfg` on a TPU slice (or the live
+    devices), printed and written to WORKDIR/dry_run.json; with K, also a population's (`plan_population`);
+    returns the plan with the printed report under "report"."""
     from ftjax.run import Run  # noqa: PLC0415 - run imports this module's users; keep the import graph acyclic
 
     topo = topology(topology_name) if topology_name else live_topology()
     run = Run(cfg, workdir, purpose="plan", devices=topo.devices)
     result = plan(run, topo)
     text = report(run, result)
+    if population > 0:
+        result["population"] = plan_population(cfg, workdir, topo, population)
+        text += "\n" + "\n".join(population_lines(result["population"]))
     print(text)
     return {**result, "report": text}

@@ -15,7 +15,7 @@ import math
 import os
 import re
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -46,6 +46,61 @@ _DROPOUT_KEY: contextvars.ContextVar[jax.Array | None] = contextvars.ContextVar(
 )
 # True while a call traces the base model alone (`adapters_off`): every LoRALinear returns its base layer's output.
 _ADAPTERS_OFF: contextvars.ContextVar[bool] = contextvars.ContextVar("ftjax_lora_off", default=False)
+
+
+# A population whose members differ in LoRA rank or alpha (ftjax/tune/population.py): while one member's step is
+# traced, every LoRALinear scales by that member's alpha / r (traced) instead of its own static one.
+_TRACED_SCALE: contextvars.ContextVar[jax.Array | None] = contextvars.ContextVar("ftjax_lora_scale", default=None)
+
+
+@contextlib.contextmanager
+def traced_scale(scale: jax.Array) -> Iterator[None]:
+    """Inside the block, every adapter's delta is scaled by `scale` (a population member's alpha / r)."""
+    token = _TRACED_SCALE.set(scale)
+    try:
+        yield
+    finally:
+        _TRACED_SCALE.reset(token)
+
+
+def scale_of(rank: int, alpha: float, rslora: bool) -> float:
+    """s = alpha / r, or alpha / sqrt(r) with rsLoRA (Kalajdzievski 2023)."""
+    return alpha / (math.sqrt(rank) if rslora else rank)
+
+
+def _init_a(keys: list, din: int, rank: int, dtype: Any, stacked: bool) -> jax.Array:
+    """PEFT's lora_A init (nn.init.kaiming_uniform_(a=sqrt(5)) on [r, in]: U(-1/sqrt(in), 1/sqrt(in))), as
+    [in, r] (stacked [layers, in, r]: each layer from its own key)."""
+    bound = 1.0 / math.sqrt(din)
+    a = jnp.stack([jax.random.uniform(k, (din, rank), jnp.float32, -bound, bound) for k in keys])
+    return (a if stacked else a[0]).astype(dtype)
+
+
+def _adapter_key(base_key: jax.Array, name: str, stacks: dict[str, int]) -> jax.Array | list:
+    """The init key of the adapter on module `name`: fold_in(key(seed), crc32(path)); for a Linear of a scanned
+    stack, the list of each layer's (the unrolled model's module paths: equal adapters scanned or not)."""
+    prefix = stacking.stack_of(name, stacks)
+    if prefix is None:
+        return jax.random.fold_in(base_key, zlib.crc32(name.encode()))
+    return [jax.random.fold_in(base_key, zlib.crc32(stacking.layer_path(name, prefix, i).encode()))
+            for i in range(stacks[prefix])]
+
+
+def padded_lora_a(model: nnx.Module, rank: int, seed: int) -> dict[str, jax.Array]:
+    """{param path of each adapter's lora_a: the A a rank-`rank` adapter of `model` draws (apply_lora's init and
+    keys), zero-padded to the model's own rank}: a population member of a smaller rank, whose padded columns
+    (and lora_b's zero rows) then keep zero gradients, so it trains as its own rank's adapter."""
+    stacks = model.stacks() if hasattr(model, "stacks") else {}
+    out = {}
+    for path, m in nnx.iter_graph(model):
+        if isinstance(m, LoRALinear):
+            name = module_path(path)
+            key = _adapter_key(jax.random.key(seed), name, stacks)
+            stacked = isinstance(key, list)
+            a = _init_a(key if stacked else [key], m.in_features, rank, m.lora_a[...].dtype, stacked)
+            pad = [(0, 0)] * (a.ndim - 1) + [(0, m.rank - rank)]
+            out[f"{name}/lora_a"] = jnp.pad(a, pad)
+    return out
 
 
 @contextlib.contextmanager
@@ -84,10 +139,7 @@ class LoRALinear(nnx.Module):
         stacked = isinstance(key, (list, tuple))
         lead, axes = (kernel_axes[:1], kernel_axes[1:]) if stacked else ((), kernel_axes)
         keys = list(key) if stacked else [key]
-        # PEFT: nn.init.kaiming_uniform_(lora_A.weight, a=sqrt(5)) on [r, in]: U(-1/sqrt(in), 1/sqrt(in)).
-        bound = 1.0 / math.sqrt(din)
-        a = jnp.stack([jax.random.uniform(k, (din, rank), jnp.float32, -bound, bound) for k in keys])
-        a = (a if stacked else a[0]).astype(base.param_dtype)
+        a = _init_a(keys, din, rank, base.param_dtype, stacked)
         self.lora_a = nnx.Param(a, **{AXES: (*lead, axes[0], None)})
         self.lora_b = nnx.Param(jnp.zeros((*([len(keys)] if stacked else []), rank, dout), base.param_dtype),
                                 **{AXES: (*lead, None, axes[1])})
@@ -98,9 +150,10 @@ class LoRALinear(nnx.Module):
             self.lora_magnitude = nnx.Param(norm.astype(base.param_dtype), **{AXES: (*lead, axes[1])})
 
     @property
-    def scale(self) -> float:
-        """s = alpha / r, or alpha / sqrt(r) with rsLoRA (Kalajdzievski 2023)."""
-        return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
+    def scale(self) -> Any:
+        """s = alpha / r, or alpha / sqrt(r) with rsLoRA; a population member's traced one while it is traced."""
+        traced = _TRACED_SCALE.get()
+        return scale_of(self.rank, self.alpha, self.rslora) if traced is None else traced
 
     def base_kernel(self, dtype: Any = None) -> jax.Array:
         """W [..., in, out]: the kernel, or a quantised base's dequantised into `dtype` (the compute dtype)."""
@@ -230,12 +283,7 @@ def apply_lora(model: nnx.Module, lora_cfg: Any, seed: int = 0) -> nnx.Module:
     base_key = jax.random.key(seed)
     for index, (path, linear) in enumerate(hits):
         name = module_path(path)
-        prefix = stacking.stack_of(name, stacks)
-        if prefix is None:
-            key = jax.random.fold_in(base_key, zlib.crc32(name.encode()))
-        else:  # per layer, the key of the unrolled model's module path (equal adapters scanned or not)
-            key = [jax.random.fold_in(base_key, zlib.crc32(stacking.layer_path(name, prefix, i).encode()))
-                   for i in range(stacks[prefix])]
+        key = _adapter_key(base_key, name, stacks)
         parent = model
         for part in path[:-1]:
             parent = parent[part] if isinstance(part, int) else getattr(parent, part)

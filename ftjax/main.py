@@ -64,7 +64,8 @@ _LR_MAX = flags.DEFINE_float("lr_max", 1.0, "--mode=lr_find: last (highest) lear
 _LR_STEPS = flags.DEFINE_integer("lr_steps", 100, "--mode=lr_find: steps of the ramp (per member).")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "--mode=export: replace a non-empty --export_dir.")
 _POPULATION = flags.DEFINE_integer("population", 0, "--mode=lr_find: K > 0 trains K constant LRs at once; "
-                                   "--mode=refine: candidates per round (default 8).")
+                                   "--mode=refine: candidates per round (default 8); --mode=dry_run: also plan populations of "
+                                   "1, 2, 4 ... K members (memory per chip, fit, step time on live devices).")
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "--mode=refine: rounds after the first run.")
 _TOPOLOGY = flags.DEFINE_string(
     "topology", None, "--mode=dry_run: plan for this TPU slice instead of the live devices, compiled ahead of time "
@@ -155,7 +156,7 @@ def _train(cfg, workdir: str) -> dict:
 
 def _dry_run(cfg, workdir: str) -> dict:
     """The run as shapes (config.json only, no weights or data), compiled for --topology or the live devices."""
-    return dry_run.dry_run(cfg, workdir, _TOPOLOGY.value)
+    return dry_run.dry_run(cfg, workdir, _TOPOLOGY.value, _POPULATION.value)
 
 
 def _eval(cfg, workdir: str) -> dict:

@@ -227,6 +227,29 @@ class Optimizer:
                 out[path] = flags
         return out
 
+    @property
+    def segments(self) -> dict[str, list[tuple[int, int, str]]]:
+        return _segments(self.table, self.stacks)
+
+    def tx_with_starts(self, starts: dict[str, Any] | None = None) -> optax.GradientTransformation:
+        """The chain over the table: clip -> multi_transform({label: its chain}) on the layer-segment view.
+        `starts` ({label: step}, traced values allowed; a label not in it starts at 0) replaces the labels' unfreeze
+        steps: a population member's own (ftjax/tune/population.py), a label it never trains starting past the run."""
+        base_lr = {name: SCHEDULE_FNS[kind](a) for name, (kind, a) in self.schedule_args.items()}
+        transforms: dict[str, optax.GradientTransformation] = {}
+        for r in self.table.values():
+            if r.label not in transforms:
+                start = (r.unfreeze_step or 0) if starts is None else starts.get(r.label, 0)
+                transforms[r.label] = (optax.set_to_zero() if r.frozen
+                                       else _label_chain(self.config, r, base_lr[r.group], start))
+        segments = self.segments
+        view = LayerSegments({p: segs for p, segs in segments.items() if len(segs) > 1})
+        tx = optax.multi_transform(transforms, view.labels(self.abstract_params, segments))
+        # Always a 2-chain, so the state's structure does not depend on whether clipping is on.
+        o = self.config
+        tx = optax.chain(optax.clip_by_global_norm(o.clip_norm) if o.clip_norm > 0 else optax.identity(), tx)
+        return view.wrap(tx)
+
     def lr_at(self, step: int) -> dict[str, float]:
         """{group: its LR at `step`} (the group's lr_mult times its schedule; LLRD scales layers below it)."""
         return {g: float(fn(step)) for g, fn in self.schedules.items()}
@@ -262,24 +285,23 @@ def build(
     table, groups = build_table(
         o, per_layer, total_steps=total_steps, steps_per_epoch=steps_per_epoch, head_pattern=head_pattern
     )
+    return from_table(o, table, groups, abstract, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
+                      stacks=stacks)
+
+
+def from_table(
+    o: Any, table: dict[str, ParamInfo], groups: list[Group], abstract: Any, *, total_steps: int,
+    steps_per_epoch: int, stacks: dict[str, int],
+) -> Optimizer:
+    """The optimizer of a param table (`build`'s, or a population's union of its members' tables)."""
     args = _group_schedule_args(o, groups, total_steps, steps_per_epoch)
-    base_lr = {name: SCHEDULE_FNS[kind](a) for name, (kind, a) in args.items()}
-    transforms: dict[str, optax.GradientTransformation] = {}
-    for r in table.values():
-        if r.label not in transforms:
-            transforms[r.label] = optax.set_to_zero() if r.frozen else _label_chain(o, r, base_lr[r.group])
-    segments = _segments(table, stacks)
-    labels = params_lib.map_with_path(
-        lambda p, _: segments[p][0][2] if len(segments[p]) == 1 else "per-layer", abstract)
-    view = LayerSegments({p: segs for p, segs in segments.items() if len(segs) > 1})
-    tx = optax.multi_transform(transforms, view.labels(abstract, segments))
-    # Always a 2-chain, so the state's structure does not depend on whether clipping is on.
-    tx = optax.chain(optax.clip_by_global_norm(o.clip_norm) if o.clip_norm > 0 else optax.identity(), tx)
-    tx = view.wrap(tx)
-    schedules = {g.name: _scaled(base_lr[g.name], g.lr_mult) for g in groups}
-    return Optimizer(
-        tx, table, labels, schedules, args, total_steps, steps_per_epoch, o, abstract, tuple(groups), stacks
-    )
+    schedules = {g.name: _scaled(SCHEDULE_FNS[args[g.name][0]](args[g.name][1]), g.lr_mult) for g in groups}
+    opt = Optimizer(None, table, None, schedules, args, total_steps, steps_per_epoch, o, abstract,
+                    tuple(groups), stacks)
+    opt.tx = opt.tx_with_starts()
+    opt.labels = params_lib.map_with_path(
+        lambda p, _: segs[0][2] if len(segs := opt.segments[p]) == 1 else "per-layer", abstract)
+    return opt
 
 
 def _segments(table: dict[str, ParamInfo], stacks: dict[str, int]) -> dict[str, list[tuple[int, int, str]]]:
@@ -370,8 +392,8 @@ def _scaled(schedule: Schedule, mult: float) -> Schedule:
     return lambda t: mult * schedule(t)
 
 
-def _label_chain(o: Any, row: ParamInfo, schedule: Schedule) -> optax.GradientTransformation:
-    start = row.unfreeze_step or 0
+def _label_chain(o: Any, row: ParamInfo, schedule: Schedule, start: Any) -> optax.GradientTransformation:
+    """A trainable label's chain; gated until `start` (an int, or a traced step: a population member's)."""
     mult = row.lr_mult
 
     def neg_lr(count):
@@ -383,4 +405,4 @@ def _label_chain(o: Any, row: ParamInfo, schedule: Schedule) -> optax.GradientTr
         parts.append(decoupled_weight_decay(row.weight_decay, o.decay_toward == "pretrained"))
     parts.append(optax.scale_by_schedule(neg_lr))
     chain = optax.chain(*parts)
-    return gate(chain, start) if start else chain
+    return chain if isinstance(start, int) and start == 0 else gate(chain, start)

@@ -154,7 +154,7 @@ class Run:
             self.label_names, self.steps_per_epoch = list(self.data.label_names), self.data.steps_per_epoch
             self.batch_layout = self.data.batch_layout
         self.task = self.task.with_labels(self.label_names)  # e.g. token classification's entity tags
-        self.model, head_pattern = self._load_model()
+        self.model, self.head_pattern = self._load_model()  # the head's regex (what train_only=head trains)
         self.graphdef, params, self.rest = params_lib.split(self.model)
         # The task's frozen model (a distillation teacher, a preference reference under full fine-tuning).
         self.teacher = self._load_frozen(self.task.frozen_model) if self.task.frozen_model else None
@@ -165,7 +165,7 @@ class Run:
         self.total_steps = total_steps_of(cfg.train, self.steps_per_epoch)
         self.eval_every = eval_every_of(cfg.train, self.steps_per_epoch)
         self.optimizer = optim.build(cfg.optim, params, total_steps=self.total_steps,
-                                     steps_per_epoch=self.steps_per_epoch, head_pattern=head_pattern,
+                                     steps_per_epoch=self.steps_per_epoch, head_pattern=self.head_pattern,
                                      stacks=self.model.stacks())
         self.averaging = averaging_lib.from_config(cfg.train, self.total_steps, self.steps_per_epoch)
         if purpose == "train":

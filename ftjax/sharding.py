@@ -201,24 +201,27 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Leading (example) dim split over data x fsdp; the rest replicated."""
-    return NamedSharding(mesh, P(BATCH_AXES))
+def batch_sharding(mesh: Mesh, members: bool = False) -> NamedSharding:
+    """Leading (example) dim split over data x fsdp; the rest replicated. `members`: a population's batch per
+    member [members, rows, ...], the rows split."""
+    return NamedSharding(mesh, P(None, BATCH_AXES) if members else P(BATCH_AXES))
 
 
-def shard_batch(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-    """This process's rows of the global batch -> global jax.Arrays sharded over (data, fsdp)."""
-    sharding = batch_sharding(mesh)
+def shard_batch(batch: Mapping[str, np.ndarray], mesh: Mesh, members: bool = False) -> dict[str, jax.Array]:
+    """This process's rows of the global batch -> global jax.Arrays sharded over (data, fsdp) (`members`: of
+    each member's batch, stacked on a leading axis)."""
+    sharding = batch_sharding(mesh, members)
+    rows = 1 if members else 0
     out = {}
     for k, v in batch.items():
         v = np.asarray(v)
-        global_shape = (v.shape[0] * jax.process_count(),) + v.shape[1:]
+        global_shape = v.shape[:rows] + (v.shape[rows] * jax.process_count(),) + v.shape[rows + 1:]
         try:
             out[k] = jax.make_array_from_process_local_data(sharding, v, global_shape)
         except ValueError as e:
             raise ValueError(
-                f"batch[{k!r}]: this process's {v.shape[0]} rows cannot be its share of a global batch of "
-                f"{global_shape[0]} over mesh {dict(mesh.shape)} ({e}). Each process's devices must hold "
+                f"batch[{k!r}]: this process's {v.shape[rows]} rows cannot be its share of a global batch of "
+                f"{global_shape[rows]} over mesh {dict(mesh.shape)} ({e}). Each process's devices must hold "
                 "1/process_count of the batch: put the mesh's cross-process axes on data/fsdp, not tensor"
             ) from e
     return out

@@ -55,7 +55,7 @@ def make_train_step(
     trainable: frozenset[str],
     step_cfg: StepConfig,
     averaging: averaging_lib.Averaging | None = None,
-    grad_masks: dict[str, tuple[bool, ...]] | None = None,
+    grad_masks: dict[str, Any] | None = None,
     teacher: tuple[nnx.GraphDef, nnx.State] | None = None,
 ) -> Callable[..., tuple[State, dict]]:
     """A pure `train_step(state, batch, key[, teacher_params]) -> (state, metrics)`; jit it with shardings and
@@ -65,7 +65,8 @@ def make_train_step(
     so XLA never computes their gradients (nor the activations' gradients below the lowest trainable op).
     With `averaging` on, state["avg"] (EMA / SWA of the params, `ftjax.averaging`) is updated in the step.
     `grad_masks` ({stacked param path: per-layer flags}, `Optimizer.grad_masks_at`): the layers of a scanned
-    stack that do not train at this phase get zero gradients, as their unrolled params would get none.
+    stack that do not train at this phase get zero gradients, as their unrolled params would get none (a
+    population member's: {param path: traced flags}, the params it does not train yet).
     `teacher` (graphdef, rest) of a distillation teacher (ftjax/tasks/distill.py): its params come in as the
     step's last argument, sharded like the student's, and enter the loss as constants (no gradient).
     """
@@ -142,12 +143,14 @@ def _zero_grad(p: jax.Array) -> jax.Array:
     return jnp.zeros_like(p) if jnp.issubdtype(p.dtype, jnp.floating) else jnp.zeros(p.shape, jnp.float32)
 
 
-def _mask_layers(g: jax.Array, flags: tuple[bool, ...] | None) -> jax.Array:
-    """`g` with the layers (leading axis) whose flag is False zeroed."""
+def _mask_layers(g: jax.Array, flags: Any) -> jax.Array:
+    """`g` with the layers (leading axis) whose flag is False zeroed; `flags` a tuple (one per layer) or an array
+    that broadcasts against `g` (a population member's traced trains-now flags: a scalar or [layers, 1, ...])."""
     if flags is None:
         return g
-    keep = jnp.asarray(flags, g.dtype).reshape((len(flags),) + (1,) * (g.ndim - 1))
-    return g * keep
+    if isinstance(flags, tuple):
+        flags = jnp.asarray(flags).reshape((len(flags),) + (1,) * (g.ndim - 1))
+    return g * jnp.asarray(flags, g.dtype)
 
 
 def make_eval_step(graphdef: nnx.GraphDef, rest: nnx.State, task: tasks_lib.Task | str,

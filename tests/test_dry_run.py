@@ -111,6 +111,25 @@ def test_a_tpu_slice_plan_counts_the_flops_of_every_scanned_layer(llama_folder, 
     assert remat["parts"]["temp"] < scanned["parts"]["temp"]
 
 
+@pytest.mark.parametrize("topology", ["cpu:4", "v5e-4"])
+def test_a_population_plan_reports_memory_and_step_time_over_k(llama_folder, tmp_path, topology):
+    result = dry_run.dry_run(lm_config(llama_folder), str(tmp_path), topology, population=4)
+    rows = fileio.read_json(fileio.path(tmp_path) / workdir_lib.DRY_RUN_FILE)["population"]["sizes"]
+    assert [r["members"] for r in rows] == [1, 2, 4]
+    solo = result["parts"]
+    for r in rows:  # K copies of the solo state, sharded like it, all fitting
+        assert r["params"] == r["members"] * solo["params"] and r["fits"] is True
+        assert r["optimizer_state"] == pytest.approx(r["members"] * solo["optimizer_state"], rel=0.01)
+        assert r["peak_bytes"] > r["params"] + r["optimizer_state"]
+    assert rows[-1]["peak_bytes"] > 2 * rows[0]["peak_bytes"]
+    live = topology.startswith("cpu")
+    assert all(("step_seconds" in r) == live for r in rows)
+    if live:
+        assert all(r["step_seconds"] > 0 and r["seconds_per_member"] == r["step_seconds"] / r["members"]
+                   for r in rows)
+    assert "population plan on " + topology in result["report"]
+
+
 def test_a_plan_that_does_not_fit_says_what_would(tmp_path):
     """A 1.4B-parameter decoder fully fine-tuned in f32 on one v5e chip (16 GiB): params + Adam alone are
     about 22 GiB. The verdict names the dominating part and fixes that exist for this mesh and config."""

@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 
 from ftjax import config as config_lib
+from ftjax import params as params_lib
 from ftjax import trainer
 from ftjax.callbacks import Pruning, StopAfter
 from ftjax.tune import population
@@ -127,6 +129,90 @@ def test_members_differing_in_dropout_equal_their_solo_runs(model_dir, data_dir,
     _population_vs_solo(base, members, tmp_path)
 
 
+FREEZING = [{},
+            {"optim.freeze_layers": "embeddings,0"},
+            # frozen, then layer 1 trains from step 5 (with decay, which must not act before then)
+            {"optim.freeze_layers": "embeddings,0-1", "optim.unfreeze": ((5, ".*/layer/1/.*"),),
+             "optim.weight_decay": 1.0, "optim.lr": 5e-3}]
+
+
+def test_members_differing_in_what_they_freeze_equal_their_solo_runs(model_dir, data_dir, tmp_path):
+    base = tiny.tiny_config(model_dir, data_dir, **{"train.eval_every": 3, "train.log_every": 1,
+                                                    "optim.clip_norm": 0.5})
+    _population_vs_solo(base, FREEZING, tmp_path)
+
+
+@pytest.mark.parametrize("scan", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_a_member_never_touches_what_it_freezes_and_ends_with_its_solo_params(model_dir, data_dir, tmp_path, scan):
+    # The step differentiates the union; a member's frozen params get no gradient (before clipping), no update,
+    # no decay and no optimizer-state change, and a param it unfreezes starts with fresh Adam moments at its own
+    # step. Scanned: the members' starts differ between layers of one stack (per-layer masks and segments).
+    from ftjax.run import Run
+
+    base = tiny.tiny_config(model_dir, data_dir, **{"optim.clip_norm": 0.05, "model.scan_layers": scan})
+    cfgs = [config_lib.with_overrides(base, m) for m in FREEZING]
+    pop = population.Population(cfgs, str(tmp_path / "pop"))
+    init = params_lib.flatten(jax.device_get(pop.params(0)))
+    iterator = pop.run.data.train_iterator()
+    batches = [next(iterator) for _ in range(8)]
+
+    def frozen_in(member: int, path: str) -> bool:  # (layer 1 of member 2 until step 5)
+        frozen = {1: ("embeddings/", "layer/0/"), 2: ("embeddings/", "layer/0/", "layer/1/")}.get(member, ())
+        return any(part in path for part in frozen)
+
+    for step, batch in enumerate(batches):
+        pop.step(step, batch, np.ones(3, bool))
+        if step == 4:  # member 2's layer 1 is still frozen (with decay 1.0 and Adam state untouched)
+            for k in (1, 2):
+                for path, value in params_lib.flatten(jax.device_get(pop.params(k))).items():
+                    if frozen_in(k, path) and not scan:
+                        np.testing.assert_array_equal(value, init[path], err_msg=f"member {k} {path}")
+    for k, cfg in enumerate(cfgs):
+        solo = trainer.SoloStepper(Run(cfg, str(tmp_path / f"solo_{k}")))
+        for step, batch in enumerate(batches):
+            solo.step(step, batch, np.ones(1, bool))
+        mine = params_lib.flatten(jax.device_get(pop.params(k)))
+        for path, value in params_lib.flatten(jax.device_get(solo.params(0))).items():
+            np.testing.assert_allclose(mine[path], value, rtol=1e-4, atol=2e-6, err_msg=f"member {k} {path}")
+
+
+NO_DROPOUT = {"model.dropout.hidden": 0.0, "model.dropout.attention": 0.0}
+
+
+@pytest.mark.parametrize("shape,members,steps", [
+    # packed rows (the default for encoders): members pack their own rows and segments, padded to the most
+    (NO_DROPOUT, [{"train.batch_size": 8}, {"train.batch_size": 24, "optim.schedule.type": "warmup_cosine"}],
+     [11, 4]),
+    # unpacked rows of one step padded to the longest member's length (with dropout off: its masks follow the
+    # padded shape)
+    ({"data.packing": False, "data.buckets": (16, 32), **NO_DROPOUT},
+     [{"train.batch_size": 8}, {"train.batch_size": 16, "optim.lr": 5e-4}], [11, 6]),
+    # dropout on, micro-batches, rows of one length (one bucket, unpacked): a member's rows come first in each
+    # micro-batch, so its dropout masks are its solo run's (over a padded length or packed segments they are drawn
+    # for the padded shape: the same rates, other draws)
+    pytest.param({"data.buckets": (32,), "data.packing": False, "train.grad_accum": 2},
+                 [{"train.batch_size": 16}, {"train.batch_size": 32, "optim.lr": 2e-3}], [6, 3],
+                 marks=pytest.mark.slow),
+])
+def test_members_differing_in_batch_size_equal_their_solo_runs(model_dir, data_dir, tmp_path, shape, members,
+                                                               steps):
+    # Each member takes its solo run's batches (its own epochs of its own batch size), padded with weight-0 rows
+    # to the largest; its loss averages over its own rows.
+    base = tiny.tiny_config(model_dir, data_dir, **{"train.eval_every": 2, "train.log_every": 1, **shape})
+    summaries = _population_vs_solo(base, members, tmp_path)
+    assert [s["steps"] for s in summaries] == steps
+
+
+def test_members_differing_in_lora_rank_and_alpha_equal_their_solo_runs(model_dir, data_dir, tmp_path):
+    # Adapters padded with zeros to the largest rank: each member starts from its own rank's init (the same keys
+    # as its solo run), its padded columns keep zero gradients, and its scale alpha / r is traced.
+    base = tiny.tiny_config(model_dir, data_dir, **{"train.eval_every": 3, "train.log_every": 1,
+                                                    "optim.lora.rank": 4, "optim.lr": 3e-3})
+    members = [{"optim.lora.rank": 2}, {"optim.lora.rank": 8, "optim.lora.alpha": 8.0},
+               {"optim.lora.alpha": 64.0}]
+    _population_vs_solo(base, members, tmp_path)
+
+
 def test_preference_members_differing_in_beta_equal_their_solo_runs(tmp_path):
     from tests.test_preference import _config, pairs_jsonl, tiny_llama
 
@@ -138,9 +224,8 @@ def test_preference_members_differing_in_beta_equal_their_solo_runs(tmp_path):
 
 
 @pytest.mark.parametrize("field,value,match", [
-    ("train.batch_size", 16, "changes shapes or the compiled program"),
+    ("train.grad_accum", 2, "changes shapes or the compiled program"),
     ("data.max_len", 16, "changes shapes"),
-    ("optim.freeze_layers", "embeddings,0", "changes shapes"),
     ("train.seed", 3, "share the data order"),
 ])
 def test_a_population_over_a_shape_changing_field_is_an_error(model_dir, data_dir, tmp_path, field, value, match):

@@ -18,14 +18,14 @@ def test_proposals_come_from_the_findings_then_a_local_search_without_repeats(mo
     cfg = tiny.tiny_config(model_dir, data_dir)
     findings = [{"kind": "overfitting", "remedies": [
         {"why": "stop earlier", "changes": {"train.epochs": {"from": 1.0, "to": 0.5}}},
-        {"why": "more data", "changes": {"train.batch_size": {"from": 8, "to": 16}}},  # not a population field
+        {"why": "longer inputs", "changes": {"data.max_len": {"from": 32, "to": 64}}},  # not a population field
         {"why": "regularise", "changes": {"model.dropout.hidden": {"from": None, "to": 0.2},
                                           "data.max_len": {"from": 32, "to": 16}}}]}]
     tried: set = set()
     cands = refine.propose(cfg, {"optim.lr": 2e-3}, findings, 6, tried)
     assert len(cands) == 6
     assert cands[0].overrides == {"optim.lr": 2e-3, "train.epochs": 0.5} and "overfitting" in cands[0].why
-    # The dropout remedy keeps its population part and says what it left out; the batch-size one is left out.
+    # The dropout remedy keeps its population part and says what it left out; the max_len one is left out.
     assert cands[1].overrides == {"optim.lr": 2e-3, "model.dropout.hidden": 0.2}
     assert "without data.max_len" in cands[1].why
     assert all(set(c.overrides) <= set(population.POPULATION_FIELDS) for c in cands)

@@ -3,6 +3,7 @@ current params, written to MEMBER_DIR/samples/step_<step>.jsonl so a person can 
 
 from __future__ import annotations
 
+
 import json
 from typing import Any
 
@@ -26,14 +27,16 @@ class LMSamples(Callback):
     def on_eval(self, loop: Loop, split: str, results: list[dict[str, float]]) -> None:
         if split != "validation" or not self.prompts:
             return
+        member_model = getattr(loop.stepper, "member_model", None)  # a population member's own model
         for k in np.flatnonzero(loop.active):
-            self.write(int(k), loop.step, loop.stepper.params(int(k)))
+            run, params = self.run, loop.stepper.params(int(k))
+            model = member_model(int(k)) if member_model else params_lib.merge(run.graphdef, params, run.rest)
+            self.write(int(k), loop.step, model)
 
-    def write(self, member: int, step: int, params: Any) -> str | None:
-        """Generates from the prompts with `params`; returns the file written (None: not process 0, or
-        generation failed, which is reported and does not stop training)."""
+    def write(self, member: int, step: int, model: Any) -> str | None:
+        """Generates from the prompts with `model`; returns the file written (None: not process 0, or generation
+        failed, which is reported and does not stop training)."""
         run = self.run
-        model = params_lib.merge(run.graphdef, params, run.rest)
         try:
             with jax.set_mesh(run.mesh):
                 outputs = generate(model, run.tokenizer, self.prompts, max_new_tokens=self.max_new_tokens)

@@ -17,6 +17,7 @@ import grain
 import numpy as np
 
 PAD = -1  # row index of a padding (weight-0) example in a plan.
+IGNORE = -100  # a token label that takes no loss (HF's ignore index; every token-label batcher's)
 
 
 def choose_buckets(lengths: np.ndarray, spec: int | tuple[int, ...], max_len: int) -> tuple[int, ...]:
@@ -218,3 +219,54 @@ class TrainIterator:
 
     def state(self) -> dict[str, int]:
         return {"epoch": self._epoch, "position": self._position}
+
+
+def stack_members(batches: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Member batches of one step stacked [members, ...], each array padded at the end of every axis to the
+    largest member's: positions past a member's own padded length or segments, masked out (masks and weights
+    0; token labels the ignore index, labels weighted per slot by `weights` 0). Rows come padded already
+    (weight-0 rows of the plan, which attend to one token)."""
+    out = {}
+    for key in batches[0]:
+        arrays = [np.asarray(b[key]) for b in batches]
+        shape = np.max([a.shape for a in arrays], axis=0)
+        per_slot = key == "labels" and np.shape(batches[0].get("weights")) == arrays[0].shape
+        fill = IGNORE if key == "labels" and not per_slot else 0
+        out[key] = np.stack([np.pad(a, [(0, int(n) - d) for n, d in zip(shape, a.shape)], constant_values=fill)
+                             for a in arrays])
+    return out
+
+
+def pad_plan_rows(plan: np.ndarray, rows: int) -> np.ndarray:
+    """A plan [steps, r, ...] with PAD rows appended up to `rows` per batch."""
+    return np.pad(plan, ((0, 0), (0, rows - plan.shape[1])) + ((0, 0),) * (plan.ndim - 2), constant_values=PAD)
+
+
+# A population member's training source at its batch size: (epoch -> its plan, rows padded to the population's
+# largest batch; the batch maker; steps per epoch).
+MemberSource = tuple[Callable[[int], np.ndarray], Callable[[np.ndarray], dict], int]
+
+
+class MemberBatches:
+    """Training batches of a population whose members differ in batch size (ftjax/tune/population.py): member
+    k's batch at step s is the one its solo run takes there (batch s of its own epochs' plans at its batch
+    size, so its steps per epoch follow), with weight-0 rows up to the largest batch, stacked by
+    `stack_members`. `state()` counts in the shared run's `steps_per_epoch`, as a TrainIterator's."""
+
+    def __init__(self, sources: dict[int, MemberSource], batch_sizes: list[int], steps_per_epoch: int,
+                 epoch: int, position: int, threads: int):
+        self._step, self._steps, self._sizes = epoch * steps_per_epoch + position, steps_per_epoch, batch_sizes
+        self._iterators = {size: TrainIterator(plan, make, per_epoch, *divmod(self._step, per_epoch), threads)
+                           for size, (plan, make, per_epoch) in sources.items()}
+
+    def __iter__(self) -> MemberBatches:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        by_size = {size: next(it) for size, it in self._iterators.items()}
+        self._step += 1
+        return stack_members([by_size[size] for size in self._sizes])
+
+    def state(self) -> dict[str, int]:
+        epoch, position = divmod(self._step, self._steps)
+        return {"epoch": epoch, "position": position}

@@ -4,6 +4,7 @@ every task from per-split example lengths and batch makers."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -39,6 +40,8 @@ class DataBundle:
     batch_layout: Any = None  # structure.BatchLayout: the keys, dtypes and shapes of its batches (set by build)
     seq2seq_pairs: tuple[tuple[int, int], ...] = ()  # seq2seq: (source, target) shapes of the batches (precompile)
     seq2seq_eval: Any = None  # seq2seq: seq2seq.EvalSources, the validation examples generated from at each eval
+    # batch sizes -> {size: batching.MemberSource}: a population's members' own batches (None: one batch size only)
+    _member_sources: Callable[[list[int]], dict[int, batching.MemberSource]] | None = None
 
     @property
     def num_labels(self) -> int:
@@ -49,6 +52,19 @@ class DataBundle:
         return TrainIterator(
             self._train_plan, self._makers["train"], self.steps_per_epoch, epoch, position, self._threads
         )
+
+    def member_sources(self, batch_sizes: list[int]) -> dict[int, batching.MemberSource]:
+        """Each batch size's training source for a population whose members differ in train.batch_size."""
+        if self._member_sources is None:
+            raise DataError("train.batch_size: these batches are laid out for one batch size, so population "
+                            "members cannot differ in it; sweep it (population=0)")
+        return self._member_sources(sorted(set(batch_sizes)))
+
+    def member_train_iterator(self, sources: dict[int, batching.MemberSource], batch_sizes: list[int],
+                              epoch: int = 0, position: int = 0) -> batching.MemberBatches:
+        """A population's batches when its members differ in train.batch_size: each member's solo batches,
+        stacked (`batching.MemberBatches`); (epoch, position) in this bundle's steps per epoch."""
+        return batching.MemberBatches(sources, batch_sizes, self.steps_per_epoch, epoch, position, self._threads)
 
     def has_split(self, split: str) -> bool:
         return split in self._plans
@@ -90,6 +106,7 @@ def assemble(
     fingerprint: dict[str, dict] | None = None,
     plans: tuple[Callable[[int], np.ndarray], dict[str, np.ndarray]] | None = None,
     pack_shape: Any = None,
+    packed_member_sources: Callable[[list[int]], dict[int, batching.MemberSource]] | None = None,
 ) -> DataBundle:
     """The bundle over examples of `lengths[split]` tokens: a seeded train order per epoch (length-grouped
     in windows of `grouping` batches; 0 = off) and a fixed eval order by length; or `plans` (the train
@@ -98,6 +115,15 @@ def assemble(
 
     def train_plan(epoch: int) -> np.ndarray:
         return batching.train_plan(train_lengths, layout.batch, seed, epoch, grouping)
+
+    def member_sources(sizes: list[int]) -> dict[int, batching.MemberSource]:
+        # The train maker builds layout.batch rows: the largest member's (the population's template batch).
+        def plan(epoch: int, size: int) -> np.ndarray:
+            return batching.pad_plan_rows(batching.train_plan(train_lengths, size, seed, epoch, grouping),
+                                          max(sizes))
+
+        return {size: (functools.partial(plan, size=size), makers["train"], math.ceil(len(train_lengths) / size))
+                for size in sizes}
 
     eval_plans = {r: batching.eval_plan(x, layout.eval_batch) for r, x in lengths.items() if r != "train"}
     if plans is not None:
@@ -120,4 +146,5 @@ def assemble(
         seq2seq_eval=seq2seq_eval,
         pack_shape=pack_shape,
         fingerprint=dict(fingerprint or {}),
+        _member_sources=member_sources if plans is None else packed_member_sources,
     )

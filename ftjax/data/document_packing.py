@@ -7,7 +7,7 @@ import dataclasses
 
 import numpy as np
 
-IGNORE = -100  # label of a token that takes no loss (HF's ignore_index)
+from ftjax.data.batching import IGNORE  # a token that takes no loss
 
 
 @dataclasses.dataclass

@@ -5,7 +5,9 @@ with an encoder, data.packing; ftjax/data/example_packing.py)."""
 from __future__ import annotations
 
 import functools
+import math
 import os
+from collections.abc import Callable
 from typing import Any
 
 import ml_collections
@@ -52,7 +54,7 @@ def build(
     if labelled:  # examples per class name and split (label imbalance: --mode=diagnose reads it)
         stats["label_counts"] = {r: {name: int(n) for name, n in zip(names, np.bincount(y, minlength=len(names)))}
                                  for r, y in labels.items()}
-    shape, plans = None, None
+    shape, plans, member_sources = None, None, None
     if is_image:
         lengths, makers = _image_makers(d, raw, labels, rows)
         buckets: tuple[int, ...] = ()
@@ -63,7 +65,8 @@ def build(
         lengths = {r: tok.lengths for r, tok in tokens.items()}
         if packing.packs(cfg):
             granule = packing.row_granule(cfg, process_count, data_parallel)
-            shape, makers, plans = _packed_makers(d, t.seed, tokens, labels, rows, pad_id, granule, stats)
+            shape, makers, plans, member_sources = _packed_makers(d, t.seed, tokens, labels, rows, pad_id, granule,
+                                                                  stats)
             buckets = (d.max_len,)
         else:
             makers, buckets = _text_makers(d, t.seed, tokens, labels, rows, pad_id, stats)
@@ -81,6 +84,7 @@ def build(
         stats=stats,
         plans=plans,
         pack_shape=shape,
+        packed_member_sources=member_sources,
     )
     logging.info(
         "data: %s; %d steps/epoch of %d; labels %s; %s",
@@ -207,8 +211,9 @@ def _packed_makers(
     pad_id: int,
     granule: int,
     stats: dict[str, Any],
-) -> tuple[packing.PackShape, dict[str, Maker], tuple]:
-    """Several examples per row of max_len (example_packing.py): the shape, batch makers and plans."""
+) -> tuple[packing.PackShape, dict[str, Maker], tuple, Callable]:
+    """Several examples per row of max_len (example_packing.py): the shape, batch makers, plans and the
+    population's member sources (`DataBundle.member_sources`)."""
     lengths = {r: tok.lengths for r, tok in tokens.items()}
     shape = packing.choose_shape(lengths["train"], rows.batch, rows.eval_batch, d.max_len, granule)
     process = rows.share.start * shape.rows // rows.batch, rows.share.stop * shape.rows // rows.batch
@@ -229,7 +234,22 @@ def _packed_makers(
         real_token_fraction=packing.real_fraction(first, lengths["train"], d.max_len),
         examples_per_row=float((first >= 0).sum() / max(1, (first >= 0).any(-1).sum())),
     )
-    return shape, makers, (train_plan, eval_plans)
+
+    def member_sources(sizes: list[int]) -> dict[int, batching.MemberSource]:
+        """A population's members' own packed batches: each batch size packed as its solo run packs it (its own
+        rows and segments), plans padded with PAD rows to the most rows (single process: makers build them all)."""
+        shapes = {b: packing.choose_shape(lengths["train"], b, rows.eval_batch, d.max_len, granule) for b in sizes}
+        most = max(sh.rows for sh in shapes.values())
+        out = {}
+        for b, sh in shapes.items():
+            plan = functools.lru_cache(maxsize=2)(
+                functools.partial(packing.train_plan, lengths["train"], b, sh, seed))
+            out[b] = (lambda epoch, plan=plan: batching.pad_plan_rows(plan(epoch), most),
+                      packing.PackedTextBatcher(tokens["train"], labels["train"], sh, pad_id, slice(0, most)),
+                      math.ceil(len(lengths["train"]) / b))
+        return out
+
+    return shape, makers, (train_plan, eval_plans), member_sources
 
 
 def _warn_text(role: str, tok: text.Tokens, n: int, max_len: int) -> None:

@@ -22,10 +22,10 @@ from absl import logging
 from ftjax import hf
 from ftjax.data import batching, splits, text
 from ftjax.data.bundle import DataBundle, Maker, assemble
+from ftjax.data.batching import IGNORE  # a padding position (no loss)
 from ftjax.data.errors import DataError
 from ftjax.data.sources import RawSplit
 
-IGNORE = -100  # label of a padding position (no loss), as in HF.
 Pair = tuple[int, int]  # (source length, target length) of a padded batch.
 
 

@@ -23,10 +23,10 @@ from absl import logging
 from ftjax.config import ConfigError
 from ftjax.data import batching, splits
 from ftjax.data.bundle import DataBundle, Maker, assemble
+from ftjax.data.batching import IGNORE  # a position without a label
 from ftjax.data.errors import DataError
 from ftjax.data.sources import RawSplit
 
-IGNORE = -100  # the label of a position without one (HF's ignore index)
 CONLL_EXTS = (".conll", ".txt")  # files: sources read as CoNLL (besides JSONL / CSV / Parquet rows)
 DOCSTART = "-DOCSTART-"
 _CHUNK = 4096  # sentences tokenised per call

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -24,7 +25,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from ftjax import config as config_lib
-from ftjax import fileio, models, optim, schedules
+from ftjax import fileio, lora, models, optim, schedules
 from ftjax import tasks as tasks_lib
 from ftjax import params as params_lib
 from ftjax import sharding as sharding_lib
@@ -33,7 +34,7 @@ from ftjax.config import ConfigError
 from ftjax.loop import Callback, fit
 from ftjax.models import common
 from ftjax.reporting.hparams import write_hparams
-from ftjax.run import Run, total_steps_of
+from ftjax.run import Run, check_batch_sizes, total_steps_of
 from ftjax.step import StepConfig, make_eval_step, make_train_step
 from ftjax.tasks.preference import OBJECTIVE_CONSTANTS
 from ftjax.trainer import hold_workdir, member_summary, standard_callbacks
@@ -54,6 +55,14 @@ POPULATION_FIELDS = (
     "optim.schedule.gamma",
     "optim.schedule.pct_start",
     "train.label_smoothing",
+    # what trains and from when: the step differentiates the union, each member's gates and masks its own
+    "optim.freeze",
+    "optim.freeze_layers",
+    "optim.train_only",
+    "optim.unfreeze",
+    "train.batch_size",  # each member's own batches, padded with weight-0 rows to the largest (MemberBatches)
+    "optim.lora.rank",  # adapters padded with zeros to the largest rank (which keep zero gradients)
+    "optim.lora.alpha",  # with the rank: each member's traced scale alpha / r
     "train.epochs",  # members end at their own step, each schedule stretched over its own run
     "train.steps",
     *DROPOUT_FIELDS,  # traced per-member rates (ftjax.models.common.traced_dropout)
@@ -98,11 +107,45 @@ def template_config(cfgs: list[ml_collections.ConfigDict]) -> ml_collections.Con
         (rx, {k: v for k, v in dict(spec).items() if k in ("name", "frozen")}) for rx, spec in cfgs[0].optim.groups
     )
     t.train.label_smoothing = 0.0
+    t.train.batch_size = max(c.train.batch_size for c in cfgs)  # the rows of a step (smaller members pad)
+    t.optim.lora.rank = max(c.optim.lora.rank for c in cfgs)  # the adapters' shape (smaller ranks pad)
     for kind in models.DROPOUT_KEYS:
         rates = {c.model.dropout[kind] for c in cfgs}
         if len(rates) > 1:
             t.model.dropout[kind] = max([r for r in rates if r is not None] + [0.0]) or 0.1
     return t
+
+
+NEVER = np.iinfo(np.int32).max // 2  # a member's start step for a param it never trains
+
+
+def _start(row: optim.ParamInfo) -> int:
+    """The step a param starts training at in one member's run (NEVER when frozen)."""
+    return NEVER if row.frozen else row.unfreeze_step or 0
+
+
+def union_optimizer(template: optim.Optimizer, members: list[optim.Optimizer]
+                    ) -> tuple[optim.Optimizer, dict[str, np.ndarray]]:
+    """The shared run's optimizer over what any member trains, and each gated label's start step per member [K].
+
+    A param trains in the union from the first step any member trains it; its label is the tuple of its start
+    steps in the members, so the params of a label share a start in every member and so Adam's count, as each
+    member's own labels would. Each member gates a label at its own start (a label it never trains: NEVER):
+    zero updates and its state untouched until then, as its solo run's gate or `set_to_zero`. The union's
+    rows have unit LR and no decay (members apply theirs: `member_tx`)."""
+    table, starts = {}, {}
+    for path, row in template.table.items():
+        steps = tuple(_start(m.table[path]) for m in members)
+        first = min(steps)
+        label = optim.FROZEN if first >= NEVER else "from_" + "_".join("x" if s >= NEVER else str(s) for s in steps)
+        table[path] = dataclasses.replace(row, frozen=first >= NEVER, unfreeze_step=(first or None) if first < NEVER
+                                          else None, label=label, lr_mult=1.0, decay=False, weight_decay=0.0)
+        if any(steps) and first < NEVER:
+            starts[label] = np.asarray(steps, np.int32)
+    union = optim.from_table(template.config, table, list(template.groups), template.abstract_params,
+                             total_steps=template.total_steps, steps_per_epoch=template.steps_per_epoch,
+                             stacks=template.stacks)
+    return union, starts
 
 
 class LRTableState(NamedTuple):
@@ -175,6 +218,7 @@ class Population:
         *,
         devices: list | None = None,
         lr_tables: np.ndarray | None = None,
+        purpose: str = "train",
     ):
         if not member_cfgs:
             raise PopulationError("population", 0, "needs at least one member")
@@ -189,28 +233,46 @@ class Population:
                                   "fine-tuning needs a frozen copy a population does not carry: set "
                                   "optim.lora.rank > 0 (the reference is then the base), or sweep with population=0")
         self.cfgs, self.members = member_cfgs, len(member_cfgs)
-        self.run = run = Run(template_config(member_cfgs), workdir, devices=devices)
-        # Each member's own length; the loop runs to the longest and stops each member at its own end.
-        self.member_steps = [total_steps_of(c.train, run.steps_per_epoch) for c in member_cfgs]
+        self.batch_sizes = [int(c.train.batch_size) for c in member_cfgs]
+        self.member_batches = len(set(self.batch_sizes)) > 1  # each member its own batches, stacked
+        if self.member_batches and jax.process_count() > 1:
+            raise PopulationError("train.batch_size", sorted(set(self.batch_sizes)), "members of different batch "
+                                  "sizes are built on one process; sweep it (population=0) on several hosts")
+        ranks = {int(c.optim.lora.rank) for c in member_cfgs}
+        if 0 in ranks and len(ranks) > 1:
+            raise PopulationError("optim.lora.rank", sorted(ranks), "members with LoRA (rank > 0) and without (0) "
+                                  "train different params; sweep that choice (population=0)")
+        self.run = run = Run(template_config(member_cfgs), workdir, devices=devices, purpose=purpose)
+        for cfg in member_cfgs:
+            check_batch_sizes(cfg.train, sharding_lib.data_parallel_size(run.mesh))
+        # Each member's own epochs (of its own batch size) and length; the loop runs to the longest and stops each
+        # member at its own end.
+        self.member_sources = run.data.member_sources(self.batch_sizes) if self.member_batches else {}
+        self.member_epoch_steps = [self.member_sources[b][2] if self.member_batches else run.steps_per_epoch
+                                   for b in self.batch_sizes]
+        self.member_steps = [total_steps_of(c.train, n) for c, n in zip(member_cfgs, self.member_epoch_steps)]
         self.total_steps = run.total_steps = max(self.member_steps)
         self.eval_every = run.eval_every
-        self.hparams, self.group_names = self._member_hparams(lr_tables)
+        member_opts = [optim.build(cfg.optim, run.optimizer.abstract_params, total_steps=self.member_steps[k],
+                                   steps_per_epoch=self.member_epoch_steps[k], head_pattern=run.head_pattern,
+                                   stacks=run.model.stacks()) for k, cfg in enumerate(member_cfgs)]
+        run.optimizer, label_starts = union_optimizer(run.optimizer, member_opts)
+        self.hparams, self.group_names = self._member_hparams(member_opts, lr_tables)
+        self.hparams["label_start"] = label_starts
         self.hparams.update(self._dropout_hparams())
         self.hparams.update(self._task_constants())
+        self.hparams.update(self._lora_scales())
         self.toward_pretrained = member_cfgs[0].optim.decay_toward == "pretrained"
         self._stack_state()
         self._steps: dict[frozenset, Callable] = {}
         self._eval = self._eval_fn()
 
-    def _member_hparams(self, lr_tables: np.ndarray | None) -> tuple[dict, list[str]]:
+    def _member_hparams(self, member_opts: list[optim.Optimizer], lr_tables: np.ndarray | None
+                        ) -> tuple[dict, list[str]]:
         """Each member's own optimizer, built (and validated) from its config: its LR table per param
-        group [G, T], and per param its LR multiplier and weight decay."""
-        run = self.run
-        tables, mults, decays = [], [], []
-        for k, cfg in enumerate(self.cfgs):
-            opt = optim.build(cfg.optim, run.optimizer.abstract_params, total_steps=self.member_steps[k],
-                              steps_per_epoch=run.steps_per_epoch,
-                              head_pattern=getattr(run.model, "head_pattern", None), stacks=run.model.stacks())
+        group [G, T], and per param its LR multiplier, weight decay and the step it starts training at."""
+        tables, mults, decays, starts = [], [], [], []
+        for k, (cfg, opt) in enumerate(zip(self.cfgs, member_opts)):
             groups = list(opt.schedule_args)
             if lr_tables is not None:
                 table = np.tile(np.asarray(lr_tables[k], np.float32)[None], (len(groups), 1))
@@ -223,6 +285,7 @@ class Population:
             tables.append(np.pad(table, ((0, 0), (0, self.total_steps - table.shape[1])), mode="edge"))
             mults.append(opt.per_param(lambda r: np.float32(r.lr_mult)))
             decays.append(opt.per_param(lambda r: np.float32(r.weight_decay if r.decay else 0.0)))
+            starts.append(opt.per_param(lambda r: np.int32(_start(r))))
             if k == 0:
                 self.group_index = opt.per_param(lambda r, groups=groups: groups.index(r.group))
                 if any(np.ndim(g) for g in jax.tree_util.tree_leaves(self.group_index)):
@@ -233,21 +296,25 @@ class Population:
             "lr_table": np.stack(tables),
             "lr_mult": _stack(mults),
             "weight_decay": _stack(decays),
+            "start": _stack(starts),
             "label_smoothing": np.asarray([c.train.label_smoothing for c in self.cfgs], np.float32),
         }
         return hparams, groups
 
     def _eval_fn(self) -> Callable:
-        """`eval(params, batch)` of every member at once, each with its own loss constants (e.g. DPO's beta)."""
+        """`eval(params, batch)` of every member at once, each with its own loss constants (e.g. DPO's beta) and
+        adapter scale."""
         run = self.run
 
-        def member(params, constants, batch):
-            task = run.task.with_constants(constants) if constants else run.task
-            return make_eval_step(run.graphdef, run.rest, task, run.cfg.model.loss_chunk_tokens)(params, batch)
+        def member(params, hp, batch):
+            task = run.task.with_constants(hp["task"]) if "task" in hp else run.task
+            scale = lora.traced_scale(hp["lora_scale"]) if "lora_scale" in hp else contextlib.nullcontext()
+            with scale:
+                return make_eval_step(run.graphdef, run.rest, task, run.cfg.model.loss_chunk_tokens)(params, batch)
 
-        constants = self.hp_device.get("task", {})
+        own = {k: self.hp_device[k] for k in ("task", "lora_scale") if k in self.hp_device}
         vmapped = jax.jit(jax.vmap(member, in_axes=(0, 0, None)))
-        return lambda params, batch: vmapped(params, constants, batch)
+        return lambda params, batch: vmapped(params, own, batch)
 
     def _dropout_hparams(self) -> dict:
         """Per-member dropout as traced values: every Dropout module of the shared model whose rate is not the
@@ -278,59 +345,117 @@ class Population:
         return {"task": {f: np.asarray([config_lib.get_field(c, f) for c in self.cfgs], np.float32)
                          for f in fields}}
 
+    def _lora_scales(self) -> dict:
+        """Each member's adapter scale alpha / r, when the members differ in LoRA rank or alpha ({} otherwise)."""
+        lo = [c.optim.lora for c in self.cfgs]
+        if len({(x.rank, x.alpha) for x in lo}) == 1:
+            return {}
+        return {"lora_scale": np.asarray([lora.scale_of(x.rank, x.alpha, x.rslora) for x in lo], np.float32)}
+
+    def _member_lora_a(self) -> dict[str, np.ndarray]:
+        """{lora_a path: [K, ...]} when members differ in rank: each member's own rank's init, zero-padded."""
+        ranks = [int(c.optim.lora.rank) for c in self.cfgs]
+        if len(set(ranks)) == 1 or self.run.abstract:
+            return {}
+        seed, top = int(self.cfgs[0].train.seed), max(ranks)
+        by_rank = {r: lora.padded_lora_a(self.run.model, r, seed) for r in set(ranks) if r < top}
+        template = params_lib.flatten(self.run.state["params"])
+        return {path: np.stack([np.asarray(by_rank[r][path] if r < top else template[path]) for r in ranks])
+                for path in next(iter(by_rank.values()))}
+
     def _stack_state(self) -> None:
-        """The template's state stacked K times on a leading member axis (sharded like the template's)."""
-        run = self.run
-        member_state = {"step": run.state["step"], "params": run.state["params"],
-                        "opt_state": self._tx(self._hp0()).init(run.state["params"])}
-        shardings = jax.tree_util.tree_map(lambda x: _stacked_sharding(getattr(x, "sharding", None), run.mesh),
-                                           member_state)
-        with jax.set_mesh(run.mesh):
-            stacked = jax.tree_util.tree_map(lambda x: jnp.stack([x] * self.members), member_state)
-        self.state = jax.device_put(stacked, shardings)
-        self.state_shardings = shardings
-        self.hp_device = jax.device_put(self.hparams, sharding_lib.replicated(run.mesh))
+        """The template's state stacked K times on a leading member axis (sharded like the template's); a plan's
+        (`purpose="plan"`: ftjax.dry_run) as ShapeDtypeStructs."""
+        run, k = self.run, self.members
+        hp0 = self._hp0()
+
+        def member_state(params):
+            return {"step": jnp.zeros([], jnp.int32), "params": params,
+                    "opt_state": self._tx(hp0, hp0["start"]).init(params)}
+
+        params = run.state["params"]
+        shapes = jax.eval_shape(member_state, params)
+        repl = sharding_lib.replicated(run.mesh)
+        shardings = {"step": repl, "params": run.param_shardings,
+                     "opt_state": sharding_lib.like_params(shapes["opt_state"], params, run.param_shardings, run.mesh)}
+        self.state_shardings = jax.tree_util.tree_map(lambda s: _stacked_sharding(s, run.mesh), shardings)
+        if run.abstract:
+            self.state = jax.tree_util.tree_map(
+                lambda x, s: jax.ShapeDtypeStruct((k, *x.shape), x.dtype, sharding=s), shapes, self.state_shardings)
+            self.hp_device = jax.tree_util.tree_map(
+                lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype, sharding=repl), self.hparams)
+        else:
+            def stacked(params, member_a):
+                members = params_lib.flatten(jax.tree_util.tree_map(lambda x: jnp.stack([x] * k), params))
+                members.update(member_a)  # members of a smaller LoRA rank: their own adapters' init
+                members = params_lib.unflatten(members)
+                return {"step": jnp.zeros([k], jnp.int32), "params": members,
+                        "opt_state": jax.vmap(lambda p: member_state(p)["opt_state"])(members)}
+
+            with jax.set_mesh(run.mesh):
+                self.state = jax.jit(stacked, out_shardings=self.state_shardings)(params, self._member_lora_a())
+            self.hp_device = jax.device_put(self.hparams, repl)
         run.state = None  # the template's own state is not trained; free it.
 
     def _hp0(self) -> dict:
         return jax.tree_util.tree_map(lambda x: x[0], self.hparams)
 
-    def _tx(self, hp: dict) -> optax.GradientTransformation:
-        return member_tx(self.run.optimizer.tx, hp["lr_table"], hp["lr_mult"], hp["weight_decay"],
-                         self.group_index, self.toward_pretrained)
+    def _tx(self, hp: dict, started: Any) -> optax.GradientTransformation:
+        """Member `hp`'s optimizer at a step where `started` (per param) says what it trains: its gates, its
+        decay only on what has started, its LR table."""
+        decay = jax.tree_util.tree_map(lambda w, s: w * s, hp["weight_decay"], started)
+        return member_tx(self.run.optimizer.tx_with_starts(hp["label_start"]), hp["lr_table"], hp["lr_mult"],
+                         decay, self.group_index, self.toward_pretrained)
 
     def _step_fn(self, step: int) -> Callable:
         run = self.run
-        trainable = run.optimizer.trainable_params_at(step)
-        masks = run.optimizer.grad_masks_at(step)
+        trainable = run.optimizer.trainable_params_at(step)  # the union: what any member trains now
         if trainable not in self._steps:
             def member(state, hp, active, batch, key):
                 task = run.task.with_constants(hp["task"]) if "task" in hp else run.task
                 step_cfg = StepConfig(task, run.cfg.train.grad_accum, hp["label_smoothing"],
                                       run.cfg.model.loss_chunk_tokens)
-                fn = make_train_step(run.graphdef, run.rest, self._tx(hp), trainable, step_cfg, grad_masks=masks)
-                dropout = (common.traced_dropout(hp["dropout_threshold"], hp["dropout_keep"])
-                           if "dropout_threshold" in hp else contextlib.nullcontext())
-                with dropout:
+                # What this member trains at this step: the others' gradients are zeroed (its solo run
+                # computes none), before clipping and norms.
+                started = jax.tree_util.tree_map(lambda s: state["step"] >= s, hp["start"])
+                masks = {path: flags for path, flags in params_lib.flatten(started).items() if path in trainable}
+                fn = make_train_step(run.graphdef, run.rest, self._tx(hp, started), trainable, step_cfg,
+                                     grad_masks=masks)
+                with contextlib.ExitStack() as traced:  # the member's own dropout rates and adapter scale
+                    if "dropout_threshold" in hp:
+                        traced.enter_context(common.traced_dropout(hp["dropout_threshold"], hp["dropout_keep"]))
+                    if "lora_scale" in hp:
+                        traced.enter_context(lora.traced_scale(hp["lora_scale"]))
                     new, metrics = fn(state, batch, key)
                 new = jax.tree_util.tree_map(lambda n, o: jnp.where(active, n, o), new, state)
                 return new, metrics
 
             repl = sharding_lib.replicated(run.mesh)
+            stacked = self.member_batches  # a batch per member [K, rows, ...], or one shared
             self._steps[trainable] = jax.jit(
-                jax.vmap(member, in_axes=(0, 0, 0, None, None)),
-                in_shardings=(self.state_shardings, repl, repl, sharding_lib.batch_sharding(run.mesh), repl),
+                jax.vmap(member, in_axes=(0, 0, 0, 0 if stacked else None, None)),
+                in_shardings=(self.state_shardings, repl, repl, sharding_lib.batch_sharding(run.mesh, stacked),
+                              repl),
                 out_shardings=(self.state_shardings, repl),
                 donate_argnums=(0,),
             )
         return self._steps[trainable]
 
+    def train_batches(self, epoch: int = 0, position: int = 0) -> Any:
+        """The loop's batches from (epoch, position) of the shared run: one batch for all members, or, when
+        they differ in batch size, each member's own (ftjax.data.batching.MemberBatches)."""
+        data = self.run.data
+        if self.member_batches:
+            return data.member_train_iterator(self.member_sources, self.batch_sizes, epoch, position)
+        return data.train_iterator(epoch, position)
+
     def step(self, step: int, batch: dict, active: np.ndarray) -> dict:
-        """One optimizer step of every active member on the shared batch; returns device metrics [K]."""
+        """One optimizer step of every active member on its batch (`train_batches`); returns device metrics [K]."""
         fn = self._step_fn(step)
         with jax.set_mesh(self.run.mesh):
             self.state, metrics = fn(self.state, self.hp_device, jnp.asarray(active),
-                                     sharding_lib.shard_batch(batch, self.run.mesh), self.run.key)
+                                     sharding_lib.shard_batch(batch, self.run.mesh, self.member_batches),
+                                     self.run.key)
         return metrics
 
     def evaluate(self, split: str) -> list[dict[str, float]]:
@@ -344,6 +469,18 @@ class Population:
         """Each member's base LR per param group at `step` (before per-param multipliers)."""
         t = min(step, self.hparams["lr_table"].shape[-1] - 1)
         return [dict(zip(self.group_names, map(float, table[:, t]))) for table in self.hparams["lr_table"]]
+
+    def member_model(self, member: int) -> Any:
+        """Member `member`'s model for calls outside the step (e.g. LM samples): the shared model with its params
+        and, when the members differ in LoRA rank or alpha, its adapters' own (static: their own compiled calls)."""
+        run = self.run
+        model = params_lib.merge(run.graphdef, self.params(member), run.rest)
+        if "lora_scale" in self.hparams:
+            own = self.cfgs[member].optim.lora
+            for _, module in nnx.iter_graph(model):
+                if isinstance(module, lora.LoRALinear):
+                    module.rank, module.alpha = int(own.rank), float(own.alpha)
+        return model
 
     def abstract_state(self) -> Any:
         return jax.tree_util.tree_map(
@@ -390,7 +527,7 @@ def _train_population(member_cfgs, workdir, member_dirs, callbacks, metric, mode
         fileio.write_json(fileio.path(d) / workdir_lib.MEMBER_CONFIG_FILE, flatten(cfg))
     ckpt = workdir_lib.checkpointer(run.workdir, run.cfg, primary=run.primary)
     cbs = standard_callbacks(run, ckpt, member_dirs, metric=metric, mode=mode, solo=False, extra=list(callbacks))
-    loop = fit(pop, run.data.train_iterator, cbs)
+    loop = fit(pop, pop.train_batches, cbs)
     ckpt.close()
     if loop.interrupted:
         return [{"interrupted_at": loop.step} for _ in member_dirs]

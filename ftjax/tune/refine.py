@@ -80,6 +80,8 @@ def local_moves(cfg: ml_collections.ConfigDict) -> list[tuple[str, dict[str, Any
     if isinstance(warmup, float) and warmup < 1.0:
         moves.append((f"warmup {min(2 * warmup, 0.3) or 0.06:g} of the run",
                       {"optim.schedule.warmup": _round(min(2 * warmup, 0.3) or 0.06)}))
+    # A larger batch (a smaller one may not divide over the data-parallel devices).
+    moves.append(("batch size x2", {"train.batch_size": 2 * int(cfg.train.batch_size)}))
     if cfg.model.task == "classification" and not cfg.train.label_smoothing:
         moves.append(("label smoothing 0.1", {"train.label_smoothing": 0.1}))
     return moves
