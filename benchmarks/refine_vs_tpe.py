@@ -1,0 +1,123 @@
+"""`--mode=refine` against the recipe's defaults and an Optuna TPE sweep with the same number of trials, on the
+MiniLM recipe (configs/minilm_food_reviews.py), per seed: validation and test metrics and wall time.
+
+    python benchmarks/refine_vs_tpe.py                          # the full comparison: R=3, K=8, 3 seeds, all data
+    python benchmarks/refine_vs_tpe.py --rounds 2 --population 4 --seeds 0 1 --max_examples 800 --epochs 1
+
+Each seed runs three arms from the same config (train.seed = the seed): the defaults (one solo run), refine
+(round 0 = the defaults again, then R rounds of K candidates trained as one population, then the best config
+trained solo for its test metrics), and TPE (sequential trials, population=0, no pruning) with 1 + R x K trials
+over the same seven hyperparameters refine moves. Every arm keeps its best by the validation early-stop metric
+(train.early_stop.metric); test metrics are read after the choice. Appends one JSON line per seed and arm to
+--out and prints a table with the mean and spread over the seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import sys
+import time
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def tpe_space() -> dict:
+    """The seven (batch size, LR, epochs, dropout, weight decay, schedule warmup; freezing as the embeddings
+    frozen or not) plus label smoothing, around the recipe's values."""
+    from ftjax.tune import space
+
+    return {
+        "optim.lr": space.loguniform(1e-5, 3e-4),
+        "train.batch_size": space.choice(16, 32, 64),
+        "train.epochs": space.choice(0.5, 1.0, 2.0),
+        "model.dropout.hidden": space.uniform(0.0, 0.3),
+        "optim.weight_decay": space.choice(0.0, 0.01, 0.1),
+        "optim.schedule.warmup": space.uniform(0.0, 0.2),
+        "optim.freeze_layers": space.choice("", "embeddings"),
+        "train.label_smoothing": space.choice(0.0, 0.1),
+    }
+
+
+def _metrics(summary: dict, metric: str) -> dict:
+    val, test = summary.get("val") or {}, summary.get("test") or {}
+    chosen = (summary.get("best_val") or val).get(metric)  # what the arm chose by (the early-stop metric)
+    return {"val_" + metric: chosen, "val_accuracy": val.get("accuracy"),
+            "test_accuracy": test.get("accuracy"), "test_macro_f1": test.get("macro_f1")}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--population", type=int, default=8)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--max_examples", type=int, default=0, help="train examples (0: all 4,000)")
+    p.add_argument("--epochs", type=float, default=0.0, help="the recipe's epochs (0: its own, 3)")
+    p.add_argument("--arms", nargs="+", default=["defaults", "refine", "tpe"])
+    p.add_argument("--workdir", default="/tmp/ftjax_refine_vs_tpe")
+    p.add_argument("--out", default="", help="append the JSON lines to this file")
+    args = p.parse_args()
+
+    from configs.minilm_food_reviews import get_config
+    from ftjax import trainer
+    from ftjax.tune import refine, space, sweep
+
+    rows = []
+    for seed in args.seeds:
+        cfg = get_config()
+        cfg.train.seed = seed
+        cfg.train.progress = False
+        if args.max_examples:
+            cfg.data.max_examples = args.max_examples
+        if args.epochs:
+            cfg.train.epochs = args.epochs
+        metric = str(cfg.train.early_stop.metric)
+        trials = 1 + args.rounds * args.population
+        for arm in args.arms:
+            folder = os.path.join(args.workdir, f"seed{seed}", arm)
+            t0 = time.time()
+            if arm == "defaults":
+                out = _metrics(trainer.train(cfg, folder), metric)
+            elif arm == "refine":
+                state = refine.refine(cfg, folder, rounds=args.rounds, population_size=args.population)
+                out = {"val_" + metric: state["best"]["value"],
+                       **{k: v for k, v in _metrics({"val": state["final"]["val"], "test": state["final"]["test"]},
+                                                    metric).items() if k != "val_" + metric},
+                       "kept": state["best"]["overrides"]}
+            else:
+                spec = space.make_spec({"space": tpe_space(), "metric": metric, "mode": cfg.train.early_stop.mode,
+                                        "sampler": "tpe", "pruner": "none", "n_trials": trials, "population": 0,
+                                        "seed": seed})
+                sweep.run_sweep(cfg, spec, folder)
+                summaries = [json.load(open(f)) for f in glob.glob(os.path.join(folder, "*", "summary.json"))]
+                sign = 1 if cfg.train.early_stop.mode == "min" else -1
+                best = min(summaries, key=lambda s: sign * _metrics(s, metric)["val_" + metric])
+                out = _metrics(best, metric)
+            row = {"seed": seed, "arm": arm, "trials": 1 if arm == "defaults" else trials,
+                   "wall_seconds": round(time.time() - t0, 1), **out,
+                   "max_examples": args.max_examples, "epochs": float(cfg.train.epochs)}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            if args.out:
+                with open(args.out, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+
+    import numpy as np
+
+    print(f"\n{'arm':<9} {'val ' + metric:>14} {'val acc':>14} {'test acc':>14} {'test macro-F1':>14} {'wall s':>9}")
+    for arm in args.arms:
+        mine = [r for r in rows if r["arm"] == arm]
+
+        def cell(key: str, mine: list = mine) -> str:
+            values = [r[key] for r in mine if r.get(key) is not None]
+            return f"{np.mean(values):.4f}±{np.std(values):.4f}" if values else "-"
+
+        print(f"{arm:<9} {cell('val_' + metric):>14} {cell('val_accuracy'):>14} {cell('test_accuracy'):>14} "
+              f"{cell('test_macro_f1'):>14} {np.mean([r['wall_seconds'] for r in mine]):>9.0f}")
+
+
+if __name__ == "__main__":
+    main()
