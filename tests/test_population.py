@@ -136,6 +136,7 @@ FREEZING = [{},
              "optim.weight_decay": 1.0, "optim.lr": 5e-3}]
 
 
+@pytest.mark.slow  # the quick suite pins the same through the params (the next test); this is the loop's view
 def test_members_differing_in_what_they_freeze_equal_their_solo_runs(model_dir, data_dir, tmp_path):
     base = tiny.tiny_config(model_dir, data_dir, **{"train.eval_every": 3, "train.log_every": 1,
                                                     "optim.clip_norm": 0.5})
