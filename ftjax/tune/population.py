@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import time
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +37,7 @@ from ftjax.run import Run, check_batch_sizes, total_steps_of
 from ftjax.step import StepConfig, make_eval_step, make_train_step
 from ftjax.tasks.preference import OBJECTIVE_CONSTANTS
 from ftjax.trainer import hold_workdir, member_summary, standard_callbacks
+from ftjax.tune import member_optim
 from ftjax.workdir import flatten
 
 # Fields a population may vary: each enters the one compiled step as a per-member array (LR tables, decay,
@@ -116,78 +116,6 @@ def template_config(cfgs: list[ml_collections.ConfigDict]) -> ml_collections.Con
     return t
 
 
-NEVER = np.iinfo(np.int32).max // 2  # a member's start step for a param it never trains
-
-
-def _start(row: optim.ParamInfo) -> int:
-    """The step a param starts training at in one member's run (NEVER when frozen)."""
-    return NEVER if row.frozen else row.unfreeze_step or 0
-
-
-def union_optimizer(template: optim.Optimizer, members: list[optim.Optimizer]
-                    ) -> tuple[optim.Optimizer, dict[str, np.ndarray]]:
-    """The shared run's optimizer over what any member trains, and each gated label's start step per member [K].
-
-    A param trains in the union from the first step any member trains it; its label is the tuple of its start
-    steps in the members, so the params of a label share a start in every member and so Adam's count, as each
-    member's own labels would. Each member gates a label at its own start (a label it never trains: NEVER):
-    zero updates and its state untouched until then, as its solo run's gate or `set_to_zero`. The union's
-    rows have unit LR and no decay (members apply theirs: `member_tx`)."""
-    table, starts = {}, {}
-    for path, row in template.table.items():
-        steps = tuple(_start(m.table[path]) for m in members)
-        first = min(steps)
-        label = optim.FROZEN if first >= NEVER else "from_" + "_".join("x" if s >= NEVER else str(s) for s in steps)
-        table[path] = dataclasses.replace(row, frozen=first >= NEVER, unfreeze_step=(first or None) if first < NEVER
-                                          else None, label=label, lr_mult=1.0, decay=False, weight_decay=0.0)
-        if any(steps) and first < NEVER:
-            starts[label] = np.asarray(steps, np.int32)
-    union = optim.from_table(template.config, table, list(template.groups), template.abstract_params,
-                             total_steps=template.total_steps, steps_per_epoch=template.steps_per_epoch,
-                             stacks=template.stacks)
-    return union, starts
-
-
-class LRTableState(NamedTuple):
-    count: jax.Array  # updates applied so far (the step the LR table is read at)
-
-
-def scale_by_lr_table(lr_table: jax.Array, lr_mult: Any, group_index: Any) -> optax.GradientTransformation:
-    """Scales each param's update by lr_mult * lr_table[its group, step]: a member's LR schedules as a table
-    [G, T] (per group) and its per-param multipliers (LLRD, LoRA+), all traced values."""
-    last = lr_table.shape[-1] - 1
-
-    def init(params):
-        return LRTableState(jnp.zeros([], jnp.int32))
-
-    def update(updates, state, params=None):
-        lrs = lr_table[:, jnp.minimum(state.count, last)]
-        out = jax.tree_util.tree_map(lambda u, m, gi: (u * (m * lrs[gi]).astype(u.dtype)).astype(u.dtype),
-                                     updates, lr_mult, group_index)
-        return out, LRTableState(state.count + 1)
-
-    return optax.GradientTransformation(init, update)
-
-
-def member_tx(
-    template_tx: optax.GradientTransformation,
-    lr_table: jax.Array,
-    lr_mult: Any,
-    weight_decay: Any,
-    group_index: Any,
-    toward_pretrained: bool,
-) -> optax.GradientTransformation:
-    """One member's optimizer: the template's (unit LR: -precond(g)), then optim's own decoupled weight decay
-    with the member's per-param coefficients (negated, as the template's update is), then its LR table.
-
-    The solo run's label chain is precond -> + wd * p (or wd * (p - p0)) -> * -(lr_mult * lr(t)); this is
-    (-precond - wd * p) * lr_mult * lr(t): the same values (negation is exact), up to the schedule's table.
-    """
-    negated = jax.tree_util.tree_map(lambda w: -w, weight_decay)
-    return optax.chain(template_tx, optim.decoupled_weight_decay(negated, toward_pretrained),
-                       scale_by_lr_table(lr_table, lr_mult, group_index))
-
-
 def _dropout_modules(model: Any) -> dict[str, common.Dropout]:
     """{module path: module} of a model's Dropout modules."""
     return {"/".join(map(str, path)): node for path, node in nnx.iter_graph(model)
@@ -256,7 +184,7 @@ class Population:
         member_opts = [optim.build(cfg.optim, run.optimizer.abstract_params, total_steps=self.member_steps[k],
                                    steps_per_epoch=self.member_epoch_steps[k], head_pattern=run.head_pattern,
                                    stacks=run.model.stacks()) for k, cfg in enumerate(member_cfgs)]
-        run.optimizer, label_starts = union_optimizer(run.optimizer, member_opts)
+        run.optimizer, label_starts = member_optim.union_optimizer(run.optimizer, member_opts)
         self.hparams, self.group_names = self._member_hparams(member_opts, lr_tables)
         self.hparams["label_start"] = label_starts
         self.hparams.update(self._dropout_hparams())
@@ -285,7 +213,7 @@ class Population:
             tables.append(np.pad(table, ((0, 0), (0, self.total_steps - table.shape[1])), mode="edge"))
             mults.append(opt.per_param(lambda r: np.float32(r.lr_mult)))
             decays.append(opt.per_param(lambda r: np.float32(r.weight_decay if r.decay else 0.0)))
-            starts.append(opt.per_param(lambda r: np.int32(_start(r))))
+            starts.append(opt.per_param(lambda r: np.int32(member_optim.start_of(r))))
             if k == 0:
                 self.group_index = opt.per_param(lambda r, groups=groups: groups.index(r.group))
                 if any(np.ndim(g) for g in jax.tree_util.tree_leaves(self.group_index)):
@@ -404,8 +332,8 @@ class Population:
         """Member `hp`'s optimizer at a step where `started` (per param) says what it trains: its gates, its
         decay only on what has started, its LR table."""
         decay = jax.tree_util.tree_map(lambda w, s: w * s, hp["weight_decay"], started)
-        return member_tx(self.run.optimizer.tx_with_starts(hp["label_start"]), hp["lr_table"], hp["lr_mult"],
-                         decay, self.group_index, self.toward_pretrained)
+        return member_optim.member_tx(self.run.optimizer.tx_with_starts(hp["label_start"]), hp["lr_table"],
+                                      hp["lr_mult"], decay, self.group_index, self.toward_pretrained)
 
     def _step_fn(self, step: int) -> Callable:
         run = self.run
