@@ -30,6 +30,8 @@ def test_proposals_come_from_the_findings_then_a_local_search_without_repeats(mo
     assert "without data.max_len" in cands[1].why
     assert all(set(c.overrides) <= set(population.POPULATION_FIELDS) for c in cands)
     assert cands[2].overrides == {"optim.lr": 1e-3} and cands[2].why == "local: learning rate x0.5"
+    # The local steps take each hyperparameter in turn (a small round moves several, not four learning rates).
+    assert [c.why for c in cands[3:]] == ["local: epochs x1.5", "local: batch size x2", "local: weight decay 0"]
     keys = [refine._key(cfg, c.overrides) for c in cands]
     assert len(set(keys)) == len(keys)
     again = refine.propose(cfg, {"optim.lr": 2e-3}, findings, 6, tried)  # nothing proposed twice

@@ -61,30 +61,32 @@ def _key(cfg: ml_collections.ConfigDict, overrides: dict[str, Any]) -> tuple:
 
 
 def local_moves(cfg: ml_collections.ConfigDict) -> list[tuple[str, dict[str, Any]]]:
-    """Single-field steps around `cfg` over the population's fields, most promising first: (why, changes)."""
+    """Single-field steps around `cfg` over the population's fields: (why, changes), taken in turn from each
+    hyperparameter (its most promising step first), so a round of a few candidates already moves each of them."""
     lr = float(cfg.optim.lr)
-    moves = [(f"learning rate x{f:g}", {"optim.lr": lr * f}) for f in LR_FACTORS]
-    wd = float(cfg.optim.weight_decay)
-    moves += [(f"weight decay {w:g}", {"optim.weight_decay": w}) for w in WEIGHT_DECAYS if w != wd]
+    by_field = [[(f"learning rate x{f:g}", {"optim.lr": lr * f}) for f in LR_FACTORS]]
     if not cfg.train.steps:
         epochs = float(cfg.train.epochs)
-        moves += [(f"epochs x{f:g}", {"train.epochs": _round(epochs * f)}) for f in EPOCH_FACTORS]
+        by_field.append([(f"epochs x{f:g}", {"train.epochs": _round(epochs * f)}) for f in EPOCH_FACTORS])
     else:
-        moves += [(f"steps x{f:g}", {"train.steps": max(1, int(cfg.train.steps * f))}) for f in EPOCH_FACTORS]
+        by_field.append([(f"steps x{f:g}", {"train.steps": max(1, int(cfg.train.steps * f))})
+                         for f in EPOCH_FACTORS])
+    # A larger batch (a smaller one may not divide over the data-parallel devices).
+    by_field.append([("batch size x2", {"train.batch_size": 2 * int(cfg.train.batch_size)})])
+    wd = float(cfg.optim.weight_decay)
+    by_field.append([(f"weight decay {w:g}", {"optim.weight_decay": w}) for w in WEIGHT_DECAYS if w != wd])
     hidden = cfg.model.dropout.hidden
     rate = 0.1 if hidden is None else float(hidden)  # None: the checkpoint's (0.1 for BERT-style models)
-    for r in (rate + DROPOUT_STEP, rate - DROPOUT_STEP):
-        if 0.0 <= r <= 0.5 and (hidden is None or abs(r - rate) > 1e-9):
-            moves.append((f"hidden dropout {r:.2g}", {"model.dropout.hidden": _round(r)}))
+    by_field.append([(f"hidden dropout {r:.2g}", {"model.dropout.hidden": _round(r)})
+                     for r in (rate + DROPOUT_STEP, rate - DROPOUT_STEP)
+                     if 0.0 <= r <= 0.5 and (hidden is None or abs(r - rate) > 1e-9)])
     warmup = cfg.optim.schedule.warmup
     if isinstance(warmup, float) and warmup < 1.0:
-        moves.append((f"warmup {min(2 * warmup, 0.3) or 0.06:g} of the run",
-                      {"optim.schedule.warmup": _round(min(2 * warmup, 0.3) or 0.06)}))
-    # A larger batch (a smaller one may not divide over the data-parallel devices).
-    moves.append(("batch size x2", {"train.batch_size": 2 * int(cfg.train.batch_size)}))
+        by_field.append([(f"warmup {min(2 * warmup, 0.3) or 0.06:g} of the run",
+                          {"optim.schedule.warmup": _round(min(2 * warmup, 0.3) or 0.06)})])
     if cfg.model.task == "classification" and not cfg.train.label_smoothing:
-        moves.append(("label smoothing 0.1", {"train.label_smoothing": 0.1}))
-    return moves
+        by_field.append([("label smoothing 0.1", {"train.label_smoothing": 0.1})])
+    return [field[i] for i in range(max(map(len, by_field))) for field in by_field if i < len(field)]
 
 
 def _round(x: float) -> float:
