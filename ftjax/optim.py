@@ -299,8 +299,9 @@ def from_table(
     opt = Optimizer(None, table, None, schedules, args, total_steps, steps_per_epoch, o, abstract,
                     tuple(groups), stacks)
     opt.tx = opt.tx_with_starts()
+    segments = opt.segments  # (computed from the whole table: once, not per param)
     opt.labels = params_lib.map_with_path(
-        lambda p, _: segs[0][2] if len(segs := opt.segments[p]) == 1 else "per-layer", abstract)
+        lambda p, _: segments[p][0][2] if len(segments[p]) == 1 else "per-layer", abstract)
     return opt
 
 
