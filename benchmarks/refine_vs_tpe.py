@@ -1,14 +1,17 @@
-"""`--mode=refine` against the recipe's defaults and an Optuna TPE sweep with the same number of trials, on the
-MiniLM recipe (configs/minilm_food_reviews.py), per seed: validation and test metrics and wall time.
+"""`--mode=refine` against the recipe's defaults and an Optuna TPE sweep with the same number of trials, on a
+MiniLM recipe (--recipe: configs/minilm_food_reviews.py, the main job, or configs/minilm_wiki_topics.py, 11
+Wikipedia topics), per seed: validation and test metrics and wall time.
 
     python benchmarks/refine_vs_tpe.py                          # the full comparison: R=3, K=8, 3 seeds, all data
+    python benchmarks/refine_vs_tpe.py --recipe minilm_wiki_topics
     python benchmarks/refine_vs_tpe.py --rounds 2 --population 4 --seeds 0 1 --max_examples 800 --epochs 1
 
 Each seed runs three arms from the same config (train.seed = the seed): the defaults (one solo run), refine
 (round 0 = the defaults again, then R rounds of K candidates trained as one population, then the best config
 trained solo for its test metrics), and TPE (sequential trials, population=0, no pruning) with 1 + R x K trials
 over the same seven hyperparameters refine moves. Every arm keeps its best by the validation early-stop metric
-(train.early_stop.metric); test metrics are read after the choice. Appends one JSON line per seed and arm to
+(train.early_stop.metric) over the evaluations of its runs (the same cadence in every arm: refine's); test
+metrics are read after the choice. Appends one JSON line per seed and arm to
 --out and prints a table with the mean and spread over the seeds.
 """
 
@@ -51,6 +54,7 @@ def _metrics(summary: dict, metric: str) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--recipe", default="minilm_food_reviews", choices=["minilm_food_reviews", "minilm_wiki_topics"])
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--population", type=int, default=8)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -61,23 +65,28 @@ def main() -> None:
     p.add_argument("--out", default="", help="append the JSON lines to this file")
     args = p.parse_args()
 
-    from configs.minilm_food_reviews import get_config
+    import importlib
+
+    from ftjax import config as config_lib
     from ftjax import trainer
     from ftjax.tune import refine, space, sweep
 
     rows = []
     for seed in args.seeds:
-        cfg = get_config()
+        cfg = importlib.import_module(f"configs.{args.recipe}").get_config()
         cfg.train.seed = seed
         cfg.train.progress = False
         if args.max_examples:
             cfg.data.max_examples = args.max_examples
         if args.epochs:
             cfg.train.epochs = args.epochs
+        # Every arm evaluates as refine's runs do (four times a run when the recipe is under three epochs), so
+        # all three choose among the same checkpoints.
+        cfg = config_lib.with_overrides(cfg, refine.eval_cadence(cfg))
         metric = str(cfg.train.early_stop.metric)
         trials = 1 + args.rounds * args.population
         for arm in args.arms:
-            folder = os.path.join(args.workdir, f"seed{seed}", arm)
+            folder = os.path.join(args.workdir, args.recipe, f"seed{seed}", arm)
             t0 = time.time()
             if arm == "defaults":
                 out = _metrics(trainer.train(cfg, folder), metric)
@@ -98,6 +107,7 @@ def main() -> None:
                 out = _metrics(best, metric)
             row = {"seed": seed, "arm": arm, "trials": 1 if arm == "defaults" else trials,
                    "wall_seconds": round(time.time() - t0, 1), **out,
+                   "recipe": args.recipe, "rounds": args.rounds, "population": args.population,
                    "max_examples": args.max_examples, "epochs": float(cfg.train.epochs)}
             rows.append(row)
             print(json.dumps(row), flush=True)

@@ -48,8 +48,12 @@ def total_steps_of(train_cfg: Any, steps_per_epoch: int) -> int:
     return max(1, math.ceil(train_cfg.epochs * steps_per_epoch))
 
 
-def eval_every_of(train_cfg: Any, steps_per_epoch: int) -> int:
-    return int(train_cfg.eval_every) or steps_per_epoch
+def eval_every_of(train_cfg: Any, steps_per_epoch: int, total_steps: int) -> int:
+    """train.eval_every in steps: 0 is each epoch; a fraction or "N%" is of the run, "Nep" epochs (at least 1)."""
+    unit, amount = config_lib.parse_duration(train_cfg.eval_every, "train.eval_every")
+    if not amount:
+        return steps_per_epoch
+    return max(1, round(amount * {"steps": 1, "epochs": steps_per_epoch, "fraction": total_steps}[unit]))
 
 
 def compute_dtype(name: str, platform: str | None = None) -> str:
@@ -163,7 +167,7 @@ class Run:
         self.teacher_args = () if self.teacher is None else (self.teacher["params"],)
         self.eval_args = self.teacher_args if self.task.frozen_in_eval else ()
         self.total_steps = total_steps_of(cfg.train, self.steps_per_epoch)
-        self.eval_every = eval_every_of(cfg.train, self.steps_per_epoch)
+        self.eval_every = eval_every_of(cfg.train, self.steps_per_epoch, self.total_steps)
         self.optimizer = optim.build(cfg.optim, params, total_steps=self.total_steps,
                                      steps_per_epoch=self.steps_per_epoch, head_pattern=self.head_pattern,
                                      stacks=self.model.stacks())

@@ -1,6 +1,8 @@
 """ftjax.config: flag overrides reach the ConfigDict, durations parse, validate() names the bad field, and
 default_config(), validate() and the README table all come from the one declaration."""
 
+import json
+
 import ml_collections
 import pytest
 from absl import flags
@@ -132,6 +134,45 @@ def test_parse_layer_ranges():
 
 def test_default_recipe_validates():
     validate(valid_config())
+
+
+def test_eval_every_is_a_duration():
+    """0 = each epoch; int steps; a fraction or "N%" of the run; "Nep" epochs; never below one step."""
+    from ftjax.run import eval_every_of
+
+    def every(value):
+        return eval_every_of(ml_collections.ConfigDict({"eval_every": value}), 10, 24)
+
+    assert [every(v) for v in (0, 7, 0.25, "50%", "2ep", 0.01, 100)] == [10, 7, 6, 12, 20, 1, 100]
+    for bad in (-1, 1.5, "often"):
+        c = valid_config()
+        c.train.eval_every = bad
+        with pytest.raises(ConfigError, match="config.train.eval_every="):
+            validate(c)
+
+
+def test_wiki_topics_recipe_splits_the_package_files_the_same_everywhere(tmp_path):
+    """configs/minilm_wiki_topics.py: the uncategorised and empty summaries left out, test = the titles whose
+    SHA-1 is 0 mod 5 whatever the package's order, rows shuffled by that hash (max_examples takes a fair sample),
+    and an existing data folder is read as it is (no package needed then)."""
+    from configs import minilm_wiki_topics as wiki
+
+    topics = ["People", "History", "Mathematics", wiki.UNCATEGORISED]
+    titles = {f"article {i}": topics[i % 4] for i in range(200)}
+    summaries = {t: {"extract": f"  text of\n{t} " if i % 7 else ""} for i, t in enumerate(titles)}
+    counts = wiki.write_splits(titles, dict(reversed(summaries.items())), str(tmp_path / "a"))
+    rows = {s: [json.loads(x) for x in open(tmp_path / "a" / f"{s}.jsonl")] for s in ("train", "test")}
+    kept = {t for i, t in enumerate(titles) if i % 4 != 3 and i % 7}
+    assert counts == {s: len(r) for s, r in rows.items()} and sum(counts.values()) == len(kept)
+    assert {r["title"] for r in rows["test"]} == {t for t in kept if wiki.is_test(t)} != set()
+    assert {r["title"] for r in rows["train"]} == {t for t in kept if not wiki.is_test(t)}
+    assert all(r["text"] == f"text of {r['title']}" and r["topic"] == titles[r["title"]] for r in rows["train"])
+    assert [r["title"] for r in rows["train"]] != sorted(r["title"] for r in rows["train"])  # shuffled
+    wiki.write_splits(titles, summaries, str(tmp_path / "b"))  # another package order: the same files
+    assert (tmp_path / "a" / "train.jsonl").read_text() == (tmp_path / "b" / "train.jsonl").read_text()
+    cfg = wiki.get_config(f"data={tmp_path / 'a'},quick")
+    validate(cfg)
+    assert cfg.data.source == f"files:{tmp_path / 'a'}" and cfg.data.max_examples == 800
 
 
 def _invalid(field, **optim):

@@ -40,6 +40,60 @@ def test_proposals_come_from_the_findings_then_a_local_search_without_repeats(mo
     assert refine._key(cfg, {"optim.lr": cfg.optim.lr}) == refine._key(cfg, {})
 
 
+def _round(n: int, start: dict, cands: list[tuple[str, dict, float]], kept: int | None) -> dict:
+    entry = {"round": n, "findings": [], "done": True, "kept": kept,
+             "candidates": [{"overrides": o, "why": why, "workdir": f"r{n}/m{i}", "value": v, "status": "complete"}
+                            for i, (why, o, v) in enumerate(cands)]}
+    entry["best"] = start if kept is None else {"overrides": cands[kept][1], "value": cands[kept][2],
+                                                  "workdir": f"r{n}/m{kept}"}
+    return entry
+
+
+def test_later_rounds_follow_what_earlier_moves_did(model_dir, data_dir):
+    """Round 1 showed: LR x2 helped most (kept), epochs x1.5 helped too, batch x2 hurt, weight decay 0 tied. Round 2
+    combines epochs x1.5 with the kept LR, goes on up in LR and epochs, and takes batch x2 last."""
+    cfg = tiny.tiny_config(model_dir, data_dir)
+    lr, epochs = cfg.optim.lr, cfg.train.epochs
+    start = {"overrides": {}, "value": 0.60, "workdir": "r0"}
+    r0 = {"round": 0, "findings": [], "kept": 0, "best": start,
+          "candidates": [{"overrides": {}, "why": "the config", "workdir": "r0", "value": 0.60, "status": "complete"}]}
+    r1 = _round(1, start, [("lr x0.5", {"optim.lr": lr * 0.5}, 0.65),
+                           ("epochs x1.5", {"train.epochs": epochs * 1.5}, 0.55),
+                           ("batch x2", {"train.batch_size": 2 * cfg.train.batch_size}, 0.62),
+                           ("wd 0", {"optim.weight_decay": 0.0}, 0.60 * (1 - refine.TIE / 2)),
+                           ("lr x2", {"optim.lr": lr * 2}, 0.50)], kept=4)
+    history = [r0, r1]
+    effects = refine.field_effects(cfg, history, "min")
+    assert [(e.field, e.verdict) for f in sorted(effects) for e in effects[f]] == [
+        ("optim.lr", -1), ("optim.lr", 1), ("optim.weight_decay", 0), ("train.batch_size", -1),
+        ("train.epochs", 1)]
+    assert refine.improvers(history, "min") == [
+        ("round 1 candidate 1 (epochs x1.5) also beat that round's start", {"train.epochs": epochs * 1.5})]
+
+    tried = {refine._key(cfg, c["overrides"]) for r in history for c in r["candidates"]}
+    cands = refine.propose(cfg, r1["best"]["overrides"], [], 20, tried, history, "min")
+    whys = [c.why for c in cands]
+    assert cands[0].overrides == {"optim.lr": lr * 2, "train.epochs": epochs * 1.5}
+    assert whys[0].startswith("combine: round 1 candidate 1")
+    # Fields that last helped come first (LR, epochs: upwards first), the one that hurt (batch x2) ends the first
+    # pass; epochs x1.5 is the combination already, LR x0.5 and x0.25 around LR x2 were run before: not again.
+    assert whys[1:11] == [
+        "local: learning rate x2", "local: weight decay 0", "local: hidden dropout 0.2",
+        "local: warmup 0.2 of the run", "local: label smoothing 0.1", "local: batch size x2",
+        "local: learning rate x4", "local: epochs x0.5", "local: weight decay 0.1", "local: hidden dropout 0"]
+    assert cands[1].overrides == {"optim.lr": lr * 4} and cands[7].overrides == {"optim.lr": lr * 8}
+    # Without a history the order is the default one.
+    plain = refine.propose(cfg, r1["best"]["overrides"], [], 3, set())
+    assert [c.why for c in plain] == ["local: learning rate x0.5", "local: epochs x1.5", "local: batch size x2"]
+
+
+def test_a_round_trains_one_population_per_batch_size(model_dir, data_dir):
+    cfg = tiny.tiny_config(model_dir, data_dir)
+    cfgs = [config_lib.with_overrides(cfg, o) for o in (
+        {}, {"train.batch_size": 16}, {"optim.lr": 1e-3}, {"train.batch_size": 16, "optim.lr": 1e-3})]
+    assert refine._batch_groups(cfgs) == {8: [0, 2], 16: [1, 3]}
+
+
 def test_refine_runs_rounds_keeps_the_best_by_validation_and_resumes(model_dir, data_dir, tmp_path):
     cfg = tiny.tiny_config(model_dir, data_dir, **{"optim.lr": 1e-4, "train.eval_every": 4})
     cfg = config_lib.with_overrides(cfg, {"train.early_stop.metric": "loss", "train.early_stop.mode": "min"})
@@ -48,7 +102,7 @@ def test_refine_runs_rounds_keeps_the_best_by_validation_and_resumes(model_dir, 
     rounds = state["rounds"]
     assert [r["round"] for r in rounds] == [0, 1, 2]
     assert rounds[0]["candidates"][0]["workdir"].endswith("round_0")
-    seen = [rounds[0]["best"]["value"]]
+    seen = [rounds[0]["best"]["value"]]  # the best so far after each round that kept one
     for r in rounds[1:]:
         assert len(r["candidates"]) == 3 and r["done"]
         assert all(os.path.exists(os.path.join(c["workdir"], "summary.json")) for c in r["candidates"])
@@ -57,14 +111,14 @@ def test_refine_runs_rounds_keeps_the_best_by_validation_and_resumes(model_dir, 
         for c in r["candidates"]:
             summary = json.load(open(os.path.join(c["workdir"], "summary.json")))
             assert c["value"] == pytest.approx(summary["best_val"]["loss"])
-        # Kept: the round's best candidate when it beats everything before, else the previous best stays.
-        if min(values) < min(seen):
+        # Kept: the round's best candidate when it beats the best so far by more than a tie, else it stays.
+        if min(values) < seen[-1] * (1 - refine.TIE):
             assert r["kept"] == values.index(min(values))
             assert r["best"]["overrides"] == r["candidates"][r["kept"]]["overrides"]
+            seen.append(min(values))
         else:
             assert r["kept"] is None
-        seen += values
-        assert r["best"]["value"] == pytest.approx(min(seen))
+        assert r["best"]["value"] == pytest.approx(seen[-1])
     best = state["best"]
     assert state["flags"] == " ".join(f"--config.{f}={v}" for f, v in best["overrides"].items()) or not best[
         "overrides"]
@@ -87,3 +141,13 @@ def test_bad_arguments_are_one_clear_error(model_dir, data_dir, tmp_path):
         refine.refine(cfg, str(tmp_path), rounds=0)
     with pytest.raises(refine.RefineError, match="--population=0"):
         refine.refine(cfg, str(tmp_path), population_size=0)
+
+
+def test_runs_too_short_for_a_curve_evaluate_four_times(model_dir, data_dir):
+    """A config that evaluates once per epoch over fewer than three epochs gives the diagnosis one or two points:
+    refine's runs evaluate four times instead (a quarter of the run); any other cadence is the user's and stays."""
+    cfg = tiny.tiny_config(model_dir, data_dir, **{"train.epochs": 1.0, "train.eval_every": 0})
+    assert refine.eval_cadence(cfg) == {"train.eval_every": 0.25}
+    config_lib.validate(config_lib.with_overrides(cfg, refine.eval_cadence(cfg)))
+    for kept in ({"train.epochs": 3.0}, {"train.eval_every": 4}, {"train.steps": 10}):
+        assert refine.eval_cadence(config_lib.with_overrides(cfg, kept)) == {}

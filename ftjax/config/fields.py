@@ -363,8 +363,10 @@ FIELDS: tuple[Field, ...] = (
     F(
         "train.eval_every",
         0,
-        "steps between evaluations (0 = once per epoch)",
-        at_least(0, ">= 0 (0 = each epoch)"),
+        "evaluation cadence: steps between evaluations (0 = once per epoch), a fraction of the run (0.25 = four "
+        'times), "Nep" epochs or "N%" of the run',
+        duration(),
+        type=object,
     ),
     F("train.log_every", 20, "steps between logged training metrics", at_least(1)),
     F("train.seed", 0, "seeds data order, dropout and head init"),

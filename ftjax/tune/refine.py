@@ -1,10 +1,12 @@
 """`--mode=refine`: adjust, observe, refine as one command.
 
 Round 0 is the config's own run (or the run the workdir already holds). Each later round diagnoses the best run
-so far (`ftjax.tune.diagnose`), proposes K candidates around it (first the diagnosis' remedies, then a local
-search over the hyperparameters a population can vary: learning rate, weight decay, warmup, epochs, dropout,
-label smoothing), trains them as ONE population (`ftjax.tune.population`), and keeps the best by the validation
-metric (never the test split). Every round is a workdir, and refine.json records what was proposed before it
+so far (`ftjax.tune.diagnose`), proposes K candidates around it (first the diagnosis' remedies, then the moves
+that also beat the last round's start combined with the kept one, then a local search over the hyperparameters
+a population can vary: learning rate, epochs, batch size, weight decay, dropout, warmup, label smoothing, each
+field's direction taken from what its earlier moves did), trains them as one population per batch size
+(`ftjax.tune.population`), and keeps the best by the validation metric (never the test split; a tie within
+TIE relative is not kept). Every round is a workdir, and refine.json records what was proposed before it
 trains, so a rerun after an interruption resumes the round it was in with the same candidates.
 WORKDIR/refine_report.md shows per round the findings, the candidates, their curves overlaid (the compare
 report) and what was kept and why; at the end the best config is trained solo in WORKDIR/final (a normal run
@@ -16,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import ml_collections
@@ -34,6 +37,9 @@ LR_FACTORS = (0.5, 2.0, 0.25, 4.0)
 WEIGHT_DECAYS = (0.0, 0.01, 0.1)
 DROPOUT_STEP = 0.1
 EPOCH_FACTORS = (1.5, 0.5)
+# A candidate within this relative distance of the best so far is a tie: not kept, and teaches no direction (an
+# 80-example validation set cannot tell 1e-6 apart; seen in the reduced benchmark, where ties were kept).
+TIE = 1e-3
 
 
 class RefineError(UserError, ValueError):
@@ -60,9 +66,12 @@ def _key(cfg: ml_collections.ConfigDict, overrides: dict[str, Any]) -> tuple:
     return tuple(sorted((k, repr(v)) for k, v in overrides.items() if config_lib.get_field(cfg, k) != v))
 
 
-def local_moves(cfg: ml_collections.ConfigDict) -> list[tuple[str, dict[str, Any]]]:
+def local_moves(cfg: ml_collections.ConfigDict, effects: dict[str, list[Effect]] | None = None
+                ) -> list[tuple[str, dict[str, Any]]]:
     """Single-field steps around `cfg` over the population's fields: (why, changes), taken in turn from each
-    hyperparameter (its most promising step first), so a round of a few candidates already moves each of them."""
+    hyperparameter, so a round of a few candidates already moves each of them. `effects` (what earlier rounds'
+    single-field moves did, `field_effects`) orders them: within a field the direction that last improved comes
+    first and the one that last hurt comes last, and a field that last improved is taken first."""
     lr = float(cfg.optim.lr)
     by_field = [[(f"learning rate x{f:g}", {"optim.lr": lr * f}) for f in LR_FACTORS]]
     if not cfg.train.steps:
@@ -86,7 +95,98 @@ def local_moves(cfg: ml_collections.ConfigDict) -> list[tuple[str, dict[str, Any
                           {"optim.schedule.warmup": _round(min(2 * warmup, 0.3) or 0.06)})])
     if cfg.model.task == "classification" and not cfg.train.label_smoothing:
         by_field.append([("label smoothing 0.1", {"train.label_smoothing": 0.1})])
+    if effects:
+        def score(move: tuple[str, dict[str, Any]]) -> int:
+            (field, to), = move[1].items()
+            return _direction_score(effects.get(field, ()), _number(config_lib.get_field(cfg, field), field), to)
+
+        by_field = [sorted(moves, key=lambda m: -score(m)) for moves in by_field if moves]
+        by_field.sort(key=lambda moves: -max(map(score, moves)))  # stable: the default order among equals
     return [field[i] for i in range(max(map(len, by_field))) for field in by_field if i < len(field)]
+
+
+@dataclasses.dataclass(frozen=True)
+class Effect:
+    """What one single-field move did in a round: `field` from `start` to `to`, and whether its validation
+    metric beat the round's starting point (by more than `TIE`; a tie is neither)."""
+
+    round: int
+    field: str
+    start: float
+    to: float
+    verdict: int  # +1 better, -1 worse (or failed), 0 a tie
+
+
+def _number(value: Any, field: str) -> float:
+    if value is None and field == "model.dropout.hidden":
+        return 0.1  # the checkpoint's rate (BERT-style models); as local_moves reads it
+    return float(value)
+
+
+def _direction_score(effects: Sequence[Effect], start: float, to: float) -> int:
+    """+1 if the last effect on the field moved the same way as start -> to and helped, or the other way and
+    hurt; -1 the reverse; 0 nothing known."""
+    if not effects or to == start:
+        return 0
+    last = effects[-1]
+    same_way = (to > start) == (last.to > last.start)
+    return last.verdict if same_way else -last.verdict
+
+
+def _values(cfg: ml_collections.ConfigDict, overrides: dict[str, Any]) -> dict[str, Any]:
+    return {f: config_lib.get_field(config_lib.with_overrides(cfg, overrides), f) for f in overrides}
+
+
+def _verdict(value: float | None, base: float | None, mode: str) -> int:
+    if value is None or not math.isfinite(value):
+        return -1
+    if base is None or not math.isfinite(base):
+        return 1
+    gain = (base - value if mode == "min" else value - base) / max(abs(base), 1e-12)
+    return 0 if abs(gain) <= TIE else (1 if gain > 0 else -1)
+
+
+def field_effects(cfg: ml_collections.ConfigDict, rounds: list[dict], mode: str) -> dict[str, list[Effect]]:
+    """Per field, what the done rounds' single-field candidates did against their round's starting point
+    (oldest first). A candidate that moved several fields (a remedy, a combination) teaches nothing per field."""
+    out: dict[str, list[Effect]] = {}
+    for prev, entry in zip(rounds, rounds[1:]):
+        if not entry.get("done"):
+            continue
+        base = prev["best"]
+        for c in entry["candidates"]:
+            moved = {f: v for f, v in c["overrides"].items()
+                     if base["overrides"].get(f, config_lib.get_field(cfg, f)) != v}
+            if len(moved) != 1:
+                continue
+            (field, to), = moved.items()
+            start = base["overrides"].get(field, config_lib.get_field(cfg, field))
+            try:
+                effect = Effect(entry["round"], field, _number(start, field), _number(to, field),
+                                _verdict(c["value"], base["value"], mode))
+            except (TypeError, ValueError):  # a non-numeric field (a schedule type, a freeze pattern)
+                continue
+            out.setdefault(field, []).append(effect)
+    return out
+
+
+def improvers(rounds: list[dict], mode: str) -> list[tuple[str, dict[str, Any]]]:
+    """The last done round's candidates that beat its starting point but were not kept, best first, as
+    (why, the fields they moved from that point): moves worth combining with the kept one. One that moved a
+    field the kept one moved is left out (on that field the kept value won)."""
+    if len(rounds) < 2 or not rounds[-1].get("done") or rounds[-1].get("kept") is None:
+        return []
+    entry, start = rounds[-1], rounds[-2]["best"]["overrides"]
+
+    def moved(overrides: dict[str, Any]) -> dict[str, Any]:
+        return {f: v for f, v in overrides.items() if f not in start or start[f] != v}
+
+    kept = set(moved(entry["best"]["overrides"]))
+    better = [(c["value"], k, c) for k, c in enumerate(entry["candidates"])
+              if k != entry["kept"] and _verdict(c["value"], rounds[-2]["best"]["value"], mode) > 0]
+    return [(f"round {entry['round']} candidate {k} ({c['why']}) also beat that round's start", moved(c["overrides"]))
+            for _, k, c in sorted(better, key=lambda t: (_rank(t[0], mode), t[1]))
+            if not set(moved(c["overrides"])) & kept]
 
 
 def _round(x: float) -> float:
@@ -94,10 +194,11 @@ def _round(x: float) -> float:
 
 
 def propose(cfg: ml_collections.ConfigDict, best: dict[str, Any], findings: list[dict], k: int,
-            tried: set[tuple]) -> list[Candidate]:
-    """K candidates around the best so far (`best`: its overrides of `cfg`): the diagnosis' remedies first
-    (the population's fields of each; a remedy wholly outside them is left to a solo run and noted), then the
-    local moves, then pairs of local moves; none tried before."""
+            tried: set[tuple], history: list[dict] | None = None, mode: str = "min") -> list[Candidate]:
+    """K candidates around the best so far (`best`: its overrides of `cfg`), none tried before: the diagnosis'
+    remedies first (the population's fields of each; a remedy wholly outside them is left to a solo run and
+    noted), then the moves that also beat the last round's start combined with the kept one, then the local
+    moves (ordered by what earlier rounds' moves did, `history`: refine.json's rounds), then pairs of them."""
     base = config_lib.with_overrides(cfg, best)
     out: list[Candidate] = []
 
@@ -115,7 +216,10 @@ def propose(cfg: ml_collections.ConfigDict, best: dict[str, Any], findings: list
             left = sorted(set(changes) - set(allowed))
             note = f" (without {', '.join(left)}: not a population field)" if left else ""
             add(allowed, f"diagnosis {f['kind']}: {remedy['why']}{note}")
-    moves = local_moves(base)
+    history = history or []
+    for why, changes in improvers(history, mode):
+        add(changes, f"combine: {why}")
+    moves = local_moves(base, field_effects(cfg, history, mode) if history else None)
     for why, changes in moves:
         add(changes, f"local: {why}")
     for i, (why_a, a) in enumerate(moves):
@@ -130,14 +234,6 @@ def propose(cfg: ml_collections.ConfigDict, best: dict[str, Any], findings: list
 
 def _metric(cfg: ml_collections.ConfigDict) -> tuple[str, str]:
     return str(cfg.train.early_stop.metric), str(cfg.train.early_stop.mode)
-
-
-def _better(a: float | None, b: float | None, mode: str) -> bool:
-    if a is None or not math.isfinite(a):
-        return False
-    if b is None or not math.isfinite(b):
-        return True
-    return a < b if mode == "min" else a > b
 
 
 def _summary_value(summary: dict, metric: str) -> float | None:
@@ -169,11 +265,13 @@ def _round_zero(cfg: ml_collections.ConfigDict, workdir: str, metric: str) -> di
             "best": {"overrides": {}, "value": start.value, "workdir": start.workdir}, "why": "the starting point"}
 
 
-def _new_round(cfg: ml_collections.ConfigDict, workdir: str, r: int, best: dict, k: int,
+def _new_round(cfg: ml_collections.ConfigDict, workdir: str, state: dict, k: int,
                tried: set[tuple]) -> dict[str, Any] | None:
-    """Round r's entry, proposed from the diagnosis of the best run so far (None: nothing left to try)."""
+    """The next round's entry, proposed from the diagnosis of the best run so far and what the rounds before
+    it showed (None: nothing left to try)."""
+    r, best = len(state["rounds"]), state["rounds"][-1]["best"]
     found = diagnose.diagnose(best["workdir"])
-    cands = propose(cfg, best["overrides"], found["findings"], k, tried)
+    cands = propose(cfg, best["overrides"], found["findings"], k, tried, state["rounds"], state["mode"])
     if not cands:
         return None
     round_dir = fileio.path(workdir) / workdir_lib.REFINE_ROUND_DIR.format(r)
@@ -183,23 +281,42 @@ def _new_round(cfg: ml_collections.ConfigDict, workdir: str, r: int, best: dict,
             "candidates": [c.to_json() for c in cands], "done": False}
 
 
+def _batch_groups(cfgs: list[ml_collections.ConfigDict]) -> dict[int, list[int]]:
+    """The round's candidates by batch size: each size trains as its own population, since one population pads
+    every member's batch to its largest: one batch x2 candidate would make every member of the round step twice
+    the rows. Another compile per size costs less than that."""
+    groups: dict[int, list[int]] = {}
+    for i, c in enumerate(cfgs):
+        groups.setdefault(int(c.train.batch_size), []).append(i)
+    return groups
+
+
 def _train_round(cfg: ml_collections.ConfigDict, workdir: str, entry: dict, best: dict, metric: str,
                  mode: str) -> bool:
     """Trains round `entry`'s candidates as one population and records what it keeps; False if interrupted."""
     cands = [Candidate(**c) for c in entry["candidates"]]
     cfgs = [config_lib.with_overrides(cfg, c.overrides) for c in cands]
-    logging.info("refine: round %d trains %d candidates as one population", entry["round"], len(cands))
-    summaries = population.train_population(
-        cfgs, str(fileio.path(workdir) / workdir_lib.REFINE_ROUND_DIR.format(entry["round"])),
-        [c.workdir for c in cands], metric=metric, mode=mode)
-    if "interrupted_at" in summaries[0]:
-        return False
-    for c, s in zip(cands, summaries):
-        c.status = s["status"]
-        c.value = _summary_value(s, metric) if s["status"] != "failed" else None
+    round_dir = fileio.path(workdir) / workdir_lib.REFINE_ROUND_DIR.format(entry["round"])
+    groups = _batch_groups(cfgs)
+    for batch, members in groups.items():
+        pop_dir = round_dir if len(groups) == 1 else round_dir / f"batch_{batch}"
+        done = [fileio.path(cands[i].workdir) / workdir_lib.SUMMARY_FILE for i in members]
+        if all(p.exists() for p in done):  # trained before an interruption in a later group
+            summaries = [fileio.read_json(p) for p in done]
+        else:
+            logging.info("refine: round %d trains %d candidates (batch %d) as one population", entry["round"],
+                         len(members), batch)
+            summaries = population.train_population(
+                [cfgs[i] for i in members], str(pop_dir), [cands[i].workdir for i in members],
+                metric=metric, mode=mode)
+            if "interrupted_at" in summaries[0]:
+                return False
+        for i, s in zip(members, summaries):
+            cands[i].status = s["status"]
+            cands[i].value = _summary_value(s, metric) if s["status"] != "failed" else None
     top = min(range(len(cands)), key=lambda i: _rank(cands[i].value, mode))
     entry["candidates"] = [c.to_json() for c in cands]
-    entry["kept"] = top if _better(cands[top].value, best["value"], mode) else None
+    entry["kept"] = top if _verdict(cands[top].value, best["value"], mode) > 0 else None
     if entry["kept"] is not None:
         c = cands[top]
         entry["best"] = {"overrides": c.overrides, "value": c.value, "workdir": c.workdir}
@@ -208,9 +325,19 @@ def _train_round(cfg: ml_collections.ConfigDict, workdir: str, entry: dict, best
     else:
         entry["best"] = best
         entry["why"] = (f"no candidate beat the best so far ({metric} {best['value']:.4g}; the round's best "
-                        f"{_fmt(cands[top].value)}): it stays")
+                        f"{_fmt(cands[top].value)}, a tie within {TIE:g} relative counts as none): it stays")
     entry["done"] = True
     return True
+
+
+def eval_cadence(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The eval cadence refine's runs take instead of the config's: {} to keep it, or four evaluations per run
+    when it evaluates once per epoch over fewer than diagnose.MIN_EVALS epochs (one eval shows no trend, so the
+    diagnosis could never see under- or over-training; an eval changes nothing in training)."""
+    t = cfg.train
+    if t.eval_every == 0 and not t.steps and t.epochs < diagnose.MIN_EVALS:
+        return {"train.eval_every": 1 / (diagnose.MIN_EVALS + 1)}
+    return {}
 
 
 def refine(cfg: ml_collections.ConfigDict, workdir: str, *, rounds: int = 3, population_size: int = 8,
@@ -221,6 +348,8 @@ def refine(cfg: ml_collections.ConfigDict, workdir: str, *, rounds: int = 3, pop
     if population_size < 1:
         raise RefineError(f"--population={population_size}: need >= 1 candidate per round")
     config_lib.validate(cfg)
+    cadence = eval_cadence(cfg)
+    cfg = config_lib.with_overrides(cfg, cadence)
     metric, mode = _metric(cfg)
     folder = fileio.path(workdir)
     folder.mkdir(parents=True, exist_ok=True)
@@ -232,6 +361,7 @@ def refine(cfg: ml_collections.ConfigDict, workdir: str, *, rounds: int = 3, pop
         write_report(state, workdir)
 
     if not state["rounds"]:
+        state["eval_cadence"] = cadence
         state["rounds"].append(_round_zero(cfg, workdir, metric))
         save()
     tried = {_key(cfg, c["overrides"]) for r in state["rounds"] for c in r["candidates"]}
@@ -240,7 +370,7 @@ def refine(cfg: ml_collections.ConfigDict, workdir: str, *, rounds: int = 3, pop
             continue
         best = state["rounds"][r - 1]["best"]
         if r == len(state["rounds"]):  # a new round: recorded before it trains, so a rerun resumes it
-            entry = _new_round(cfg, workdir, r, best, population_size, tried)
+            entry = _new_round(cfg, workdir, state, population_size, tried)
             if entry is None:
                 logging.info("refine: nothing left to try around the best; stopping after round %d", r - 1)
                 break
@@ -281,6 +411,9 @@ def write_report(state: dict, workdir: str) -> str:
     lines = [f"# Refine: {workdir}", "",
              f"Validation {metric} ({'lower' if mode == 'min' else 'higher'} is better) decides; the test split "
              "is read only by the final run.", ""]
+    if state.get("eval_cadence"):
+        lines += ["Every run here evaluates " + ", ".join(f"{f}={v:g}" for f, v in state["eval_cadence"].items())
+                  + " (the config's once per epoch would give the diagnosis no curve to read).", ""]
     for entry in state["rounds"]:
         r = entry["round"]
         lines += [f"## Round {r}", ""]
