@@ -129,11 +129,14 @@ def test_an_absurd_lr_is_diagnosed_as_unstable_at_the_step_the_nan_guard_stopped
 
 def write_run(workdir, *, tau: float = 50.0, val_rise: float = 0.0001, loss_spike: int | None = None,
               grad_spike: int | None = None, cka_floor: float = 0.97, label_counts=(900, 900),
-              truncated: int = 9, val_rows: int = 2000, lr_find_lr: float | None = 3e-5) -> str:
+              truncated: int = 9, val_rows: int = 2000, lr_find_lr: float | None = 3e-5,
+              one_class: str = "") -> str:
     """A finished run's workdir as the trainer leaves it (run.json via workdir.describe, metrics.jsonl via the
     MetricWriter, summary.json), healthy by default: losses level off, val loss rises 1% at the end, accuracy
     plateaus at 0.92 on 2000 examples, CKA stays near 1, labels balanced, 0.5% truncated. A sibling lr_find
-    folder (same model and data) suggests `lr_find_lr`."""
+    folder (same model and data) suggests `lr_find_lr`. one_class="slow" / "stuck": from step 150 on, the
+    validation accuracy and macro-F1 are those of answering "pos" (60% of validation) every time, the val loss
+    still falling / flat."""
     workdir = str(workdir)
     cfg = default_config()
     cfg.model.name_or_path = MODEL
@@ -141,7 +144,8 @@ def write_run(workdir, *, tau: float = 50.0, val_rise: float = 0.0001, loss_spik
     cfg.optim.lr, cfg.train.epochs, cfg.train.eval_every, cfg.train.log_every = 5e-5, 3.0, 30, 10
     validate(cfg)
     stats = {"examples": {"train": 1800, "validation": val_rows},
-             "label_counts": {"train": dict(zip(("neg", "pos"), label_counts))},
+             "label_counts": {"train": dict(zip(("neg", "pos"), label_counts)),
+                              "validation": {"neg": val_rows * 2 // 5, "pos": val_rows - val_rows * 2 // 5}},
              "truncated": {"train": truncated, "validation": 0}, "train_tokens": {"p95": 30, "max": 32}}
     data = {"train": TRAIN, "validation": {"source": "held-out", "rows": val_rows, "sha256": "c" * 64}}
     fileio.write_json(fileio.path(workdir) / RUN_FILE, describe(cfg, data, ["neg", "pos"], 100, stats))
@@ -159,7 +163,11 @@ def write_run(workdir, *, tau: float = 50.0, val_rise: float = 0.0001, loss_spik
                 continue
             val = 0.5 * decay + 0.30 + val_rise * max(0, step - 200)
             acc = 0.5 + 0.42 * (1 - decay) + 0.003 * rng.uniform(-1, 1)
-            w.write(step, "val", {"loss": val, "accuracy": acc, "macro_f1": acc - 0.01})
+            f1 = acc - 0.01
+            if one_class and step >= 150:
+                acc, f1 = 0.6, 2 * 0.6 / 1.6 / 2  # answers "pos" (60%): its F1 2n/(n + N), "neg"'s 0, averaged
+                val = 0.5 * math.exp(-150 / tau) + 0.30 if one_class == "stuck" else val  # flat from 150
+            w.write(step, "val", {"loss": val, "accuracy": acc, "macro_f1": f1})
             w.write(step, "gap", {"val_minus_train_loss": val - loss})
             cka = 1 - (1 - cka_floor) * (1 - math.exp(-step / 100)) / (1 - math.exp(-3))
             w.write(step, "forgetting", {"cka/mean": cka, "cka/layer_0": 1 - (1 - cka) / 2, "cka/layer_1": cka,
@@ -192,6 +200,7 @@ PROBLEMS = {  # kind: (write_run arguments, the fields its remedies must change)
     "lr_vs_range_test": ({"lr_find_lr": 1e-6}, {"optim.lr"}),
     "forgetting": ({"cka_floor": 0.8}, {"optim.lr", "optim.decay_toward", "optim.freeze_layers"}),
     "label_imbalance": ({"label_counts": (1500, 300)}, {"train.early_stop.metric", "train.early_stop.mode"}),
+    "one_class": ({"one_class": "slow"}, {"optim.lr", "train.epochs"}),
     "truncation": ({"truncated": 400}, {"data.max_len", "data.buckets"}),
     "small_eval_set": ({"val_rows": 100}, {"data.validation_fraction"}),
 }
@@ -217,6 +226,21 @@ def test_a_run_with_one_problem_gets_exactly_that_finding_with_valid_flags(kind,
         assert ev["margin_over_runner_up"] < diagnose.EVAL_Z * ev["standard_error"]
     elif kind == "truncation":
         assert finding["remedies"][0]["changes"]["data.buckets"]["to"] == (16, 32, 64)
+    elif kind == "one_class":
+        assert (ev["class"], ev["from_step"], ev["evals"]) == ("pos", 150, 6) and ev["val_loss_fall"] > 0.01
+        assert finding["remedies"][0]["changes"]["optim.lr"]["to"] == pytest.approx(2e-4)  # x4: too slow
+
+
+def test_a_classifier_stuck_on_one_class_is_told_to_lower_the_lr(tmp_path):
+    workdir = write_run(tmp_path / "runs" / "stuck", one_class="stuck")
+    (finding,) = diagnose.diagnose(workdir)["findings"]
+    assert finding["kind"] == "one_class" and "stuck" in finding["title"]
+    changes = {f: c["to"] for r in finding["remedies"] for f, c in r["changes"].items()}
+    assert changes["optim.lr"] == pytest.approx(1.3e-5) and changes["optim.schedule.warmup"] > 0
+    # A constant guess is told by its accuracy AND macro-F1 together, for any class of the split.
+    counts = {"a": 50, "b": 30, "c": 20}
+    assert diagnose.constant_guess(counts, 0.3, 2 * 30 / 130 / 3) == "b"
+    assert diagnose.constant_guess(counts, 0.3, 0.3) is None and diagnose.constant_guess(counts, 0.31, 0.15) is None
 
 
 def test_an_interrupted_run_is_diagnosed_from_run_json_and_not_judged_too_short(tmp_path):

@@ -64,6 +64,10 @@ FORGETTING_BUDGET = 0.10
 # the largest (accuracy and the mean loss barely see it).
 MAJORITY_SHARE = 0.70
 MINORITY_RATIO = 10.0
+# One class: a classifier whose validation accuracy and macro-F1 are exactly those of always answering one class
+# (to this tolerance: both are ratios of counts) predicts that class for every example.
+ONE_CLASS_TOL = 1e-6
+ONE_CLASS_LOSS_FALL = 0.01  # ... and its val loss fell by 1% over those evals: learning, too slowly (else: stuck)
 # Truncation: above 5% of the examples cut at data.max_len, a noticeable part of the signal is lost; below, a
 # longer max_len costs more compute than it recovers.
 TRUNCATION_SHARE = 0.05
@@ -612,6 +616,67 @@ def check_label_imbalance(files: RunFiles) -> Finding | str:
     return Finding("label_imbalance", title, evidence, remedies, _figure(files, "label_imbalance", title, draw))
 
 
+def constant_guess(counts: dict[str, int], accuracy: float, macro_f1: float) -> str | None:
+    """The class a classifier answers for every example when its accuracy and macro-F1 on a split with these
+    label counts are exactly a constant guess's (F1 2n/(n + N) for that class, 0 for the others, averaged over
+    the classes present, as ftjax.metrics does), else None."""
+    present = {name: n for name, n in counts.items() if n > 0}
+    total = sum(present.values())
+    for name, n in present.items():
+        if (abs(accuracy - n / total) < ONE_CLASS_TOL
+                and abs(macro_f1 - 2 * n / (n + total) / len(present)) < ONE_CLASS_TOL):
+            return name
+    return None
+
+
+def check_one_class(files: RunFiles) -> Finding | str:
+    counts = (files.data_stats.get("label_counts") or {}).get("validation")
+    steps, acc = files.series("val", "accuracy")
+    f1_steps, f1 = files.series("val", "macro_f1")
+    if not counts or not len(acc) or len(f1) != len(acc):
+        return "skipped: no validation label counts and accuracy / macro-F1 (a classification run records them)"
+    guesses = [constant_guess(counts, a, f) for a, f in zip(acc, f1)]
+    if guesses[-1] is None:
+        constant = sum(g is not None for g in guesses)
+        return f"ok: the last eval predicts more than one class ({constant} of {len(guesses)} evals answered one)"
+    name, first = guesses[-1], len(guesses) - 1  # the evals since which it answers only `name`
+    while first and guesses[first - 1] == name:
+        first -= 1
+    val_steps, val_loss = files.series("val", "loss")
+    at = _at(val_steps, val_loss, steps[first:]) if len(val_steps) else np.array([])
+    fall = 1 - at[-1] / at[0] if len(at) and at[0] > 0 else 0.0
+    evidence = {"class": name, "validation_label_counts": counts, "evals": int(len(guesses) - first),
+                "from_step": int(steps[first]), "last_step": int(steps[-1]), "val_accuracy": float(acc[-1]),
+                "val_macro_f1": float(f1[-1]), "val_loss_fall": float(fall)}
+    t = files.cfg.train
+    if fall >= ONE_CLASS_LOSS_FALL:  # still learning the prior's way out, slowly: more progress per run
+        longer = {"train.steps": int(2 * t.steps)} if t.steps else {"train.epochs": _round(2 * t.epochs)}
+        remedies = [_scale_lr(files, 4.0, "a higher LR: the loss still falls, too slowly to leave the prior"),
+                    _remedy(files, "train longer", longer)]
+        state = f"its val loss fell {100 * fall:.1f}% meanwhile: too slow"
+    else:  # stuck there (or collapsed to it)
+        warmup = _longer_warmup(files)
+        remedies = [_scale_lr(files, 0.25, "a lower LR: the loss no longer moves (collapsed to the prior)"),
+                    *([_remedy(files, "a longer warmup", warmup)] if warmup else [])]
+        state = f"its val loss moved {100 * fall:+.1f}% meanwhile: stuck"
+    shares = {k: v / max(1, sum(counts.values())) for k, v in counts.items()}
+
+    def draw(axes):
+        axes[0].plot(steps, acc, "o-", ms=3, label="val accuracy")
+        axes[0].plot(f1_steps, f1, "o-", ms=3, label="val macro-F1")
+        axes[0].axhline(shares[name], color="red", ls="--", label=f"always {name!r}: accuracy")
+        axes[0].set_xlabel("step")
+        if len(val_steps):
+            axes[1].plot(val_steps, val_loss, "o-", ms=3, label="val loss")
+            axes[1].axvspan(steps[first], steps[-1], color="orange", alpha=0.15, label=f"answers only {name!r}")
+            axes[1].set_xlabel("step")
+
+    title = (f"the classifier answers {name!r} for every validation example at its last "
+             f"{len(guesses) - first} eval(s) (accuracy {acc[-1]:.3f} = that class's share, macro-F1 "
+             f"{f1[-1]:.3f}); {state}")
+    return Finding("one_class", title, evidence, remedies, _figure(files, "one_class", title, draw, ncols=2))
+
+
 def _truncation_counts(stats: dict) -> list[tuple[str, str, dict]]:
     """(what, length field, {split: truncated}) per kind of input the data stats count."""
     out = []
@@ -747,7 +812,7 @@ def check_eval_size(files: RunFiles) -> Finding | str:
 RULES: dict[str, Callable[[RunFiles], Finding | str]] = {
     "overfitting": check_overfitting, "under_training": check_under_training, "instability": check_instability,
     "lr_vs_range_test": check_lr, "forgetting": check_forgetting, "label_imbalance": check_label_imbalance,
-    "truncation": check_truncation, "small_eval_set": check_eval_size,
+    "one_class": check_one_class, "truncation": check_truncation, "small_eval_set": check_eval_size,
 }
 THRESHOLDS = {
     "MIN_EVALS": MIN_EVALS, "OVERFIT_VAL_RISE": OVERFIT_VAL_RISE, "OVERFIT_EVALS_AFTER": OVERFIT_EVALS_AFTER,
@@ -756,6 +821,7 @@ THRESHOLDS = {
     "SPIKE_WINDOW": SPIKE_WINDOW, "SPIKE_MIN_HISTORY": SPIKE_MIN_HISTORY, "LOSS_SPIKE_RATIO": LOSS_SPIKE_RATIO,
     "LOSS_SPIKE_FLOOR": LOSS_SPIKE_FLOOR, "GRAD_SPIKE_RATIO": GRAD_SPIKE_RATIO, "LR_FAR_FACTOR": LR_FAR_FACTOR,
     "FORGETTING_BUDGET": FORGETTING_BUDGET, "MAJORITY_SHARE": MAJORITY_SHARE, "MINORITY_RATIO": MINORITY_RATIO,
+    "ONE_CLASS_TOL": ONE_CLASS_TOL, "ONE_CLASS_LOSS_FALL": ONE_CLASS_LOSS_FALL,
     "TRUNCATION_SHARE": TRUNCATION_SHARE, "EVAL_SE_MAX": EVAL_SE_MAX, "EVAL_Z": EVAL_Z,
     "EVAL_SE_TARGET": EVAL_SE_TARGET, "MAX_VALIDATION_FRACTION": MAX_VALIDATION_FRACTION,
 }
