@@ -130,13 +130,13 @@ def test_an_absurd_lr_is_diagnosed_as_unstable_at_the_step_the_nan_guard_stopped
 def write_run(workdir, *, tau: float = 50.0, val_rise: float = 0.0001, loss_spike: int | None = None,
               grad_spike: int | None = None, cka_floor: float = 0.97, label_counts=(900, 900),
               truncated: int = 9, val_rows: int = 2000, lr_find_lr: float | None = 3e-5,
-              one_class: str = "") -> str:
+              prior: str = "") -> str:
     """A finished run's workdir as the trainer leaves it (run.json via workdir.describe, metrics.jsonl via the
     MetricWriter, summary.json), healthy by default: losses level off, val loss rises 1% at the end, accuracy
     plateaus at 0.92 on 2000 examples, CKA stays near 1, labels balanced, 0.5% truncated. A sibling lr_find
-    folder (same model and data) suggests `lr_find_lr`. one_class="slow" / "stuck": from step 150 on, the
-    validation accuracy and macro-F1 are those of answering "pos" (60% of validation) every time, the val loss
-    still falling / flat."""
+    folder (same model and data) suggests `lr_find_lr`. prior="slow" / "stuck": the val loss stays near the
+    validation labels' entropy (40% neg / 60% pos), falling 2.7% over the run / flat, and from step 150 on the
+    accuracy and macro-F1 are those of answering "pos" every time."""
     workdir = str(workdir)
     cfg = default_config()
     cfg.model.name_or_path = MODEL
@@ -164,9 +164,11 @@ def write_run(workdir, *, tau: float = 50.0, val_rise: float = 0.0001, loss_spik
             val = 0.5 * decay + 0.30 + val_rise * max(0, step - 200)
             acc = 0.5 + 0.42 * (1 - decay) + 0.003 * rng.uniform(-1, 1)
             f1 = acc - 0.01
-            if one_class and step >= 150:
+            if prior:
+                entropy = -(0.4 * math.log(0.4) + 0.6 * math.log(0.6))
+                val = entropy * (1.02 - 0.0001 * step if prior == "slow" else 1.0)
+            if prior and step >= 150:
                 acc, f1 = 0.6, 2 * 0.6 / 1.6 / 2  # answers "pos" (60%): its F1 2n/(n + N), "neg"'s 0, averaged
-                val = 0.5 * math.exp(-150 / tau) + 0.30 if one_class == "stuck" else val  # flat from 150
             w.write(step, "val", {"loss": val, "accuracy": acc, "macro_f1": f1})
             w.write(step, "gap", {"val_minus_train_loss": val - loss})
             cka = 1 - (1 - cka_floor) * (1 - math.exp(-step / 100)) / (1 - math.exp(-3))
@@ -200,7 +202,7 @@ PROBLEMS = {  # kind: (write_run arguments, the fields its remedies must change)
     "lr_vs_range_test": ({"lr_find_lr": 1e-6}, {"optim.lr"}),
     "forgetting": ({"cka_floor": 0.8}, {"optim.lr", "optim.decay_toward", "optim.freeze_layers"}),
     "label_imbalance": ({"label_counts": (1500, 300)}, {"train.early_stop.metric", "train.early_stop.mode"}),
-    "one_class": ({"one_class": "slow"}, {"optim.lr", "train.epochs"}),
+    "label_prior": ({"prior": "slow"}, {"optim.lr", "train.epochs"}),
     "truncation": ({"truncated": 400}, {"data.max_len", "data.buckets"}),
     "small_eval_set": ({"val_rows": 100}, {"data.validation_fraction"}),
 }
@@ -226,15 +228,16 @@ def test_a_run_with_one_problem_gets_exactly_that_finding_with_valid_flags(kind,
         assert ev["margin_over_runner_up"] < diagnose.EVAL_Z * ev["standard_error"]
     elif kind == "truncation":
         assert finding["remedies"][0]["changes"]["data.buckets"]["to"] == (16, 32, 64)
-    elif kind == "one_class":
-        assert (ev["class"], ev["from_step"], ev["evals"]) == ("pos", 150, 6) and ev["val_loss_fall"] > 0.01
+    elif kind == "label_prior":
+        assert ev["share_of_entropy"] == pytest.approx(0.99) and ev["val_loss_fall"] == pytest.approx(0.0265, 0.01)
+        assert ev["constant_guess"] == "pos" and "answers 'pos' for every validation example" in finding["title"]
         assert finding["remedies"][0]["changes"]["optim.lr"]["to"] == pytest.approx(2e-4)  # x4: too slow
 
 
-def test_a_classifier_stuck_on_one_class_is_told_to_lower_the_lr(tmp_path):
-    workdir = write_run(tmp_path / "runs" / "stuck", one_class="stuck")
+def test_a_classifier_stuck_at_the_label_prior_is_told_to_lower_the_lr(tmp_path):
+    workdir = write_run(tmp_path / "runs" / "stuck", prior="stuck")
     (finding,) = diagnose.diagnose(workdir)["findings"]
-    assert finding["kind"] == "one_class" and "stuck" in finding["title"]
+    assert finding["kind"] == "label_prior" and "stuck" in finding["title"]
     changes = {f: c["to"] for r in finding["remedies"] for f, c in r["changes"].items()}
     assert changes["optim.lr"] == pytest.approx(1.3e-5) and changes["optim.schedule.warmup"] > 0
     # A constant guess is told by its accuracy AND macro-F1 together, for any class of the split.

@@ -64,10 +64,13 @@ FORGETTING_BUDGET = 0.10
 # the largest (accuracy and the mean loss barely see it).
 MAJORITY_SHARE = 0.70
 MINORITY_RATIO = 10.0
-# One class: a classifier whose validation accuracy and macro-F1 are exactly those of always answering one class
-# (to this tolerance: both are ratios of counts) predicts that class for every example.
+# Label prior: a classifier whose last val loss is still 95% of the validation labels' entropy (the loss of
+# predicting the class frequencies) has learned next to nothing from the inputs; its val loss fell by 1% over
+# the run: learning, too slowly, else stuck (or collapsed). A constant guess is named when its accuracy and
+# macro-F1 are exactly one's (to this tolerance: both are ratios of counts).
+PRIOR_LOSS_SHARE = 0.95
+PRIOR_LOSS_FALL = 0.01
 ONE_CLASS_TOL = 1e-6
-ONE_CLASS_LOSS_FALL = 0.01  # ... and its val loss fell by 1% over those evals: learning, too slowly (else: stuck)
 # Truncation: above 5% of the examples cut at data.max_len, a noticeable part of the signal is lost; below, a
 # longer max_len costs more compute than it recovers.
 TRUNCATION_SHARE = 0.05
@@ -629,52 +632,49 @@ def constant_guess(counts: dict[str, int], accuracy: float, macro_f1: float) -> 
     return None
 
 
-def check_one_class(files: RunFiles) -> Finding | str:
-    counts = (files.data_stats.get("label_counts") or {}).get("validation")
-    steps, acc = files.series("val", "accuracy")
-    f1_steps, f1 = files.series("val", "macro_f1")
-    if not counts or not len(acc) or len(f1) != len(acc):
-        return "skipped: no validation label counts and accuracy / macro-F1 (a classification run records them)"
-    guesses = [constant_guess(counts, a, f) for a, f in zip(acc, f1)]
-    if guesses[-1] is None:
-        constant = sum(g is not None for g in guesses)
-        return f"ok: the last eval predicts more than one class ({constant} of {len(guesses)} evals answered one)"
-    name, first = guesses[-1], len(guesses) - 1  # the evals since which it answers only `name`
-    while first and guesses[first - 1] == name:
-        first -= 1
+def check_label_prior(files: RunFiles) -> Finding | str:
+    counts = {k: n for k, n in ((files.data_stats.get("label_counts") or {}).get("validation") or {}).items() if n}
     val_steps, val_loss = files.series("val", "loss")
-    at = _at(val_steps, val_loss, steps[first:]) if len(val_steps) else np.array([])
-    fall = 1 - at[-1] / at[0] if len(at) and at[0] > 0 else 0.0
-    evidence = {"class": name, "validation_label_counts": counts, "evals": int(len(guesses) - first),
-                "from_step": int(steps[first]), "last_step": int(steps[-1]), "val_accuracy": float(acc[-1]),
-                "val_macro_f1": float(f1[-1]), "val_loss_fall": float(fall)}
+    if len(counts) < 2 or not len(val_loss):
+        return "skipped: no validation label counts and val loss (a classification run records them)"
+    shares = np.array(list(counts.values()), float) / sum(counts.values())
+    entropy = float(-(shares * np.log(shares)).sum())
+    share = val_loss[-1] / entropy
+    fall = 1 - val_loss[-1] / val_loss[0] if val_loss[0] > 0 else 0.0
+    if share < PRIOR_LOSS_SHARE:
+        return (f"ok: last val loss {val_loss[-1]:.3g} is {100 * share:.0f}% of the validation labels' entropy "
+                f"{entropy:.3g}")
+    acc_steps, acc = files.series("val", "accuracy")
+    _, f1 = files.series("val", "macro_f1")
+    guess = constant_guess(counts, acc[-1], f1[-1]) if len(acc) and len(f1) == len(acc) else None
+    evidence = {"val_loss_last": float(val_loss[-1]), "label_entropy": entropy, "share_of_entropy": float(share),
+                "val_loss_fall": float(fall), "evals": int(len(val_loss)), "validation_label_counts": counts,
+                "constant_guess": guess}
     t = files.cfg.train
-    if fall >= ONE_CLASS_LOSS_FALL:  # still learning the prior's way out, slowly: more progress per run
+    if fall >= PRIOR_LOSS_FALL:  # on its way out of the prior, slowly: more progress per run
         longer = {"train.steps": int(2 * t.steps)} if t.steps else {"train.epochs": _round(2 * t.epochs)}
-        remedies = [_scale_lr(files, 4.0, "a higher LR: the loss still falls, too slowly to leave the prior"),
+        remedies = [_scale_lr(files, 4.0, "a higher LR: the loss falls, too slowly to leave the prior"),
                     _remedy(files, "train longer", longer)]
-        state = f"its val loss fell {100 * fall:.1f}% meanwhile: too slow"
-    else:  # stuck there (or collapsed to it)
+        state = f"it fell {100 * fall:.1f}% over the run: too slowly"
+    else:  # stuck there, or collapsed to it
         warmup = _longer_warmup(files)
-        remedies = [_scale_lr(files, 0.25, "a lower LR: the loss no longer moves (collapsed to the prior)"),
+        remedies = [_scale_lr(files, 0.25, "a lower LR: the loss does not move (stuck or collapsed)"),
                     *([_remedy(files, "a longer warmup", warmup)] if warmup else [])]
-        state = f"its val loss moved {100 * fall:+.1f}% meanwhile: stuck"
-    shares = {k: v / max(1, sum(counts.values())) for k, v in counts.items()}
+        state = f"it moved {-100 * fall:+.1f}% over the run: stuck"
 
     def draw(axes):
-        axes[0].plot(steps, acc, "o-", ms=3, label="val accuracy")
-        axes[0].plot(f1_steps, f1, "o-", ms=3, label="val macro-F1")
-        axes[0].axhline(shares[name], color="red", ls="--", label=f"always {name!r}: accuracy")
+        axes[0].plot(val_steps, val_loss, "o-", ms=3, label="val loss")
+        axes[0].axhline(entropy, color="red", ls="--", label="label entropy (predicting the class frequencies)")
         axes[0].set_xlabel("step")
-        if len(val_steps):
-            axes[1].plot(val_steps, val_loss, "o-", ms=3, label="val loss")
-            axes[1].axvspan(steps[first], steps[-1], color="orange", alpha=0.15, label=f"answers only {name!r}")
+        if len(acc):
+            axes[1].plot(acc_steps, acc, "o-", ms=3, label="val accuracy")
+            axes[1].axhline(shares.max(), color="red", ls="--", label="always the largest class")
             axes[1].set_xlabel("step")
 
-    title = (f"the classifier answers {name!r} for every validation example at its last "
-             f"{len(guesses) - first} eval(s) (accuracy {acc[-1]:.3f} = that class's share, macro-F1 "
-             f"{f1[-1]:.3f}); {state}")
-    return Finding("one_class", title, evidence, remedies, _figure(files, "one_class", title, draw, ncols=2))
+    title = (f"the model has learned next to nothing beyond the label frequencies: its last val loss "
+             f"{val_loss[-1]:.3f} is {100 * share:.0f}% of their entropy {entropy:.3f}; {state}"
+             + (f"; it answers {guess!r} for every validation example" if guess else ""))
+    return Finding("label_prior", title, evidence, remedies, _figure(files, "label_prior", title, draw, ncols=2))
 
 
 def _truncation_counts(stats: dict) -> list[tuple[str, str, dict]]:
@@ -812,7 +812,7 @@ def check_eval_size(files: RunFiles) -> Finding | str:
 RULES: dict[str, Callable[[RunFiles], Finding | str]] = {
     "overfitting": check_overfitting, "under_training": check_under_training, "instability": check_instability,
     "lr_vs_range_test": check_lr, "forgetting": check_forgetting, "label_imbalance": check_label_imbalance,
-    "one_class": check_one_class, "truncation": check_truncation, "small_eval_set": check_eval_size,
+    "label_prior": check_label_prior, "truncation": check_truncation, "small_eval_set": check_eval_size,
 }
 THRESHOLDS = {
     "MIN_EVALS": MIN_EVALS, "OVERFIT_VAL_RISE": OVERFIT_VAL_RISE, "OVERFIT_EVALS_AFTER": OVERFIT_EVALS_AFTER,
@@ -821,7 +821,7 @@ THRESHOLDS = {
     "SPIKE_WINDOW": SPIKE_WINDOW, "SPIKE_MIN_HISTORY": SPIKE_MIN_HISTORY, "LOSS_SPIKE_RATIO": LOSS_SPIKE_RATIO,
     "LOSS_SPIKE_FLOOR": LOSS_SPIKE_FLOOR, "GRAD_SPIKE_RATIO": GRAD_SPIKE_RATIO, "LR_FAR_FACTOR": LR_FAR_FACTOR,
     "FORGETTING_BUDGET": FORGETTING_BUDGET, "MAJORITY_SHARE": MAJORITY_SHARE, "MINORITY_RATIO": MINORITY_RATIO,
-    "ONE_CLASS_TOL": ONE_CLASS_TOL, "ONE_CLASS_LOSS_FALL": ONE_CLASS_LOSS_FALL,
+    "PRIOR_LOSS_SHARE": PRIOR_LOSS_SHARE, "PRIOR_LOSS_FALL": PRIOR_LOSS_FALL, "ONE_CLASS_TOL": ONE_CLASS_TOL,
     "TRUNCATION_SHARE": TRUNCATION_SHARE, "EVAL_SE_MAX": EVAL_SE_MAX, "EVAL_Z": EVAL_Z,
     "EVAL_SE_TARGET": EVAL_SE_TARGET, "MAX_VALIDATION_FRACTION": MAX_VALIDATION_FRACTION,
 }
