@@ -67,7 +67,7 @@ def test_later_rounds_follow_what_earlier_moves_did(model_dir, data_dir):
     assert [(e.field, e.verdict) for f in sorted(effects) for e in effects[f]] == [
         ("optim.lr", -1), ("optim.lr", 1), ("optim.weight_decay", 0), ("train.batch_size", -1),
         ("train.epochs", 1)]
-    assert refine.improvers(history, "min") == [
+    assert refine.improvers(cfg, history, "min") == [
         ("round 1 candidate 1 (epochs x1.5) also beat that round's start", {"train.epochs": epochs * 1.5})]
 
     tried = {refine._key(cfg, c["overrides"]) for r in history for c in r["candidates"]}

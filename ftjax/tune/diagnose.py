@@ -246,6 +246,11 @@ def _length_change(files: RunFiles, to_step: int) -> dict[str, Any]:
     return {"train.epochs": max(0.1, math.ceil(10 * to_step / files.steps_per_epoch) / 10)}
 
 
+def _twice_as_long(files: RunFiles) -> dict[str, Any]:
+    t = files.cfg.train
+    return {"train.steps": int(2 * t.steps)} if t.steps else {"train.epochs": _round(2 * t.epochs)}
+
+
 def _remedy(files: RunFiles, why: str, changes: dict[str, Any]) -> Remedy:
     return Remedy(why, changes, {f: files.value(f) for f in changes})
 
@@ -347,10 +352,8 @@ def check_under_training(files: RunFiles) -> Finding | str:
                 "last_step": int(val_steps[-1]), "tail_from_step": int(tail_start),
                 "val_loss_tail_gain": float(gain), "train_loss_tail_fall": float(fall),
                 "train_loss_from": float(train_from), "train_loss_last": float(train_loss[-1])}
-    t = files.cfg.train
-    longer = {"train.steps": int(2 * t.steps)} if t.steps else {"train.epochs": _round(2 * t.epochs)}
     remedies = [_remedy(files, "train longer (a resume with the longer run continues from the last checkpoint)",
-                        longer),
+                        _twice_as_long(files)),
                 _scale_lr(files, 2.0, "a higher LR (faster progress in the same steps)")]
 
     def draw(ax):
@@ -652,11 +655,9 @@ def check_label_prior(files: RunFiles) -> Finding | str:
     evidence = {"val_loss_best": best, "label_entropy": entropy, "share_of_entropy": float(share),
                 "val_loss_fall": float(fall), "evals": int(len(val_loss)), "validation_label_counts": counts,
                 "constant_guess": guess}
-    t = files.cfg.train
     if fall >= PRIOR_LOSS_FALL:  # on its way out of the prior, slowly: more progress per run
-        longer = {"train.steps": int(2 * t.steps)} if t.steps else {"train.epochs": _round(2 * t.epochs)}
         remedies = [_scale_lr(files, 4.0, "a higher LR: the loss falls, too slowly to leave the prior"),
-                    _remedy(files, "train longer", longer)]
+                    _remedy(files, "train longer", _twice_as_long(files))]
         state = f"it fell {100 * fall:.1f}% to there: too slowly"
     else:  # stuck there, or collapsed to it
         warmup = _longer_warmup(files)

@@ -133,8 +133,9 @@ def _direction_score(effects: Sequence[Effect], start: float, to: float) -> int:
     return last.verdict if same_way else -last.verdict
 
 
-def _values(cfg: ml_collections.ConfigDict, overrides: dict[str, Any]) -> dict[str, Any]:
-    return {f: config_lib.get_field(config_lib.with_overrides(cfg, overrides), f) for f in overrides}
+def _moved(cfg: ml_collections.ConfigDict, start: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """The fields `overrides` sets to other values than `start` (overrides of `cfg`) has."""
+    return {f: v for f, v in overrides.items() if start.get(f, config_lib.get_field(cfg, f)) != v}
 
 
 def _verdict(value: float | None, base: float | None, mode: str) -> int:
@@ -155,8 +156,7 @@ def field_effects(cfg: ml_collections.ConfigDict, rounds: list[dict], mode: str)
             continue
         base = prev["best"]
         for c in entry["candidates"]:
-            moved = {f: v for f, v in c["overrides"].items()
-                     if base["overrides"].get(f, config_lib.get_field(cfg, f)) != v}
+            moved = _moved(cfg, base["overrides"], c["overrides"])
             if len(moved) != 1:
                 continue
             (field, to), = moved.items()
@@ -170,7 +170,7 @@ def field_effects(cfg: ml_collections.ConfigDict, rounds: list[dict], mode: str)
     return out
 
 
-def improvers(rounds: list[dict], mode: str) -> list[tuple[str, dict[str, Any]]]:
+def improvers(cfg: ml_collections.ConfigDict, rounds: list[dict], mode: str) -> list[tuple[str, dict[str, Any]]]:
     """The last done round's candidates that beat its starting point but were not kept, best first, as
     (why, the fields they moved from that point): moves worth combining with the kept one. One that moved a
     field the kept one moved is left out (on that field the kept value won)."""
@@ -179,7 +179,7 @@ def improvers(rounds: list[dict], mode: str) -> list[tuple[str, dict[str, Any]]]
     entry, start = rounds[-1], rounds[-2]["best"]["overrides"]
 
     def moved(overrides: dict[str, Any]) -> dict[str, Any]:
-        return {f: v for f, v in overrides.items() if f not in start or start[f] != v}
+        return _moved(cfg, start, overrides)
 
     kept = set(moved(entry["best"]["overrides"]))
     better = [(c["value"], k, c) for k, c in enumerate(entry["candidates"])
@@ -217,7 +217,7 @@ def propose(cfg: ml_collections.ConfigDict, best: dict[str, Any], findings: list
             note = f" (without {', '.join(left)}: not a population field)" if left else ""
             add(allowed, f"diagnosis {f['kind']}: {remedy['why']}{note}")
     history = history or []
-    for why, changes in improvers(history, mode):
+    for why, changes in improvers(cfg, history, mode):
         add(changes, f"combine: {why}")
     moves = local_moves(base, field_effects(cfg, history, mode) if history else None)
     for why, changes in moves:
