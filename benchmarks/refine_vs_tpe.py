@@ -12,7 +12,10 @@ trained solo for its test metrics), and TPE (sequential trials, population=0, no
 over the same seven hyperparameters refine moves. Every arm keeps its best by the validation early-stop metric
 (train.early_stop.metric) over the evaluations of its runs (the same cadence in every arm: refine's); test
 metrics are read after the choice. Appends one JSON line per seed and arm to
---out and prints a table with the mean and spread over the seeds.
+--out and prints a table with the mean and spread over the seeds; --plot draws every row of --out (val loss and
+test accuracy against wall time, one panel per task, one point per seed and arm) as a PNG:
+
+    python benchmarks/refine_vs_tpe.py --out rows.jsonl --plot refine_vs_tpe.png --arms   # plot only
 """
 
 from __future__ import annotations
@@ -52,6 +55,41 @@ def _metrics(summary: dict, metric: str) -> dict:
             "test_accuracy": test.get("accuracy"), "test_macro_f1": test.get("macro_f1")}
 
 
+ARM_STYLE = {"defaults": ("tab:gray", "s"), "refine": ("tab:blue", "o"), "tpe": ("tab:orange", "^")}
+
+
+def plot(rows: list[dict], path: str) -> None:
+    """Val loss (top) and test accuracy (bottom) against wall time, one column per recipe; small markers are
+    seeds, the large one each arm's mean."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    recipes = sorted({r["recipe"] for r in rows})
+    fig, axes = plt.subplots(2, len(recipes), figsize=(5.5 * len(recipes), 7), squeeze=False)
+    for col, recipe in enumerate(recipes):
+        for row, key, label in ((0, "val_loss", "val loss (chosen checkpoint)"), (1, "test_accuracy", "test accuracy")):
+            ax = axes[row, col]
+            for arm, (colour, marker) in ARM_STYLE.items():
+                mine = [r for r in rows if r["recipe"] == recipe and r["arm"] == arm and r.get(key) is not None]
+                if not mine:
+                    continue
+                x, y = [r["wall_seconds"] for r in mine], [r[key] for r in mine]
+                ax.scatter(x, y, c=colour, marker=marker, s=25, alpha=0.5)
+                ax.scatter([np.mean(x)], [np.mean(y)], c=colour, marker=marker, s=140, edgecolors="k",
+                           label=f"{arm} (n={len(mine)})")
+            ax.set_xlabel("wall s")
+            ax.set_ylabel(label)
+            ax.set_title(recipe)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recipe", default="minilm_food_reviews", choices=["minilm_food_reviews", "minilm_wiki_topics"])
@@ -60,10 +98,13 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--max_examples", type=int, default=0, help="train examples (0: all 4,000)")
     p.add_argument("--epochs", type=float, default=0.0, help="the recipe's epochs (0: its own, 3)")
-    p.add_argument("--arms", nargs="+", default=["defaults", "refine", "tpe"])
+    p.add_argument("--arms", nargs="*", default=["defaults", "refine", "tpe"])
     p.add_argument("--workdir", default="/tmp/ftjax_refine_vs_tpe")
     p.add_argument("--out", default="", help="append the JSON lines to this file")
+    p.add_argument("--plot", default="", help="after the runs, draw every row of --out into this PNG")
     args = p.parse_args()
+    if args.plot and not args.out:
+        p.error("--plot draws the rows of --out: give --out FILE")
 
     import importlib
 
@@ -117,16 +158,21 @@ def main() -> None:
 
     import numpy as np
 
-    print(f"\n{'arm':<9} {'val ' + metric:>14} {'val acc':>14} {'test acc':>14} {'test macro-F1':>14} {'wall s':>9}")
-    for arm in args.arms:
-        mine = [r for r in rows if r["arm"] == arm]
+    if rows:
+        print(f"\n{'arm':<9} {'val ' + metric:>14} {'val acc':>14} {'test acc':>14} {'test macro-F1':>14} "
+              f"{'wall s':>9}")
+        for arm in args.arms:
+            mine = [r for r in rows if r["arm"] == arm]
 
-        def cell(key: str, mine: list = mine) -> str:
-            values = [r[key] for r in mine if r.get(key) is not None]
-            return f"{np.mean(values):.4f}±{np.std(values):.4f}" if values else "-"
+            def cell(key: str, mine: list = mine) -> str:
+                values = [r[key] for r in mine if r.get(key) is not None]
+                return f"{np.mean(values):.4f}±{np.std(values):.4f}" if values else "-"
 
-        print(f"{arm:<9} {cell('val_' + metric):>14} {cell('val_accuracy'):>14} {cell('test_accuracy'):>14} "
-              f"{cell('test_macro_f1'):>14} {np.mean([r['wall_seconds'] for r in mine]):>9.0f}")
+            print(f"{arm:<9} {cell('val_' + metric):>14} {cell('val_accuracy'):>14} {cell('test_accuracy'):>14} "
+                  f"{cell('test_macro_f1'):>14} {np.mean([r['wall_seconds'] for r in mine]):>9.0f}")
+    if args.plot:
+        plot([json.loads(line) for line in open(args.out) if line.strip()], args.plot)
+        print(f"wrote {args.plot}")
 
 
 if __name__ == "__main__":
