@@ -55,18 +55,26 @@ class Stepper(Protocol):
 @dataclasses.dataclass(frozen=True)
 class Cadence:
     """Due at the multiples of `every` steps (0: never) and, with `at_end`, at the run's last step (a population
-    member's own last step: `Loop.due`). Given where a callback is registered (`ftjax.callbacks.Every`)."""
+    member's own last step: `Loop.due`). Given where a callback is registered (`ftjax.callbacks.Every`). `every`
+    may be one count per population member (a tuple): each member fires at its own multiples, e.g. evaluations
+    at quarters of each member's own length, as in its solo run."""
 
-    every: int
+    every: int | tuple[int, ...]
     at_end: bool = True
 
     def __post_init__(self):
-        if isinstance(self.every, bool) or not isinstance(self.every, (int, np.integer)) or self.every < 0:
-            raise ValueError(f"a cadence of every={self.every!r} steps: need an int >= 0 (0 = never)")
+        counts = self.every if isinstance(self.every, tuple) else (self.every,)
+        if not counts or any(isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0 for n in counts):
+            raise ValueError(f"a cadence of every={self.every!r} steps: need an int >= 0 (0 = never), or one "
+                             "per member")
 
     def due(self, step: int, total_steps: Any) -> Any:
-        """Whether the cadence fires once `step` steps are done (an array when `total_steps` is one)."""
-        return (bool(self.every) and step % self.every == 0) | (self.at_end & (np.asarray(total_steps) <= step))
+        """Whether the cadence fires once `step` steps are done (an array when `total_steps` or `every` is one)."""
+        at_end = self.at_end & (np.asarray(total_steps) <= step)
+        if isinstance(self.every, tuple):
+            every = np.asarray(self.every)
+            return ((every > 0) & (step % np.maximum(every, 1) == 0)) | at_end
+        return (bool(self.every) and step % self.every == 0) | at_end
 
 
 class Callback:

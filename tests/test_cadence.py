@@ -60,3 +60,12 @@ def test_cadence_is_due_on_multiples_and_at_the_last_step():
     assert [s for s in range(1, 11) if Cadence(0).due(s, 10)] == [10]
     with pytest.raises(ValueError, match="every=-1"):
         Cadence(-1)
+
+
+def test_a_cadence_per_member_fires_for_each_member_at_its_own_multiples_and_its_own_end():
+    # members of 6 and 7 steps evaluating every 2 and every 3 steps; a 0 is "only at its end"
+    cadence = Cadence((2, 3, 0))
+    due = np.array([cadence.due(s, np.array([6, 7, 5])) for s in range(1, 8)])
+    assert [list(np.flatnonzero(due[:, k]) + 1) for k in range(3)] == [[2, 4, 6, 7], [3, 6, 7], [5, 6, 7]]
+    with pytest.raises(ValueError, match=r"every=\(2, -1\)"):
+        Cadence((2, -1))

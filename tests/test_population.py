@@ -114,6 +114,22 @@ def test_members_of_different_lengths_end_at_their_own_step(model_dir, data_dir,
     assert [s["steps"] for s in summaries] == [6, 11, 7]
 
 
+@pytest.mark.parametrize("eval_every,members,evals", [
+    # a fraction of the run: each member evaluates at quarters of its own length (6 steps: 2, 4, 6; 11: 3, 6, 9, 11)
+    (0.25, [{"train.epochs": 0.5}, {"train.epochs": 1.0}], [[2, 4, 6], [3, 6, 9, 11]]),
+    # each epoch, of the member's own batch size (11 steps an epoch at batch 8, 4 at batch 24)
+    (0, [{"train.batch_size": 8, "train.epochs": 1.0}, {"train.batch_size": 24, "train.epochs": 2.0}],
+     [[11], [4, 8]]),
+])
+def test_each_member_evaluates_at_its_own_solo_cadence(model_dir, data_dir, tmp_path, eval_every, members, evals):
+    # train.eval_every in epochs or as a fraction of the run means different steps for members of different
+    # lengths or batch sizes: each evaluates (and early-stops, and keeps its best) where its solo run does.
+    base = tiny.tiny_config(model_dir, data_dir, **{"train.eval_every": eval_every, "train.log_every": 1,
+                                                    **NO_DROPOUT})
+    _population_vs_solo(base, members, tmp_path)
+    assert [[s for s, _ in _curve(str(tmp_path / f"member_{k}"), "val", "loss")] for k in range(len(members))] == evals
+
+
 @pytest.mark.slow  # the decay path is shared with the solo optimizer (optim.decoupled_weight_decay); this pins L2-SP
 def test_members_decaying_toward_the_pretrained_weights_equal_their_solo_runs(model_dir, data_dir, tmp_path):
     base = tiny.tiny_config(model_dir, data_dir, **{"train.eval_every": 4, "train.log_every": 1,

@@ -33,7 +33,7 @@ from ftjax.config import ConfigError
 from ftjax.loop import Callback, fit
 from ftjax.models import common
 from ftjax.reporting.hparams import write_hparams
-from ftjax.run import Run, check_batch_sizes, total_steps_of
+from ftjax.run import Run, check_batch_sizes, eval_every_of, total_steps_of
 from ftjax.step import StepConfig, make_eval_step, make_train_step
 from ftjax.tasks.preference import OBJECTIVE_CONSTANTS
 from ftjax.trainer import hold_workdir, member_summary, standard_callbacks
@@ -180,7 +180,11 @@ class Population:
                                    for b in self.batch_sizes]
         self.member_steps = [total_steps_of(c.train, n) for c, n in zip(member_cfgs, self.member_epoch_steps)]
         self.total_steps = run.total_steps = max(self.member_steps)
-        self.eval_every = run.eval_every
+        # Each member evaluates where its solo run would: train.eval_every in epochs or as a fraction of the run
+        # is a different count of steps for members of other lengths or batch sizes.
+        evals = [eval_every_of(c.train, n, s)
+                 for c, n, s in zip(member_cfgs, self.member_epoch_steps, self.member_steps)]
+        self.eval_every = run.eval_every = evals[0] if len(set(evals)) == 1 else tuple(evals)
         member_opts = [optim.build(cfg.optim, run.optimizer.abstract_params, total_steps=self.member_steps[k],
                                    steps_per_epoch=self.member_epoch_steps[k], head_pattern=run.head_pattern,
                                    stacks=run.model.stacks()) for k, cfg in enumerate(member_cfgs)]
