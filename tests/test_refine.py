@@ -135,6 +135,17 @@ def test_refine_runs_rounds_keeps_the_best_by_validation_and_resumes(model_dir, 
     assert again["rounds"] == before["rounds"]
 
 
+def test_when_nothing_beats_the_start_its_run_is_the_final_one(model_dir, data_dir, tmp_path, monkeypatch):
+    cfg = tiny.tiny_config(model_dir, data_dir, **{"train.eval_every": 4})
+    monkeypatch.setattr(refine, "propose", lambda *args, **kwargs: [])  # no candidate: round 0 stays the best
+    workdir = str(tmp_path / "refine")
+    state = refine.refine(cfg, workdir, rounds=2, population_size=2)
+    assert len(state["rounds"]) == 1 and state["best"]["overrides"] == {}
+    assert state["final"]["workdir"] == state["rounds"][0]["best"]["workdir"]  # not trained a second time
+    assert not os.path.exists(os.path.join(workdir, refine.FINAL_DIR))
+    assert set(state["final"]["test"]) >= {"accuracy", "loss"}
+
+
 def test_bad_arguments_are_one_clear_error(model_dir, data_dir, tmp_path):
     cfg = tiny.tiny_config(model_dir, data_dir)
     with pytest.raises(refine.RefineError, match="--rounds=0"):

@@ -10,7 +10,8 @@ TIE relative is not kept). Every round is a workdir, and refine.json records wha
 trains, so a rerun after an interruption resumes the round it was in with the same candidates.
 WORKDIR/refine_report.md shows per round the findings, the candidates, their curves overlaid (the compare
 report) and what was kept and why; at the end the best config is trained solo in WORKDIR/final (a normal run
-dir: eval, export, diagnose work on it) for its test metrics, and printed as a ready flag line.
+dir: eval, export, diagnose work on it; round 0's run when nothing beat it) for its test metrics, and printed as a
+ready flag line.
 """
 
 from __future__ import annotations
@@ -384,8 +385,13 @@ def refine(cfg: ml_collections.ConfigDict, workdir: str, *, rounds: int = 3, pop
     state["best"] = best
     state["flags"] = " ".join(f"--config.{f}={diagnose.flag_value(v)}" for f, v in best["overrides"].items())
     if final:
-        final_dir = str(folder / FINAL_DIR)
-        summary = trainer.train(config_lib.with_overrides(cfg, best["overrides"]), final_dir)
+        if best["workdir"] == state["rounds"][0]["best"]["workdir"]:
+            # Nothing beat the start: its solo run is the final one (training its config again gives the same).
+            final_dir = best["workdir"]
+            summary = fileio.read_json(fileio.path(final_dir) / workdir_lib.SUMMARY_FILE)
+        else:
+            final_dir = str(folder / FINAL_DIR)
+            summary = trainer.train(config_lib.with_overrides(cfg, best["overrides"]), final_dir)
         state["final"] = {"workdir": final_dir, "val": summary.get("val"), "test": summary.get("test")}
     save()
     return state
