@@ -13,9 +13,10 @@ over the same seven hyperparameters refine moves. Every arm keeps its best by th
 (train.early_stop.metric) over the evaluations of its runs (the same cadence in every arm: refine's); test
 metrics are read after the choice. Appends one JSON line per seed and arm to
 --out and prints a table with the mean and spread over the seeds; --plot draws every row of --out (val loss and
-test accuracy against wall time, one panel per task, one point per seed and arm) as a PNG:
+test accuracy against wall time, one panel per task, one point per seed and arm) as a PNG; with no --arms it
+only reports: the table of every row of --out (and the plot):
 
-    python benchmarks/refine_vs_tpe.py --out rows.jsonl --plot refine_vs_tpe.png --arms   # plot only
+    python benchmarks/refine_vs_tpe.py --out rows.jsonl --plot refine_vs_tpe.png --arms
 """
 
 from __future__ import annotations
@@ -90,6 +91,29 @@ def plot(rows: list[dict], path: str) -> None:
     plt.close(fig)
 
 
+def table(rows: list[dict]) -> str:
+    """A markdown table: per recipe and arm, the mean ± std over its seeds of each metric, and the mean wall time."""
+    import numpy as np
+
+    metric = next(k for k in rows[0] if k.startswith("val_") and k != "val_accuracy")
+    keys = [metric, "val_accuracy", "test_accuracy", "test_macro_f1"]
+    lines = ["| task | arm | seeds | " + " | ".join(k.replace("_", " ") for k in keys) + " | wall s |",
+             "|---" * (len(keys) + 4) + "|"]
+    for recipe in sorted({r["recipe"] for r in rows}):
+        for arm in ARM_STYLE:
+            mine = [r for r in rows if r["recipe"] == recipe and r["arm"] == arm]
+            if not mine:
+                continue
+            cells = []
+            for key in keys:
+                values = [r[key] for r in mine if r.get(key) is not None]
+                cells.append(f"{np.mean(values):.3f} ± {np.std(values):.3f}" if values else "-")
+            seeds = ",".join(str(r["seed"]) for r in mine)
+            lines.append(f"| {recipe} | {arm} | {seeds} | " + " | ".join(cells)
+                         + f" | {np.mean([r['wall_seconds'] for r in mine]):.0f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recipe", default="minilm_food_reviews", choices=["minilm_food_reviews", "minilm_wiki_topics"])
@@ -156,20 +180,10 @@ def main() -> None:
                 with open(args.out, "a") as f:
                     f.write(json.dumps(row) + "\n")
 
-    import numpy as np
-
+    if not args.arms and args.out:  # report only: every row of --out
+        rows = [json.loads(line) for line in open(args.out) if line.strip()]
     if rows:
-        print(f"\n{'arm':<9} {'val ' + metric:>14} {'val acc':>14} {'test acc':>14} {'test macro-F1':>14} "
-              f"{'wall s':>9}")
-        for arm in args.arms:
-            mine = [r for r in rows if r["arm"] == arm]
-
-            def cell(key: str, mine: list = mine) -> str:
-                values = [r[key] for r in mine if r.get(key) is not None]
-                return f"{np.mean(values):.4f}±{np.std(values):.4f}" if values else "-"
-
-            print(f"{arm:<9} {cell('val_' + metric):>14} {cell('val_accuracy'):>14} {cell('test_accuracy'):>14} "
-                  f"{cell('test_macro_f1'):>14} {np.mean([r['wall_seconds'] for r in mine]):>9.0f}")
+        print("\n" + table(rows))
     if args.plot:
         plot([json.loads(line) for line in open(args.out) if line.strip()], args.plot)
         print(f"wrote {args.plot}")
