@@ -59,6 +59,15 @@ def _metrics(summary: dict, metric: str) -> dict:
 ARM_STYLE = {"defaults": ("tab:gray", "s"), "refine": ("tab:blue", "o"), "tpe": ("tab:orange", "^")}
 
 
+def read_rows(path: str) -> list[dict]:
+    return [json.loads(line) for line in open(path) if line.strip()]
+
+
+def chosen_metric(rows: list[dict]) -> str:
+    """The rows' key of the validation metric each arm chose by (e.g. "val_loss")."""
+    return next(k for k in rows[0] if k.startswith("val_") and k != "val_accuracy")
+
+
 def plot(rows: list[dict], path: str) -> None:
     """Val loss (top) and test accuracy (bottom) against wall time, one column per recipe; small markers are
     seeds, the large one each arm's mean."""
@@ -71,7 +80,9 @@ def plot(rows: list[dict], path: str) -> None:
     recipes = sorted({r["recipe"] for r in rows})
     fig, axes = plt.subplots(2, len(recipes), figsize=(5.5 * len(recipes), 7), squeeze=False)
     for col, recipe in enumerate(recipes):
-        for row, key, label in ((0, "val_loss", "val loss (chosen checkpoint)"), (1, "test_accuracy", "test accuracy")):
+        metric = chosen_metric(rows)
+        for row, key, label in ((0, metric, metric.replace("_", " ") + " (chosen checkpoint)"),
+                                (1, "test_accuracy", "test accuracy")):
             ax = axes[row, col]
             for arm, (colour, marker) in ARM_STYLE.items():
                 mine = [r for r in rows if r["recipe"] == recipe and r["arm"] == arm and r.get(key) is not None]
@@ -95,8 +106,7 @@ def table(rows: list[dict]) -> str:
     """A markdown table: per recipe and arm, the mean ± std over its seeds of each metric, and the mean wall time."""
     import numpy as np
 
-    metric = next(k for k in rows[0] if k.startswith("val_") and k != "val_accuracy")
-    keys = [metric, "val_accuracy", "test_accuracy", "test_macro_f1"]
+    keys = [chosen_metric(rows), "val_accuracy", "test_accuracy", "test_macro_f1"]
     lines = ["| task | arm | seeds | " + " | ".join(k.replace("_", " ") for k in keys) + " | wall s |",
              "|---" * (len(keys) + 4) + "|"]
     for recipe in sorted({r["recipe"] for r in rows}):
@@ -181,11 +191,11 @@ def main() -> None:
                     f.write(json.dumps(row) + "\n")
 
     if not args.arms and args.out:  # report only: every row of --out
-        rows = [json.loads(line) for line in open(args.out) if line.strip()]
+        rows = read_rows(args.out)
     if rows:
         print("\n" + table(rows))
     if args.plot:
-        plot([json.loads(line) for line in open(args.out) if line.strip()], args.plot)
+        plot(read_rows(args.out), args.plot)
         print(f"wrote {args.plot}")
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from ftjax import fileio
 from ftjax import workdir as workdir_lib
-from ftjax.tune.diagnose import data, evidence, training
+from ftjax.tune.diagnose import data, training
 from ftjax.tune.diagnose.data import EVAL_SE_MAX, EVAL_Z, accuracy_se, constant_guess
 from ftjax.tune.diagnose.evidence import (
     MIN_EVALS,
@@ -36,7 +36,7 @@ RULES: dict[str, Callable[[RunFiles], Finding | str]] = {
     "label_prior": data.check_label_prior, "truncation": data.check_truncation,
     "small_eval_set": data.check_eval_size,
 }
-THRESHOLDS = {"MIN_EVALS": evidence.MIN_EVALS, **training.THRESHOLDS, **data.THRESHOLDS}
+THRESHOLDS = {"MIN_EVALS": MIN_EVALS, **training.THRESHOLDS, **data.THRESHOLDS}
 
 
 def diagnose(workdir: fileio.PathLike) -> dict[str, Any]:
